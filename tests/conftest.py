@@ -1,0 +1,9 @@
+"""Session-wide test set-up: 8 fake CPU devices for sharding tests, no network, tiny fixtures."""
+import os
+
+# Must happen before jax is imported anywhere in the session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
