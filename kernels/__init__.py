@@ -1,15 +1,38 @@
 """Fused attention kernels that emit the Shannon entropy of every attention row.
 
-The import name `kernels` is also that of a Hugging Face package (`pip install kernels`); this
-one carries no distribution version of that name, so `transformers` keeps treating the HF package
-as absent (`transformers.utils.import_utils.is_kernels_available()` stays False).
+The import name `kernels` is also that of a Hugging Face package (`pip install kernels`). This one
+ships inside the `jaxrl-entropy` distribution (version < 0.18), so `transformers`' probe for the HF
+package (`transformers.utils.import_utils.is_kernels_available()`) keeps answering False and
+`transformers` works beside it. Names load lazily so that probe never pays for importing jax.
 """
-from kernels.masking import visible_count, visible_mask
-from kernels.reference import reference_attention, reference_head_mixture_entropy
+from __future__ import annotations
 
-__all__ = [
-    "reference_attention",
-    "reference_head_mixture_entropy",
-    "visible_mask",
-    "visible_count",
-]
+import importlib
+
+# public name -> module that defines it
+_EXPORTS = {
+    "reference_attention": "kernels.reference",
+    "reference_head_mixture_entropy": "kernels.reference",
+    "mixture_entropy_from_probs": "kernels.reference",
+    "visible_mask": "kernels.masking",
+    "visible_count": "kernels.masking",
+    "resolve_backend": "kernels.platform",
+    "entropy_attention": "kernels.entropy_attention",
+    "flash_attention": "kernels.entropy_attention",
+    "head_mixture_entropy": "kernels.head_mixture",
+    "attention_probs": "kernels.head_mixture",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -65,6 +65,13 @@ def reference_attention(
     return result
 
 
+def mixture_entropy_from_probs(probs_BxHxTxS: jax.Array) -> jax.Array:
+    """Entropy `[B, T]` (nats) of the head-averaged distribution ā = mean_h a^h of given probabilities."""
+    pbar_BxTxS = jnp.mean(probs_BxHxTxS.astype(jnp.float32), axis=1)
+    safe = jnp.where(pbar_BxTxS > 0, pbar_BxTxS, 1.0)
+    return -jnp.sum(pbar_BxTxS * jnp.log(safe), axis=-1)
+
+
 def reference_head_mixture_entropy(
     q_BxTxHxD: jax.Array,
     k_BxSxKxD: jax.Array,
@@ -76,9 +83,6 @@ def reference_head_mixture_entropy(
     """Entropy `[B, T]` (nats) of the head-averaged attention distribution ā = mean_h a^h."""
     v = jnp.zeros(k_BxSxKxD.shape[:3] + (1,), jnp.float32)
     _, _, probs_BxHxTxS = reference_attention(
-        q_BxTxHxD, k_BxSxKxD, v, causal=causal, segment_ids=segment_ids,
-        sm_scale=sm_scale if sm_scale is not None else q_BxTxHxD.shape[-1] ** -0.5,
-        return_probs=True,
-    )
-    pbar_BxTxS = jnp.mean(probs_BxHxTxS, axis=1)
-    return -jnp.sum(jnp.where(pbar_BxTxS > 0, pbar_BxTxS * jnp.log(jnp.where(pbar_BxTxS > 0, pbar_BxTxS, 1.0)), 0.0), axis=-1)
+        q_BxTxHxD, k_BxSxKxD, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale,
+        return_probs=True)
+    return mixture_entropy_from_probs(probs_BxHxTxS)

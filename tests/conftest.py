@@ -7,3 +7,57 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib
+
+import pytest
+
+
+def require_torch():
+    """torch for live parity tests: skipped when absent, unless JAXRL_REQUIRE_TORCH=1 (CI) makes
+    its absence a failure, so a broken CI install cannot turn the parity tests into silent skips."""
+    if os.environ.get("JAXRL_REQUIRE_TORCH") == "1":
+        return importlib.import_module("torch")
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def torch():
+    return require_torch()
+
+
+@pytest.fixture(scope="session")
+def make_hf_qwen3(tmp_path_factory, torch):
+    """Factory: a random tiny HF `Qwen3ForCausalLM` saved to a directory; returns (model, dir).
+
+    Weights are perturbed away from HF's init (unit norms, tiny projections) so that every
+    parameter matters in the comparison. Cached per config within the session.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cache = {}
+
+    def make(*, vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=20, tie_word_embeddings=False,
+             rope_theta=10000.0, scale=0.1, seed=0, max_shard_size=None):
+        key = (vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+               num_key_value_heads, head_dim, tie_word_embeddings, rope_theta, scale, seed, max_shard_size)
+        if key not in cache:
+            torch.manual_seed(seed)
+            cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size,
+                              intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+                              num_attention_heads=num_attention_heads,
+                              num_key_value_heads=num_key_value_heads, head_dim=head_dim,
+                              tie_word_embeddings=tie_word_embeddings, rope_theta=rope_theta,
+                              attn_implementation="eager")
+            model = Qwen3ForCausalLM(cfg).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * scale)
+            path = tmp_path_factory.mktemp("hf_qwen3")
+            kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+            model.save_pretrained(path, **kwargs)
+            cache[key] = (model, str(path))
+        return cache[key]
+
+    return make

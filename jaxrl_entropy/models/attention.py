@@ -1,0 +1,91 @@
+"""Attention as the model calls it: one dispatch point over the implementations.
+
+Plain layers only need the output; probe layers also need the per-head row entropy `[B, T, Hq]`
+and the head-mixture entropy `[B, T]` (DESIGN.md §3), and optionally the probabilities.
+
+Implementations (`impl`):
+  "xla"     materialised probabilities (`kernels.reference_attention`): exact, O(T²) memory; the
+            oracle, and the fastest choice on CPU for short sequences.
+  "kernel"  the fused flash kernel (`kernels.entropy_attention` / `kernels.flash_attention`) plus the
+            blockwise head-mixture pass; O(T) memory. `kernel_backend` picks its shell
+            (None = by platform; "xla" = blockwise XLA, "tpu", "gpu", "interpret_*").
+  "cudnn"   plain layers only: `jax.nn.dot_product_attention(implementation="cudnn")` on GPUs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from kernels.reference import NEG_INF
+
+PLAIN_IMPLS = ("xla", "kernel", "cudnn")
+PROBE_IMPLS = ("xla", "kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    out_BxTxHxD: jax.Array
+    entropy_BxTxH: jax.Array
+    mixture_BxT: jax.Array | None
+    probs_BxHxTxS: jax.Array | None
+
+
+def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | None, sm_scale: float):
+    """Output `[B, T, Hq, D]` of causal self-attention with segment/padding masking."""
+    if impl == "xla":
+        out, _ = kernels.reference_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
+        return out
+    if impl == "kernel":
+        return kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
+                                       backend=kernel_backend)
+    if impl == "cudnn":
+        B, T = q.shape[:2]
+        mask = kernels.visible_mask(B, T, T, causal=True, segment_ids=segment_ids)[:, None]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=sm_scale, implementation="cudnn")
+        # Rows with no visible key (padding) are undefined in cuDNN; make them 0 like the others.
+        if segment_ids is not None:
+            out = jnp.where((segment_ids != 0)[:, :, None, None], out, 0)
+        return out
+    raise ValueError(f"unknown attention impl {impl!r}; choose one of {PLAIN_IMPLS}")
+
+
+def probe_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | None, sm_scale: float,
+                    mixture: bool = True, return_probs: bool = False) -> ProbeResult:
+    """Attention of a probe layer, with the entropies the token weights read."""
+    if impl == "xla":
+        out, ent, probs = kernels.reference_attention(
+            q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale, return_probs=True)
+        mix = kernels.mixture_entropy_from_probs(probs) if mixture else None
+        return ProbeResult(out, jax.lax.stop_gradient(ent),
+                           None if mix is None else jax.lax.stop_gradient(mix),
+                           jax.lax.stop_gradient(probs) if return_probs else None)
+    if impl == "kernel":
+        out, ent, lse = kernels.entropy_attention(
+            q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale, backend=kernel_backend,
+            return_lse=True)
+        mix = probs = None
+        if mixture:
+            mix = kernels.head_mixture_entropy(q, k, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
+                                               lse=lse, backend=kernel_backend)
+        if return_probs:
+            probs = kernels.attention_probs(q, k, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
+                                            lse=lse, backend=kernel_backend)
+        return ProbeResult(out, ent, mix, probs)
+    raise ValueError(f"unknown probe attention impl {impl!r}; choose one of {PROBE_IMPLS}")
+
+
+def cached_attention(q_BxTxHxD, k_cache_BxSxKxD, v_cache_BxSxKxD, mask_BxTxS, *, sm_scale: float):
+    """Attention of new queries over a KV cache (decode); `mask_BxTxS` says which slots are visible."""
+    B, T, Hq, D = q_BxTxHxD.shape
+    Hkv = k_cache_BxSxKxD.shape[2]
+    q = q_BxTxHxD.reshape(B, T, Hkv, Hq // Hkv, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k_cache_BxSxKxD, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(mask_BxTxS[:, None, None], s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(mask_BxTxS[:, None, None], p, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v_cache_BxSxKxD.dtype), v_cache_BxSxKxD,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, Hq, D).astype(q_BxTxHxD.dtype)

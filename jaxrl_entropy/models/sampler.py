@@ -1,0 +1,143 @@
+"""KV-cache sampling: batched prefill of left-padded prompts, then a `lax.while_loop` decode.
+
+    out = sampler.generate(model, prompt_ids, prompt_mask, jax.random.key(0),
+                           SamplingParams(max_new_tokens=64, temperature=1.0, eos_ids=(eos,), pad_id=pad))
+    out.tokens    # [B, N] int32, pad_id after a row's EOS
+    out.lengths   # [B] int32 response length, EOS included
+    out.logprobs  # [B, N] float32 log-prob of each sampled token under softmax(logits / T); 0 after the end
+
+The whole generation is one jitted program (compiled once per shape and `SamplingParams`); the loop
+stops early when every row has finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxrl_entropy.models.qwen3 import Qwen3, positions_from_segments
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy. top_k 0 = off; top_p 1.0 = off. eos_ids stop a row."""
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+
+@struct.dataclass
+class SampleOutput:
+    tokens: jax.Array      # [B, N] int32
+    lengths: jax.Array     # [B] int32
+    logprobs: jax.Array    # [B, N] float32
+    finished: jax.Array    # [B] bool: stopped on an EOS (False = ran out of max_new_tokens)
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
+    """Set logits outside the top-k / nucleus to -inf (static switches: off costs nothing)."""
+    if top_k > 0 and top_k < logits_BxV.shape[-1]:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits_BxV, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams):
+    """Next token `[B]` and its log-prob under softmax(logits / temperature) `[B]`."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if params.temperature == 0.0:
+        token = jnp.argmax(logits_BxV, axis=-1)
+        logp = jax.nn.log_softmax(logits_BxV, axis=-1)
+    else:
+        scaled = logits_BxV / params.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        token = jax.random.categorical(rng, filter_logits(scaled, top_k=params.top_k, top_p=params.top_p))
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, params: SamplingParams):
+    model: Qwen3 = nnx.merge(graphdef, state)
+    B, P = prompt_ids_BxP.shape
+    N = params.max_new_tokens
+    mask = prompt_mask_BxP.astype(jnp.int32)
+    cache = model.init_cache(B, P + N)
+    logits, cache = model.decode(prompt_ids_BxP, positions_from_segments(mask), mask.astype(bool), cache)
+    next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)
+    eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < N) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, tokens, logprobs, done, rng = carry
+        rng, key = jax.random.split(rng)
+        tok, lp = sample_token(logits, key, params)
+        tok = jnp.where(done, params.pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = tokens.at[:, step].set(tok)
+        logprobs = logprobs.at[:, step].set(lp)
+        done = done | jnp.isin(tok, eos)
+        logits, cache = model.decode(tok[:, None], (next_pos + step)[:, None], jnp.ones((B, 1), bool), cache)
+        return step + 1, cache, logits, tokens, logprobs, done, rng
+
+    init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((B, N), params.pad_id, jnp.int32),
+            jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), rng)
+    _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+    is_eos = jnp.isin(tokens, eos)
+    first_eos = jnp.argmax(is_eos, axis=1)
+    finished = jnp.any(is_eos, axis=1)
+    lengths = jnp.where(finished, first_eos + 1, N).astype(jnp.int32)
+    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=finished)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "params"))
+
+
+def generate(model: Qwen3, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, params: SamplingParams,
+             *, state=None) -> SampleOutput:
+    """Sample up to `params.max_new_tokens` tokens after each left-padded prompt.
+
+    `state` (the model's `nnx.State`, e.g. sharded parameters held by the trainer) avoids a split.
+    """
+    if prompt_ids_BxP.ndim != 2 or prompt_ids_BxP.shape != prompt_mask_BxP.shape:
+        raise ValueError(f"prompt ids {prompt_ids_BxP.shape} and mask {prompt_mask_BxP.shape} must both be [B, P]")
+    graphdef, full_state = nnx.split(model)
+    return _generate_jit(graphdef, full_state if state is None else state, jnp.asarray(prompt_ids_BxP),
+                         jnp.asarray(prompt_mask_BxP), rng, params)
+
+
+def response_mask(lengths_B: jax.Array, n: int) -> jax.Array:
+    """`[B, n]` True on the response tokens (EOS included), False after the end."""
+    return jnp.arange(n)[None, :] < lengths_B[:, None]
+
+
+def as_tuple(ids: int | Sequence[int] | None) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, int) else tuple(int(i) for i in ids)

@@ -1,0 +1,113 @@
+"""The one place for device meshes and sharding rules.
+
+A parameter's path names its logical axes (`PARAM_AXES`); logical axes map to mesh axes
+(`LOGICAL_RULES`). Everything else asks this module for a `NamedSharding`.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimiser state
+sharded over it), `tensor` (heads / MLP / vocab split).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+    "seq": None,
+}
+
+# parameter path (dot-joined, as `nnx.to_flat_state` gives it) -> logical axes
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"embed_tokens$", ("vocab", "embed")),
+    (r"self_attn\.(q|k|v)_proj\.kernel$", ("embed", "heads")),
+    (r"self_attn\.(q|k|v)_proj\.bias$", ("heads",)),
+    (r"self_attn\.o_proj\.kernel$", ("heads", "embed")),
+    (r"mlp\.(gate|up)_proj\.kernel$", ("embed", "mlp")),
+    (r"mlp\.down_proj\.kernel$", ("mlp", "embed")),
+    (r"lm_head\.kernel$", ("embed", "vocab")),
+    (r"(norm|layernorm)\.weight$", ("norm",)),
+]
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A `Mesh(('data', 'fsdp', 'tensor'))` over all (or the given) devices; -1 fills the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"only one mesh axis may be -1 (auto), got {fill}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
+        sizes[fill[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
+            "set parallel.data/fsdp/tensor so their product is the device count (or use -1 for one of them)")
+    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path):
+            if len(axes) != ndim:
+                raise ValueError(f"parameter {path}: rule {axes} has {len(axes)} axes but the array has {ndim}")
+            return axes
+    return (None,) * ndim
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec from logical axes; a dim that the mesh axes do not divide stays replicated."""
+    out = []
+    for ax, dim in zip(axes, shape):
+        mesh_ax = LOGICAL_RULES.get(ax) if ax else None
+        if mesh_ax is not None:
+            names = mesh_ax if isinstance(mesh_ax, tuple) else (mesh_ax,)
+            size = math.prod(mesh.shape[n] for n in names)
+            if size == 1:
+                mesh_ax = None
+            elif dim % size:
+                log.warning("dim %d (logical %r) not divisible by mesh axes %s (%d): replicated", dim, ax, names, size)
+                mesh_ax = None
+        out.append(mesh_ax)
+    return P(*out)
+
+
+def param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
+
+
+def tree_shardings(flat_shapes: dict[str, Sequence[int]], mesh: Mesh) -> dict[str, NamedSharding]:
+    return {path: param_sharding(path, shape, mesh) for path, shape in flat_shapes.items()}
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dim split over data × fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the number of data-parallel shards)."""
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])

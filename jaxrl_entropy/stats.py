@@ -1,0 +1,329 @@
+"""Statistics for evaluation and analysis: pass@k / mean@k, rank and partial correlations,
+covariate-matched token subsets, paired tests and run summaries.
+
+Pure numpy/scipy functions on host arrays. They are used by the evaluator (pass@k, mean@k),
+by the per-step entropy diagnostics (`jaxrl_entropy.rl.entropy_stats`) and by `analyze`
+(summaries and paired tests across seeds).
+
+Conventions shared by the correlation functions: rows where any input is NaN (or ±inf) are
+dropped first; if fewer than 3 rows remain, or an input (or a residual) has zero variance, the
+correlation is undefined and NaN is returned rather than 0, so an undefined value is never
+mistaken for "no association".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import scipy.stats
+
+__all__ = [
+    "pass_at_k",
+    "mean_at_k",
+    "pass_at_k_table",
+    "pearson",
+    "spearman",
+    "partial_correlation",
+    "matched_subsets",
+    "paired_test",
+    "summarize",
+]
+
+# Relative tolerance below which a centred vector counts as constant (zero variance).
+_ZERO_VAR_RTOL = 1e-12
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimate from n samples of which c are correct.
+
+    pass@k = 1 − C(n−c, k) / C(n, k), the probability that a random k-subset of the n samples
+    contains at least one correct sample (Chen et al. 2021). Computed in the product form
+    C(n−c, k)/C(n, k) = Π_{i=n−c+1}^{n} (1 − k/i), which never forms the huge binomials.
+
+    Raises:
+      ValueError: unless 0 ≤ c ≤ n and 1 ≤ k ≤ n.
+    """
+    n, c, k = int(n), int(c), int(k)
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(
+            f"pass_at_k: need 1 <= k <= n (k samples drawn from n), got k={k}, n={n}; "
+            "sample more responses per problem or lower k"
+        )
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    i = np.arange(n - c + 1, n + 1, dtype=np.float64)
+    return float(1.0 - np.prod(1.0 - k / i))
+
+
+def _as_correct_matrix(correct: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(correct, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(
+            f"{name}: expected a non-empty [problems, samples] array of 0/1 correctness, "
+            f"got shape {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: correctness array contains NaN or inf")
+    return arr
+
+
+def mean_at_k(correct_PxK: np.ndarray) -> float:
+    """Mean accuracy over k samples per problem (mean@k), averaged over problems.
+
+    Args:
+      correct_PxK: [P, K] correctness (bool or scores in [0, 1]) of K samples for P problems.
+    """
+    arr = _as_correct_matrix(correct_PxK, "mean_at_k")
+    return float(arr.mean(axis=1).mean())
+
+
+def pass_at_k_table(correct_PxN: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
+    """pass@k for each k in `ks`, averaged over problems.
+
+    Args:
+      correct_PxN: [P, N] bool correctness of N samples per problem (values > 0.5 count as correct).
+      ks: the k values; each must satisfy 1 ≤ k ≤ N.
+
+    Returns:
+      {k: mean over problems of pass_at_k(N, c_p, k)}.
+    """
+    arr = _as_correct_matrix(correct_PxN, "pass_at_k_table")
+    n = arr.shape[1]
+    c_P = (arr > 0.5).sum(axis=1)
+    return {int(k): float(np.mean([pass_at_k(n, int(c), int(k)) for c in c_P])) for k in ks}
+
+
+def _finite_rows(*arrays: np.ndarray) -> np.ndarray:
+    keep = np.ones(arrays[0].shape[0], dtype=bool)
+    for a in arrays:
+        keep &= np.isfinite(a) if a.ndim == 1 else np.isfinite(a).all(axis=1)
+    return keep
+
+
+def _flat_pair(x, y, fn: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{fn}: x and y must have the same number of elements, got {x.size} and {y.size}")
+    keep = _finite_rows(x, y)
+    return x[keep], y[keep]
+
+
+def _corr_of_centred(a: np.ndarray, b: np.ndarray, scale_a: float, scale_b: float) -> float:
+    """Pearson correlation of already-centred vectors; NaN when either has ~zero variance.
+
+    `scale_*` is the magnitude of the original data, so "zero variance" is judged relative to it.
+    """
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    tol = _ZERO_VAR_RTOL * math.sqrt(a.size)
+    if na <= tol * max(scale_a, 1e-300) or nb <= tol * max(scale_b, 1e-300):
+        return float("nan")
+    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of x and y (any shapes with the same size, flattened).
+
+    NaN-safe: pairs with a NaN are dropped; NaN when < 3 pairs remain or either side is constant.
+    """
+    x, y = _flat_pair(x, y, "pearson")
+    if x.size < 3:
+        return float("nan")
+    return _corr_of_centred(x - x.mean(), y - y.mean(), np.abs(x).max(), np.abs(y).max())
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation: Pearson correlation of the average ranks (ties share a rank).
+
+    NaN-safe: pairs with a NaN are dropped; NaN when < 3 pairs remain or either side is constant
+    (a constant variable has no ordering, so the rank correlation is undefined, not 0).
+    """
+    x, y = _flat_pair(x, y, "spearman")
+    if x.size < 3:
+        return float("nan")
+    rx = scipy.stats.rankdata(x)
+    ry = scipy.stats.rankdata(y)
+    return _corr_of_centred(rx - rx.mean(), ry - ry.mean(), float(x.size), float(y.size))
+
+
+def _residualise(v: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    return v - basis @ (basis.T @ v)
+
+
+def _design_basis(covariates_NxC: np.ndarray) -> np.ndarray:
+    """Orthonormal basis [N, r] of span{1, covariate columns}, rank-revealing.
+
+    Columns are standardised first (this does not change the span, since the intercept is in it)
+    so that covariates on very different scales (position in the thousands, entropy below 1)
+    do not make the rank decision scale-dependent. Constant columns are dropped: the intercept
+    already spans them.
+    """
+    n = covariates_NxC.shape[0]
+    cols = [np.ones(n) / math.sqrt(n)]
+    for j in range(covariates_NxC.shape[1]):
+        c = covariates_NxC[:, j] - covariates_NxC[:, j].mean()
+        s = np.linalg.norm(c)
+        if s > _ZERO_VAR_RTOL * math.sqrt(n) * max(np.abs(covariates_NxC[:, j]).max(), 1e-300):
+            cols.append(c / s)
+    u, sv, _ = np.linalg.svd(np.stack(cols, axis=1), full_matrices=False)
+    rank = int(np.sum(sv > sv[0] * 1e-10))
+    return u[:, :rank]
+
+
+def partial_correlation(x, y, covariates_NxC) -> float:
+    """Correlation of x and y after removing what the covariates explain linearly.
+
+    The Pearson correlation of the least-squares residuals of x and of y on [1, covariates].
+    Used to show that an association with attention entropy is not carried by position,
+    predictive entropy or response length.
+
+    Args:
+      x, y: [N] variables.
+      covariates_NxC: [N, C] (or [N] for one covariate). Collinear or constant covariates are
+        allowed (the projection is rank-revealing).
+
+    Returns:
+      The partial correlation in [−1, 1]; NaN when fewer than C + 3 complete rows remain or a
+      residual is (numerically) zero.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    z = np.asarray(covariates_NxC, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[:, None]
+    if z.ndim != 2 or not (x.shape[0] == y.shape[0] == z.shape[0]):
+        raise ValueError(
+            "partial_correlation: expected x [N], y [N], covariates [N, C]; got "
+            f"x {x.shape}, y {y.shape}, covariates {np.shape(covariates_NxC)}"
+        )
+    keep = _finite_rows(x, y, z)
+    x, y, z = x[keep], y[keep], z[keep]
+    if x.size < z.shape[1] + 3:
+        return float("nan")
+    basis = _design_basis(z)
+    rx, ry = _residualise(x, basis), _residualise(y, basis)
+    return _corr_of_centred(rx, ry, np.abs(x).max(), np.abs(y).max())
+
+
+def _quantile_bins(col: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index in [0, bins) from the empirical quantiles of `col` (ties stay in one bin)."""
+    edges = np.quantile(col, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+    return np.searchsorted(edges, col, side="right")
+
+
+def matched_subsets(
+    score,
+    strata_NxC,
+    fraction: float,
+    *,
+    bins: int = 5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Low- and high-score token subsets with identical covariate distributions.
+
+    Each covariate column is cut into `bins` quantile bins; the joint bin tuple is a stratum.
+    Within every stratum of size n_s, the m_s = min(round(fraction·n_s), ⌊n_s/2⌋) lowest-score
+    and the m_s highest-score tokens are taken. Both subsets therefore hold exactly the same
+    number of tokens from every stratum, so a difference between them cannot come from the
+    (binned) covariates — e.g. anchors vs explorers matched on position and predictive entropy.
+
+    Args:
+      score: [N] the score to contrast (e.g. normalised attention entropy).
+      strata_NxC: [N, C] (or [N]) covariates to match on.
+      fraction: share of each stratum per subset, in (0, 0.5].
+      bins: quantile bins per covariate.
+      seed: breaks score ties at random (reproducibly), so ties don't favour low indices.
+
+    Returns:
+      (low_idx, high_idx): sorted int64 indices into the N rows, disjoint, of equal size.
+      Rows with a NaN score or covariate are never selected.
+    """
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    z = np.asarray(strata_NxC, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[:, None]
+    if z.ndim != 2 or z.shape[0] != score.shape[0]:
+        raise ValueError(
+            f"matched_subsets: expected score [N] and strata [N, C], got {score.shape} and "
+            f"{np.shape(strata_NxC)}"
+        )
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError(
+            f"matched_subsets: fraction must be in (0, 0.5] so the two subsets can be disjoint, got {fraction}"
+        )
+    if bins < 1:
+        raise ValueError(f"matched_subsets: bins must be >= 1, got {bins}")
+    valid = np.flatnonzero(_finite_rows(score, z))
+    empty = np.zeros(0, dtype=np.int64)
+    if valid.size == 0:
+        return empty, empty
+    s, zv = score[valid], z[valid]
+    bin_NxC = np.stack([_quantile_bins(zv[:, j], bins) for j in range(zv.shape[1])], axis=1)
+    _, stratum = np.unique(bin_NxC, axis=0, return_inverse=True)
+    stratum = stratum.reshape(-1)
+    tiebreak = np.random.default_rng(seed).random(valid.size)
+    # Sort by (stratum, score, random tiebreak): each stratum becomes a contiguous run in score order.
+    order = np.lexsort((tiebreak, s, stratum))
+    starts = np.flatnonzero(np.r_[True, np.diff(stratum[order]) != 0])
+    ends = np.r_[starts[1:], order.size]
+    low, high = [], []
+    for a, b in zip(starts, ends):
+        n_s = int(b - a)
+        m = min(int(math.floor(fraction * n_s + 0.5)), n_s // 2)
+        if m:
+            low.append(order[a : a + m])
+            high.append(order[b - m : b])
+    if not low:
+        return empty, empty
+    return np.sort(valid[np.concatenate(low)]), np.sort(valid[np.concatenate(high)])
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired comparison of two conditions measured on the same units (e.g. seeds).
+
+    Returns a dict with
+      mean_diff: mean of a − b;
+      t, p_t: paired t statistic (n − 1 degrees of freedom) and its two-sided p-value;
+      p_wilcoxon: two-sided Wilcoxon signed-rank p-value when n ≥ 6 (with fewer pairs it
+        cannot reach conventional significance; NaN), NaN also when all differences are 0;
+      n: number of complete pairs (pairs with a NaN are dropped).
+    t and p_t are NaN when n < 2 or the differences have zero variance.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_test: a and b must pair up, got {a.size} and {b.size} values")
+    keep = _finite_rows(a, b)
+    d = a[keep] - b[keep]
+    n = int(d.size)
+    nan = float("nan")
+    out = {"mean_diff": float(d.mean()) if n else nan, "t": nan, "p_t": nan, "p_wilcoxon": nan, "n": n}
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        if sd > _ZERO_VAR_RTOL * max(float(np.abs(d).max()), 1e-300):
+            t = float(d.mean()) / (sd / math.sqrt(n))
+            out["t"] = t
+            out["p_t"] = float(2.0 * scipy.stats.t.sf(abs(t), df=n - 1))
+    if n >= 6 and np.any(d != 0):
+        out["p_wilcoxon"] = float(scipy.stats.wilcoxon(d).pvalue)
+    return out
+
+
+def summarize(values: Iterable[float]) -> dict[str, float]:
+    """mean, std (ddof=1), n and standard error of the finite values (NaN/inf are dropped).
+
+    std and sem are NaN for a single value (a spread needs two runs); mean is NaN when n = 0.
+    """
+    v = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
+    v = v.reshape(-1)
+    v = v[np.isfinite(v)]
+    n = int(v.size)
+    nan = float("nan")
+    mean = float(v.mean()) if n else nan
+    std = float(v.std(ddof=1)) if n >= 2 else nan
+    sem = std / math.sqrt(n) if n >= 2 else nan
+    return {"mean": mean, "std": std, "n": n, "sem": sem}
