@@ -114,7 +114,8 @@ def extract_boxed(text: str) -> str | None:
     """Content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
 
     Braces nest (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); ``\\boxed 5`` (no braces) gives
-    the token after the space, up to the next whitespace or ``$``. Returns None when there is no
+    the token after the space, up to the next whitespace or ``$``, and ``\\boxed5`` the single
+    character after the command, as TeX reads it. Returns None when there is no
     box or when the last box is never closed (unbalanced braces); never raises.
     """
     if not isinstance(text, str) or not text:
@@ -140,7 +141,7 @@ def extract_boxed(text: str) -> str | None:
         m = re.compile(r"[^\s$]+").match(text, j)
         return m.group(0) if m else None
     # `\boxed5`: TeX takes the single next character as the argument.
-    return None if text[j] in "}$" else text[j]
+    return None if text[j] in "}$\\" else text[j]
 
 
 def extract_answer(response: str, *, tail_chars: int | None = 300) -> str | None:
@@ -388,7 +389,10 @@ class MathVerifier:
     Every call has a hard wall-clock limit (``timeout_s``); a worker that runs past it (a hang,
     e.g. nested powers, Math-Verify#65) or dies is killed and replaced, and the call answers
     False. Workers are started with the ``spawn`` context (``fork`` is unsafe once jax runs its
-    threads) when the verifier is created, so their start-up overlaps other work.
+    threads) when the verifier is created, so their start-up overlaps other work. The per-call
+    clock starts when a ready worker takes the pair: a worker's start-up (spawn + sympy import,
+    about a second; also after a replacement) is bounded separately by ``startup_timeout_s``.
+    Thread-safe (calls are serialised). Workers are daemons, so they also die with the trainer.
 
     Args:
       timeout_s: hard limit per equivalence check, seconds.
