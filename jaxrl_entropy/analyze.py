@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 
 from jaxrl_entropy import stats
 
-__all__ = ["Run", "load_metrics", "load_run", "run_analyze", "main"]
+__all__ = ["Run", "load_metrics", "load_run", "series", "aggregate", "final_eval", "run_analyze", "main"]
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -72,6 +72,8 @@ class Run:
     name: str
     seed: int
     records: list[dict[str, Any]]
+    _series: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -186,13 +188,18 @@ def _is_number(v: Any) -> bool:
 def series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of one metric in a run, sorted by step; a step logged twice (e.g. after
     a resume) keeps its last value. Non-numeric values are ignored; NaN is kept."""
+    if key in run._series:
+        return run._series[key]
     by_step: dict[float, float] = {}
     for rec in run.records:
         v = rec.get(key)
         if _is_number(v):
             by_step[float(rec["step"])] = float(v)
     steps = np.array(sorted(by_step), dtype=np.float64)
-    return steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    values = np.array([by_step[s] for s in steps], dtype=np.float64)
+    steps.flags.writeable = values.flags.writeable = False  # cached: shared between callers
+    run._series[key] = (steps, values)
+    return steps, values
 
 
 def aggregate(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -249,9 +256,7 @@ def _last(run: Run, key: str) -> float:
 
 
 def _variant_order(names: Sequence[str]) -> list[str]:
-    uniq = list(dict.fromkeys(names))
-    known = [v for v in VARIANT_ORDER if v in uniq]
-    return known + [v for v in uniq if v not in known]
+    return _canonical(list(dict.fromkeys(names)), VARIANT_ORDER)
 
 
 def _eval_columns(keys: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -275,10 +280,13 @@ def _geometry_layout(keys: Sequence[str]) -> tuple[list[str], list[str]]:
             subsets.append(m.group("subset"))
             metrics.append(m.group("metric"))
     subsets = list(dict.fromkeys(subsets))
-    subsets = [s for s in SUBSET_ORDER if s in subsets] + [s for s in subsets if s not in SUBSET_ORDER]
     metrics = list(dict.fromkeys(metrics))
-    metrics = [m for m in GEOMETRY_METRICS if m in metrics] + [m for m in metrics if m not in GEOMETRY_METRICS]
-    return subsets, metrics
+    return _canonical(subsets, SUBSET_ORDER), _canonical(metrics, GEOMETRY_METRICS)
+
+
+def _canonical(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """`names` with those in `order` first (in that order), the rest after, as they came."""
+    return [x for x in order if x in names] + [x for x in names if x not in order]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -292,7 +300,10 @@ def _colors(n: int) -> list:
 
 
 def _band(ax, steps, mean, std, label, color, linestyle="-") -> None:
-    ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, linewidth=1.5)
+    # Sparse series (eval every N steps) get markers so single points stay visible.
+    marker = "o" if steps.size <= 30 else None
+    ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, linewidth=1.5,
+            marker=marker, markersize=3)
     ok = np.isfinite(std) & np.isfinite(mean)
     if ok.any():
         ax.fill_between(steps, mean - std, mean + std, where=ok, color=color, alpha=0.2, linewidth=0)
@@ -649,12 +660,13 @@ def _render_report(summary, variants, main_cols, pass_cols, subsets, geo_metrics
         )
 
     if subsets:
-        cols = [m for m in geo_metrics]
+        cols = list(geo_metrics)
         extra = [c for c in ("cos_full_sd_over_steps", "norm_cv_over_steps")
                  if any(c in V[v]["geometry"].get(s, {}) for v in variants for s in subsets)]
         lines += ["", "## Gradient geometry", "",
-                  "Per run, the mean over logged steps (and, for volatility, the std of cos_full and "
-                  "the coefficient of variation of the norm over steps); cells are mean ± std across runs.", ""]
+                  "Per run, the mean over logged steps (and, for volatility, the std of cos_full "
+                  "and the coefficient of variation of the norm over steps); cells are mean ± std "
+                  "across runs.", ""]
         rows = []
         for v in variants:
             for s in subsets:
@@ -662,7 +674,8 @@ def _render_report(summary, variants, main_cols, pass_cols, subsets, geo_metrics
                 if not g:
                     continue
                 n = max(g[c]["n"] for c in g)
-                rows.append([v, s, str(n), *(_fmt_summary(g[c], ".4g") if c in g else "—" for c in cols + extra)])
+                cells = [_fmt_summary(g[c], ".4g") if c in g else "—" for c in cols + extra]
+                rows.append([v, s, str(n), *cells])
         lines += _table(["variant", "subset", "runs", *cols, *extra], rows)
 
     if files:

@@ -1,0 +1,219 @@
+"""Tests for `jaxrl_entropy.analyze` on synthetic run directories written here.
+
+Oracles: the numbers the test itself wrote (final eval values, geometry series), reduced with
+numpy (mean, std ddof=1) and scipy.stats.ttest_rel; PNG files checked by their signature.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from jaxrl_entropy import analyze
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VARIANTS = ("full", "anchor")
+SEEDS = (0, 1, 2)
+STEPS = 12
+EVAL_EVERY = 4
+
+
+def _write_run(root, variant, seed, *, geometry=True, config=True, truncated=True, dir_name=None):
+    """Writes one synthetic run; returns the eval values per metric at the last eval step."""
+    rng = np.random.default_rng([sum(map(ord, variant)), seed])
+    d = os.path.join(root, dir_name or f"{variant}-{seed}")
+    os.makedirs(d)
+    if config:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({"name": variant, "seed": seed, "rl": {"group_size": 4}}, f)
+    geo = {}
+    final = {}
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for step in range(1, STEPS + 1):
+            rec = {"step": step, "time": 1.5 * step, "reward/mean": float(rng.random()),
+                   "response_len/mean": float(rng.integers(20, 60)), "grad_norm": float(rng.random()),
+                   "entropy/anchor_threshold": 0.3 + 0.01 * step, "entropy/explorer_threshold": 0.7,
+                   **{f"entropy/q{q}": q / 100 for q in (10, 25, 50, 75, 90)}}
+            if geometry:
+                for subset in ("anchor", "explorer", "random", "full"):
+                    for m in ("cos_full", "norm", "cos_prev"):
+                        v = float(rng.random())
+                        rec[f"geometry/{subset}/{m}"] = v
+                        geo.setdefault((subset, m), []).append(v)
+            f.write(json.dumps(rec) + "\n")
+            if step % EVAL_EVERY == 0:  # eval on its own line, as the trainer writes it
+                final = {"eval/accuracy": float(rng.random()),
+                         "eval/aime/mean@8": float(rng.random()),
+                         "eval/math500/mean@4": float(rng.random()),
+                         "eval/aime/pass@8": float(rng.random())}
+                f.write(json.dumps({"step": step, **final}) + "\n")
+        if truncated:  # a job killed mid-write
+            f.write('{"step": 13, "reward/mean": 0.4')
+    return d, final, geo
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    finals, geos = {}, {}
+    for v in VARIANTS:
+        for s in SEEDS:
+            _, finals[v, s], geos[v, s] = _write_run(str(root), v, s)
+    return root, finals, geos
+
+
+def _parse_cell(cell: str) -> tuple[float, float]:
+    m = re.fullmatch(r"\s*([-+0-9.eE]+) ± ([-+0-9.eE]+)\s*", cell)
+    assert m, f"not a 'mean ± std' cell: {cell!r}"
+    return float(m.group(1)), float(m.group(2))
+
+
+def _table_after(report: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the first markdown table after `heading`."""
+    lines = report[report.index(heading):].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows[0], rows[2:]
+
+
+def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
+    root, finals, geos = runs
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="truncated"):
+        summary = analyze.run_analyze([str(root / f"{v}-{s}") for v in VARIANTS for s in SEEDS], str(out))
+
+    for name in ("reward.png", "entropy_thresholds.png", "gradient_geometry.png",
+                 "eval_benchmarks.png", "training.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    assert (out / "report.md").is_file() and (out / "summary.json").is_file()
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    report = (out / "report.md").read_text()
+    header, rows = _table_after(report, "## Final evaluation")
+    metrics = ["eval/accuracy", "eval/aime/mean@8", "eval/math500/mean@4"]
+    assert header == ["variant", "runs", *metrics]
+    assert [r[0] for r in rows] == ["full", "anchor"]
+    for row in rows:
+        v = row[0]
+        assert row[1] == "3"
+        for metric, cell in zip(metrics, row[2:]):
+            vals = np.array([finals[v, s][metric] for s in SEEDS])
+            mean, std = _parse_cell(cell)
+            assert mean == pytest.approx(vals.mean(), abs=6e-5)
+            assert std == pytest.approx(vals.std(ddof=1), abs=6e-5)
+            entry = summary["variants"][v]["final"][metric]
+            assert entry["mean"] == pytest.approx(vals.mean(), rel=1e-12)
+            assert entry["std"] == pytest.approx(vals.std(ddof=1), rel=1e-12)
+            assert entry["n"] == 3
+
+    # Paired test anchor vs full on seeds 0, 1, 2 against scipy.
+    tests = {p["metric"]: p for p in summary["paired_tests"] if p["variant"] == "anchor"}
+    assert set(tests) == set(metrics)
+    for metric in metrics:
+        a = [finals["anchor", s][metric] for s in SEEDS]
+        b = [finals["full", s][metric] for s in SEEDS]
+        ref = scipy.stats.ttest_rel(a, b)
+        assert tests[metric]["n"] == 3 and tests[metric]["seeds"] == list(SEEDS)
+        assert tests[metric]["t"] == pytest.approx(ref.statistic, rel=1e-9)
+        assert tests[metric]["p_t"] == pytest.approx(ref.pvalue, rel=1e-9)
+        assert tests[metric]["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+        assert tests[metric]["p_wilcoxon"] is None  # n < 6 → NaN → null in JSON
+    assert "## Paired tests against 'full'" in report
+
+    # Gradient geometry: per-run mean over steps, then mean ± std across runs.
+    header, rows = _table_after(report, "## Gradient geometry")
+    assert header[:6] == ["variant", "subset", "runs", "cos_full", "norm", "cos_prev"]
+    by_key = {(r[0], r[1]): r for r in rows}
+    assert len(by_key) == 8
+    for v in VARIANTS:
+        for subset in ("anchor", "explorer", "random", "full"):
+            for j, m in enumerate(("cos_full", "norm", "cos_prev")):
+                per_run = np.array([np.mean(geos[v, s][subset, m]) for s in SEEDS])
+                got = summary["variants"][v]["geometry"][subset][m]
+                assert got["mean"] == pytest.approx(per_run.mean(), rel=1e-12)
+                assert got["std"] == pytest.approx(per_run.std(ddof=1), rel=1e-12)
+                mean, std = _parse_cell(by_key[v, subset][3 + j])
+                assert mean == pytest.approx(per_run.mean(), rel=1e-3)
+                assert std == pytest.approx(per_run.std(ddof=1), rel=1e-3)
+            sd = np.array([np.std(geos[v, s][subset, "cos_full"], ddof=1) for s in SEEDS])
+            assert summary["variants"][v]["geometry"][subset]["cos_full_sd_over_steps"]["mean"] == \
+                pytest.approx(sd.mean(), rel=1e-12)
+
+    # The truncated last line was dropped; everything before it was kept.
+    assert all(r["records"] == STEPS + STEPS // EVAL_EVERY for r in summary["runs"])
+    assert all(r["final_eval_step"] == STEPS for r in summary["runs"])
+
+
+def test_analyze_default_out_dir_parent_expansion_and_missing_plots(tmp_path):
+    root = tmp_path / "exp"
+    root.mkdir()
+    # No geometry, no config.json: variant and seed come from the directory name.
+    _, f0, _ = _write_run(str(root), "soft", 0, geometry=False, config=False, truncated=False,
+                          dir_name="soft_seed4")
+    _, f1, _ = _write_run(str(root), "random", 1, geometry=False, config=False, truncated=False,
+                          dir_name="random")
+    summary = analyze.run_analyze([str(root)])  # a parent of runs: expanded to its sub-directories
+    out = root / "analysis"
+    assert summary["out_dir"] == str(out)
+    assert (out / "reward.png").is_file() and (out / "entropy_thresholds.png").is_file()
+    assert not (out / "gradient_geometry.png").exists()
+    got = {(r["variant"], r["seed"]) for r in summary["runs"]}
+    assert got == {("soft", 4), ("random", 0)}
+    assert summary["variants"]["soft"]["final"]["eval/accuracy"]["values"] == [f0["eval/accuracy"]]
+    assert summary["variants"]["soft"]["final"]["eval/accuracy"]["std"] is None  # one run: no spread
+    assert any("full" in n for n in summary["paired_notes"])
+
+
+def test_missing_metrics_file_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not_a_run.*metrics.jsonl"):
+        analyze.run_analyze([str(empty)])
+    assert analyze.main([str(empty)]) == 1
+    assert "not_a_run" in capsys.readouterr().err
+
+
+def test_corrupt_middle_line_names_file_and_line(tmp_path):
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.1}\n{"step": 2, "rew\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        analyze.load_metrics(str(d / "metrics.jsonl"))
+
+
+def test_main_cli_writes_to_out(runs, tmp_path, capsys):
+    root, _, _ = runs
+    out = tmp_path / "cli_out"
+    with pytest.warns(UserWarning):
+        rc = analyze.main([str(root / "full-0"), str(root / "anchor-0"), "--out", str(out)])
+    assert rc == 0
+    assert (out / "report.md").is_file() and (out / "reward.png").is_file()
+    assert str(out) in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "1 seed(s) shared" in report  # a single pair: no paired test, and the report says why
+
+
+def test_series_and_aggregate_across_unequal_step_sets():
+    a = analyze.Run("a", "full", 0, [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 3, "x": 3.0},
+                                     {"step": 2, "x": 5.0}])  # step 2 re-logged after a resume
+    b = analyze.Run("b", "full", 1, [{"step": 2, "x": 4.0}, {"step": 3, "x": 7.0}, {"step": 4, "x": 1.0},
+                                     {"step": 5, "y": 0.0}])
+    steps, vals = analyze.series(a, "x")
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_array_equal(vals, [1.0, 5.0, 3.0])
+    steps, mean, std = analyze.aggregate([a, b], "x")
+    np.testing.assert_array_equal(steps, [1, 2, 3, 4])
+    np.testing.assert_allclose(mean, [1.0, 4.5, 5.0, 1.0])
+    assert np.isnan(std[0]) and np.isnan(std[3])
+    np.testing.assert_allclose(std[1:3], [np.std([5.0, 4.0], ddof=1), np.std([3.0, 7.0], ddof=1)])
