@@ -1,0 +1,46 @@
+"""Orbax checkpoints of a run: parameters, optimiser state, step, data-iterator state.
+
+The RNG needs no slot: every random draw of step s derives from `fold_in(key(seed), s)`, so the
+step number restores it. Saves are atomic (orbax writes to a temporary directory and renames), so
+a job killed mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False),
+            item_names=("state", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """state: a pytree of arrays (params, opt_state); meta: JSON-serialisable."""
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """`abstract_state`: the state's structure with target shardings (e.g. from jax.eval_shape
+        plus `.sharding`), so every array comes back straight into its sharding."""
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            abstract_state)
+        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                   meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self):
+        self._manager.close()
