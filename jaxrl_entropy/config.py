@@ -207,3 +207,25 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+    """A run's saved `config.json` back into a validated, locked ConfigDict."""
+    with open(path) as f:
+        data = json.load(f)
+    cfg = base_config()
+    try:
+        _update_locked(cfg, data, "")
+    except (AttributeError, KeyError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return validate(cfg)
+
+
+def _update_locked(cfg: ml_collections.ConfigDict, data: dict, prefix: str) -> None:
+    for k, v in data.items():
+        if k not in cfg:
+            raise ConfigError(f"unknown config key {prefix}{k}")
+        if isinstance(cfg[k], ml_collections.ConfigDict):
+            _update_locked(cfg[k], v, f"{prefix}{k}.")
+        else:
+            cfg[k] = tuple(v) if isinstance(v, list) else v

@@ -29,9 +29,13 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+    module = importlib.import_module(_EXPORTS[name])
+    # Importing `kernels.entropy_attention` binds the *submodule* to that package attribute;
+    # re-bind every public name of the module so the functions win.
+    for export, where in _EXPORTS.items():
+        if where == _EXPORTS[name]:
+            globals()[export] = getattr(module, export)
+    return globals()[name]
 
 
 def __dir__():

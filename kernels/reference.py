@@ -57,7 +57,7 @@ def reference_attention(
     probs = p / jnp.where(l > 0, l, 1.0)
     logp = jnp.where(mask, s - m - jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
     ent_BxKxGxT = -jnp.sum(probs * logp, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision="highest").reshape(B, T, Hq, D)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision="highest").reshape(B, T, Hq, v.shape[-1])
     entropy_BxTxH = jnp.transpose(ent_BxKxGxT, (0, 3, 1, 2)).reshape(B, T, Hq)
     result = (out.astype(q_BxTxHxD.dtype), entropy_BxTxH)
     if return_probs:

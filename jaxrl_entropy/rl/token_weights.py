@@ -116,7 +116,8 @@ def _sorted_tokens(score_BxT: jax.Array, mask_BxT: jax.Array, highest: bool):
     idx_N = lax.iota(jnp.int32, key_N.shape[0])
     # The flat index as the last key makes the order a total one: deterministic tie-breaking
     # that does not rely on sort stability.
-    return lax.sort((invalid_N, key_N, idx_N), num_keys=3)
+    invalid_N, key_N, order_N = lax.sort((invalid_N, key_N, idx_N), num_keys=3)
+    return key_N, invalid_N, order_N
 
 
 def _inverse_permutation(order_N: jax.Array) -> jax.Array:

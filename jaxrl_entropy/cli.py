@@ -1,0 +1,39 @@
+"""`jaxrl-entropy` console script: train | eval | convert | analyze.
+
+    jaxrl-entropy train [--config=configs/demo.py[:variant]] [--workdir=runs/demo] [--config.a.b=v ...]
+    jaxrl-entropy eval --config=... (--checkpoint=WORKDIR | --hf=HF_DIR) [--out=metrics.json]
+    jaxrl-entropy convert --config=... --checkpoint=WORKDIR --to_hf=OUT_DIR
+    jaxrl-entropy convert --hf=HF_DIR --to_orbax=WORKDIR [--config=...]
+    jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out=DIR]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+COMMANDS = ("train", "eval", "convert", "analyze")
+
+
+def _usage() -> str:
+    return __doc__.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if len(argv) >= 2 else 2
+    command, rest = argv[1], argv[2:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}; choose one of {COMMANDS}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if command == "analyze":
+        from jaxrl_entropy import analyze
+        return analyze.main(rest)
+    from jaxrl_entropy import cli_commands
+    return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

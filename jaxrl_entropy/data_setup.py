@@ -1,0 +1,61 @@
+"""From a config to a tokenizer, training records and evaluation sets (the only place that reads
+`config.data`, `config.tokenizer` and `config.eval.benchmarks`)."""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.data.sources import load_records
+from jaxrl_entropy.data.synthetic import ArithmeticTask
+from jaxrl_entropy.data.tokenizer import build_demo_tokenizer, load_tokenizer
+
+
+def tokenizer_for(cfg: ml_collections.ConfigDict):
+    path = cfg.tokenizer or cfg.model.hf_dir
+    if path:
+        return load_tokenizer(path)
+    if cfg.data.kind != "synthetic":
+        raise ConfigError("config.tokenizer is empty and config.model.hf_dir is empty: real data needs the "
+                          "tokenizer of its model; set config.tokenizer=/path/to/tokenizer_dir")
+    return build_demo_tokenizer()
+
+
+def synthetic_task(cfg: ml_collections.ConfigDict) -> ArithmeticTask:
+    s = cfg.data.synthetic
+    return ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, seed=cfg.seed)
+
+
+def parse_benchmarks(spec: str) -> dict[str, str]:
+    """"aime24=/data/aime24.parquet,math500=/data/math500.parquet" → {name: path}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"config.eval.benchmarks entry {item!r} must look like name=path")
+        name, path = (s.strip() for s in item.split("=", 1))
+        if not name or not path:
+            raise ConfigError(f"config.eval.benchmarks entry {item!r} must look like name=path")
+        out[name] = path
+    return out
+
+
+def datasets(cfg: ml_collections.ConfigDict):
+    """(train records, {benchmark: records}, the synthetic task or None)."""
+    task = None
+    evals = {}
+    if cfg.data.kind == "synthetic":
+        task = synthetic_task(cfg)
+        s = cfg.data.synthetic
+        n_train = min(s.train_size, task.num_expressions - int(task.num_expressions * 0.2))
+        train = task.records("train", n_train)
+        if s.eval_size:
+            evals["synthetic_heldout"] = task.records("test", s.eval_size)
+    else:
+        files = [p.strip() for p in cfg.data.train_files.split(",") if p.strip()]
+        train = load_records(files, dedupe=cfg.data.dedupe)
+    for name, path in parse_benchmarks(cfg.eval.benchmarks).items():
+        if not path.startswith("gs://") and not os.path.exists(path) and not any(c in path for c in "*?["):
+            raise ConfigError(f"config.eval.benchmarks: file for {name!r} not found: {path}")
+        evals[name] = load_records(path)
+    return train, evals, task

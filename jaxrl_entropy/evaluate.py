@@ -1,0 +1,92 @@
+"""mean@k / pass@k evaluation: k sampled responses per problem, scored by the trainer's reward."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jaxrl_entropy import stats
+from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.rl.rewards import score_responses
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    k: int = 8
+    batch_prompts: int = 64
+    max_problems: int = 0                 # 0 = all
+    max_prompt_len: int = 1024
+    tail_chars: int = 300
+
+
+def decode_responses(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(tokens_BxN, lengths_B)],
+                                  skip_special_tokens=True)
+
+
+def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tokenizer,
+                       records: Sequence[dict], spec: EvalSpec, *, verifier=None, progress=None) -> dict:
+    """Score k samples of every problem; returns mean@k, pass@k (unbiased, k samples) and counts.
+
+    `sample(prompt_ids [B, P], prompt_mask [B, P], call_index)` returns an object with `tokens`
+    and `lengths` (the sampler's output); rows are each prompt repeated k times.
+    """
+    records = list(records)[: spec.max_problems or None]
+    if not records:
+        raise ValueError("evaluation benchmark has no problems")
+    batch = min(spec.batch_prompts, len(records))
+    usable = len(records) - len(records) % batch  # whole batches keep one compiled shape
+    if usable < len(records):
+        records = records[:usable]
+    batcher = PromptBatcher(records, tokenizer, batch_size=batch, max_prompt_len=spec.max_prompt_len,
+                            seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    correct = np.zeros((len(records), spec.k), bool)
+    for call, b in enumerate(batcher):
+        ids = np.repeat(b["input_ids"], spec.k, axis=0)
+        mask = np.repeat(b["attention_mask"], spec.k, axis=0)
+        out = sample(ids, mask, call)
+        texts = decode_responses(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
+        truths = [t for t in b["ground_truth"] for _ in range(spec.k)]
+        results = score_responses(texts, truths, verifier=verifier, tail_chars=spec.tail_chars)
+        idx = np.asarray(b["record_index"])
+        correct[idx] = np.array([r.correct for r in results]).reshape(-1, spec.k)
+        if progress is not None:
+            progress(len(idx))
+    return {
+        f"mean@{spec.k}": stats.mean_at_k(correct),
+        f"pass@{spec.k}": float(np.mean([stats.pass_at_k(spec.k, int(c), spec.k) for c in correct.sum(1)])),
+        "num_problems": len(records),
+        "correct": correct,
+    }
+
+
+def evaluate(sample, tokenizer, benchmarks: dict[str, Sequence[dict]], spec: EvalSpec, *, verifier=None,
+             progress=None) -> dict[str, float]:
+    """All benchmarks → flat metrics `eval/<name>/mean@k`, `eval/<name>/pass@k`, and
+    `eval/accuracy` = the unweighted average of the benchmarks' mean@k."""
+    metrics: dict[str, float] = {}
+    means = []
+    for name, records in benchmarks.items():
+        res = evaluate_benchmark(sample, tokenizer, records, spec, verifier=verifier, progress=progress)
+        metrics[f"eval/{name}/mean@{spec.k}"] = res[f"mean@{spec.k}"]
+        metrics[f"eval/{name}/pass@{spec.k}"] = res[f"pass@{spec.k}"]
+        means.append(res[f"mean@{spec.k}"])
+    metrics["eval/accuracy"] = float(np.mean(means))
+    return metrics
+
+
+def format_table(metrics: dict[str, float], k: int) -> str:
+    """Markdown table: one row per benchmark, then the average."""
+    names = sorted({key.split("/")[1] for key in metrics if key.count("/") == 2})
+    lines = [f"| benchmark | mean@{k} | pass@{k} |", "|---|---|---|"]
+    for n in names:
+        lines.append(f"| {n} | {metrics[f'eval/{n}/mean@{k}']:.4f} | {metrics[f'eval/{n}/pass@{k}']:.4f} |")
+    lines.append(f"| **average** | {metrics['eval/accuracy']:.4f} | |")
+    return "\n".join(lines)
+
+
+def dump_json(metrics: dict[str, float], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)

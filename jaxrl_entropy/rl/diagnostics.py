@@ -1,0 +1,261 @@
+"""Gradient geometry of token subsets: how large, how aligned with the full gradient, how stable.
+
+For subsets of response tokens (anchors, explorers, a random subset of the same size, all
+tokens), compare the gradient of each subset's loss with the full-token gradient: "similar norm ≠
+similar direction".  The loss of a subset uses the **selected-token normalisation**: its own
+``Σ w·mask`` as denominator (``policy_subset_loss`` builds such a loss), so every subset's loss
+is a mean over its own tokens and norms are comparable across subsets of different sizes.
+
+Gradients are flattened over all parameter leaves and reduced in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_entropy.rl.loss import loss_denominator, policy_loss
+from jaxrl_entropy.rl.token_weights import token_weights
+
+__all__ = [
+    "tree_dot",
+    "tree_norm",
+    "cosine_tree",
+    "geometry_subsets",
+    "policy_subset_loss",
+    "subset_gradients",
+    "geometry_from_grads",
+    "geometry_and_sketches",
+    "gradient_geometry",
+    "GradientSketch",
+    "GeometryTracker",
+]
+
+LossFn = Callable[[object, jax.Array], jax.Array]  # (params, weights_BxT) -> scalar
+
+
+def tree_dot(a, b) -> jax.Array:
+    """``<a, b>`` over all leaves (float32 accumulation)."""
+    leaves = jax.tree.leaves(jax.tree.map(
+        lambda x, y: jnp.vdot(jnp.ravel(x).astype(jnp.float32), jnp.ravel(y).astype(jnp.float32)),
+        a, b))
+    return sum(leaves, jnp.zeros((), jnp.float32))
+
+
+def tree_norm(a) -> jax.Array:
+    """Euclidean norm of a pytree flattened over all leaves."""
+    return jnp.sqrt(tree_dot(a, a))
+
+
+def _safe_cos(dot, na, nb) -> jax.Array:
+    denom = na * nb
+    return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def cosine_tree(a, b) -> jax.Array:
+    """Cosine similarity of two pytrees flattened over all leaves; 0 if either is zero."""
+    return _safe_cos(tree_dot(a, b), tree_norm(a), tree_norm(b))
+
+
+def geometry_subsets(mask_BxT: jax.Array, attn_entropy_BxT: jax.Array, *, fraction: float = 0.2,
+                     rng: jax.Array) -> dict[str, jax.Array]:
+    """The standard subsets: ``full``, ``anchor``, ``explorer`` and ``random`` (same size k)."""
+    common = dict(mask_BxT=mask_BxT, attn_entropy_BxT=attn_entropy_BxT, fraction=fraction, rng=rng)
+    return {name: token_weights(name, **common)[0]
+            for name in ("full", "anchor", "explorer", "random")}
+
+
+def policy_subset_loss(logp_fn: Callable[[object], jax.Array], *, old_logp: jax.Array,
+                       adv: jax.Array, mask: jax.Array, **loss_kwargs) -> LossFn:
+    """``loss_fn(params, weights)`` for :func:`gradient_geometry` from the policy loss.
+
+    ``logp_fn(params) -> [B, T]`` log-probs of the sampled tokens.  Each subset is normalised by
+    its own ``Σ w·mask`` (selected-token normalisation).  ``loss_kwargs`` go to ``policy_loss``
+    (eps_low, eps_high, clip_c).
+    """
+
+    def loss_fn(params, weights_BxT):
+        denom = loss_denominator(weights_BxT, mask, "selected")
+        loss, _ = policy_loss(logp_fn(params), old_logp, adv, mask, weights_BxT, denom=denom,
+                              **loss_kwargs)
+        return loss
+
+    return loss_fn
+
+
+def _check_subsets(subsets: dict, full: str) -> list[str]:
+    if full not in subsets:
+        raise KeyError(f"gradient_geometry: the full-token subset {full!r} is not among the "
+                       f"subsets {sorted(subsets)}; pass it, or name it with full=.")
+    return list(subsets)
+
+
+def subset_gradients(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
+                     method: str = "vmap") -> dict[str, object]:
+    """Gradient of ``loss_fn(params, w)`` w.r.t. params for each subset's weights ``w``.
+
+    ``vmap`` stacks the weights ``[S, B, T]`` and computes all S gradients in one batched pass
+    (fast, S copies of the gradient live at once); ``loop`` computes them one after another.
+    """
+    names = list(subsets)
+    grad_fn = jax.grad(loss_fn)
+    if method == "vmap":
+        w_SxBxT = jnp.stack([jnp.asarray(subsets[n], jnp.float32) for n in names])
+        g_stacked = jax.vmap(grad_fn, in_axes=(None, 0))(params, w_SxBxT)
+        return {n: jax.tree.map(lambda g, i=i: g[i], g_stacked) for i, n in enumerate(names)}
+    if method == "loop":
+        return {n: grad_fn(params, jnp.asarray(subsets[n], jnp.float32)) for n in names}
+    raise ValueError(f"subset_gradients: method={method!r} must be 'vmap' or 'loop'.")
+
+
+def geometry_from_grads(grads: dict[str, object], *, full: str = "full") -> dict[str, jax.Array]:
+    """Metrics of :func:`gradient_geometry` from already computed subset gradients."""
+    _check_subsets(grads, full)
+    g_full = grads[full]
+    n_full = tree_norm(g_full)
+    out = {}
+    for name, g in grads.items():
+        out.update(_subset_metrics(name, g, g_full, n_full))
+    return out
+
+
+def _subset_metrics(name: str, g, g_full, n_full: jax.Array) -> dict[str, jax.Array]:
+    norm = tree_norm(g)
+    dot = tree_dot(g, g_full)
+    return {
+        f"{name}/norm": norm,
+        f"{name}/cos_full": _safe_cos(dot, norm, n_full),
+        # Length of the subset gradient along the full gradient's direction.
+        f"{name}/proj_full": jnp.where(n_full > 0, dot / jnp.where(n_full > 0, n_full, 1.0), 0.0),
+    }
+
+
+def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
+                          full: str = "full", method: str = "vmap",
+                          sketch: Callable[[object], object] | None = None,
+                          ) -> tuple[dict[str, jax.Array], dict[str, object]]:
+    """:func:`gradient_geometry` plus ``sketch(grad)`` of every subset gradient (empty dict when
+    ``sketch`` is None).  Pure and jit-able (``sketch`` is a :class:`GradientSketch`).
+
+    With ``method="loop"`` the full gradient is computed first and each other subset gradient is
+    reduced to its metrics (and sketch) right away, so at most two gradients are needed at once.
+    """
+    _check_subsets(subsets, full)
+    sketches: dict[str, object] = {}
+    if method == "vmap":
+        grads = subset_gradients(loss_fn, params, subsets, method="vmap")
+        if sketch is not None:
+            sketches = {n: sketch(g) for n, g in grads.items()}
+        return geometry_from_grads(grads, full=full), sketches
+    if method != "loop":
+        raise ValueError(f"gradient_geometry: method={method!r} must be 'vmap' or 'loop'.")
+    grad_fn = jax.grad(loss_fn)
+    g_full = grad_fn(params, jnp.asarray(subsets[full], jnp.float32))
+    n_full = tree_norm(g_full)
+    metrics: dict[str, jax.Array] = {}
+    for name, w in subsets.items():
+        g = g_full if name == full else grad_fn(params, jnp.asarray(w, jnp.float32))
+        metrics.update(_subset_metrics(name, g, g_full, n_full))
+        if sketch is not None:
+            sketches[name] = sketch(g)
+    return metrics, sketches
+
+
+def gradient_geometry(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
+                      full: str = "full", method: str = "vmap") -> dict[str, jax.Array]:
+    """Per subset: ``<name>/norm``, ``<name>/cos_full`` (cosine with the ``full`` subset's
+    gradient, 1 for ``full`` itself) and ``<name>/proj_full`` (length of the projection on the
+    full gradient's direction), over all parameter leaves flattened.
+
+    ``loss_fn(params, weights_BxT) -> scalar`` must normalise by the subset's own weight sum
+    (selected-token normalisation; :func:`policy_subset_loss` builds one).  ``method``: ``vmap``
+    (one batched pass, S gradients in memory) or ``loop`` (at most two at once).  Pure and
+    jit-able: ``jax.jit(lambda p, s: gradient_geometry(loss_fn, p, s))``.
+    """
+    return geometry_and_sketches(loss_fn, params, subsets, full=full, method=method)[0]
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: a cheap bijective integer hash."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+class GradientSketch:
+    """A fixed random linear map of a gradient pytree to ``[dim]`` (a count sketch).
+
+    Parameter i of leaf l goes to bucket ``h(l, i) mod dim`` with sign ``s(l, i) = ±1``, both from
+    an integer hash of (seed, leaf index, flat index): nothing is stored, and the map is the same
+    at every step.  ``<S a, S b>`` is an unbiased estimate of ``<a, b>``; the cosine error is about
+    ``1/sqrt(dim)`` (exact when there are no bucket collisions).  Memory: ``dim`` floats.
+    """
+
+    def __init__(self, dim: int = 1 << 16, seed: int = 0):
+        if dim < 1 or dim & (dim - 1):
+            raise ValueError(f"GradientSketch: dim={dim} must be a power of two.")
+        self.dim = int(dim)
+        self.seed = int(seed)
+
+    def __call__(self, tree) -> jax.Array:
+        out = jnp.zeros((self.dim,), jnp.float32)
+        for leaf_idx, leaf in enumerate(jax.tree.leaves(tree)):
+            x = jnp.ravel(leaf).astype(jnp.float32)
+            salt = _mix32(jnp.uint32((self.seed * 0x9E3779B1 + leaf_idx * 0x632BE5AB) & 0xFFFFFFFF))
+            h = _mix32(jax.lax.iota(jnp.uint32, x.shape[0]) ^ salt)
+            bucket = (h & jnp.uint32(self.dim - 1)).astype(jnp.int32)
+            sign = jnp.where((h >> 31) == 1, -1.0, 1.0)
+            out = out + jax.ops.segment_sum(sign * x, bucket, num_segments=self.dim)
+        return out
+
+
+class GeometryTracker:
+    """Adds ``<name>/cos_prev`` (volatility: cosine between this and the previous geometry step's
+    gradient of the same subset) to the gradient-geometry metrics.
+
+    Memory: with ``projection_dim`` (default 2**16) only a :class:`GradientSketch` of each subset
+    gradient is kept (``dim`` floats per subset) and cos_prev is the cosine of the sketches
+    (error ~ 1/sqrt(dim)); ``projection_dim=None`` keeps the exact gradients (one copy of the
+    parameters per subset: small models only).  The first step has no ``cos_prev``.
+
+    Inside a jitted step, compute ``metrics, sketches = geometry_and_sketches(loss_fn, params,
+    subsets, sketch=tracker.sketch)`` and, outside, ``metrics = tracker.update(metrics,
+    sketches)``; or call ``tracker.step(...)`` eagerly.
+    """
+
+    def __init__(self, projection_dim: int | None = 1 << 16, seed: int = 0):
+        self.sketch: Callable[[object], object] = (
+            GradientSketch(projection_dim, seed) if projection_dim is not None
+            else (lambda tree: tree))
+        self._prev: dict[str, object] | None = None
+        self._jitted: tuple[tuple, Callable] | None = None   # (key, compiled fn) of last step()
+
+    def update(self, metrics: dict[str, jax.Array],
+               sketches: dict[str, object]) -> dict[str, jax.Array]:
+        """Returns ``metrics`` plus ``<name>/cos_prev`` for the subsets seen at the previous
+        update, then remembers ``sketches`` (outputs of ``self.sketch``) for the next one."""
+        out = dict(metrics)
+        if self._prev is not None:
+            for name, s in sketches.items():
+                if name in self._prev:
+                    out[f"{name}/cos_prev"] = cosine_tree(s, self._prev[name])
+        self._prev = dict(sketches)
+        return out
+
+    def step(self, loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
+             full: str = "full", method: str = "vmap") -> dict[str, jax.Array]:
+        """Convenience outside a train step: this step's geometry (jitted; recompiled when
+        ``loss_fn`` is a different object than at the previous call), with ``cos_prev``."""
+        key = (loss_fn, full, method)
+        if self._jitted is None or self._jitted[0] != key:
+            fn = jax.jit(lambda p, s: geometry_and_sketches(loss_fn, p, s, full=full,
+                                                            method=method, sketch=self.sketch))
+            self._jitted = (key, fn)
+        metrics, sketches = self._jitted[1](params, subsets)
+        return self.update(metrics, sketches)
+
+    def reset(self) -> None:
+        self._prev = None
