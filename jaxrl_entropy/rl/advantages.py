@@ -88,7 +88,7 @@ class DynamicSamplingError(RuntimeError):
 
 
 def _leading_len(key: str, value: Any) -> int:
-    if isinstance(value, np.ndarray):
+    if hasattr(value, "shape") and hasattr(value, "ndim"):  # numpy or jax array
         if value.ndim == 0:
             raise ValueError(f"GroupAccumulator.add: batch[{key!r}] is a scalar; every entry needs "
                              "a leading dimension N (one row per response).")
@@ -96,7 +96,7 @@ def _leading_len(key: str, value: Any) -> int:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return len(value)
     raise TypeError(f"GroupAccumulator.add: batch[{key!r}] has type {type(value).__name__}; "
-                    "expected a numpy array or a list with one entry per response.")
+                    "expected an array or a list with one entry per response.")
 
 
 class GroupAccumulator:
@@ -173,10 +173,11 @@ class GroupAccumulator:
             kept, seen = len(self._groups), self.groups_seen
             self._reset()
             raise DynamicSamplingError(
-                f"Dynamic sampling kept only {kept} of the {self.target_groups} groups needed after "
-                f"max_gen_batches={self.max_gen_batches} generation batches ({seen} groups seen; "
-                "the others had identical rewards in every response). Fix: raise max_gen_batches, "
-                "lower the batch size (fewer prompts per step), or disable dynamic sampling.")
+                f"Dynamic sampling kept only {kept} of the {self.target_groups} groups needed "
+                f"after max_gen_batches={self.max_gen_batches} generation batches ({seen} groups "
+                "seen; the others had identical rewards in every response). Fix: raise "
+                "max_gen_batches, lower the batch size (fewer prompts per step), or disable "
+                "dynamic sampling.")
 
     def take(self) -> dict[str, np.ndarray | list]:
         """Returns exactly ``target_groups`` groups (``target_groups * group_size`` rows) in
@@ -188,7 +189,7 @@ class GroupAccumulator:
         out: dict[str, np.ndarray | list] = {}
         for key in chosen[0]:
             parts = [grp[key] for grp in chosen]
-            if isinstance(parts[0], np.ndarray):
+            if hasattr(parts[0], "shape"):
                 out[key] = np.concatenate(parts, axis=0)
             else:
                 out[key] = [item for part in parts for item in part]

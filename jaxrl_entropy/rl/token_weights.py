@@ -1,4 +1,4 @@
-"""Per-token weights of the policy-gradient term: which response tokens carry gradient, and how much.
+"""Per-token weights of the policy-gradient term: which response tokens carry gradient, how much.
 
 Every function here works on *global* ``[B, T]`` arrays: under ``jax.jit`` with sharded inputs a
 sort over the flattened array is a global sort, so fractions and quantiles are taken over all
@@ -6,7 +6,7 @@ valid response tokens of the whole batch (never per sequence, never per device).
 
 Modes (``MODES``):
   ``full``               every valid token, weight 1 (plain DAPO).
-  ``random``             exactly k = round(fraction · n_valid) valid tokens drawn uniformly (``rng``).
+  ``random``             exactly k = round(fraction · n_valid) valid tokens, uniformly (``rng``).
   ``anchor``             the k valid tokens of lowest attention entropy.
   ``explorer``           the k valid tokens of highest attention entropy.
   ``pred_entropy_low``   / ``pred_entropy_high``: the same rule on *predictive* entropy (control).
@@ -126,7 +126,11 @@ def _inverse_permutation(order_N: jax.Array) -> jax.Array:
 
 
 def _num_selected(fraction, n_valid: jax.Array) -> jax.Array:
-    """k = round(fraction · n_valid) (half to even), at least 1 when n_valid > 0 and fraction > 0."""
+    """k = round(fraction · n_valid) (half to even), at least 1 when n_valid > 0 and fraction > 0.
+
+    Computed in float32 (no x64 on TPU): exact for n_valid < 2**24 tokens; beyond that k may
+    differ from exact rounding by a few tokens.
+    """
     if isinstance(fraction, (int, float)) and not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in [0, 1] (the share of valid tokens kept).")
     f = jnp.asarray(fraction, jnp.float32)

@@ -1,0 +1,62 @@
+"""Smoke test of `benchmarks/attention.py`: one tiny shape on CPU through every implementation."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_count_by_hand(bench):
+    # causal T=4: 1+2+3+4 = 10 visible pairs; 4 FLOPs per pair and head-dim element (QKᵀ and PV).
+    assert bench.forward_flops(bench.Shape(B=1, T=4, Hq=1, Hkv=1, D=2)) == 4 * 10 * 2
+    assert bench.forward_flops(bench.Shape(B=3, T=4, Hq=2, Hkv=1, D=2, causal=False)) == 4 * 3 * 2 * 16 * 2
+
+
+def test_row_function_and_table(bench):
+    shape = bench.Shape(B=1, T=32, Hq=2, Hkv=1, D=16)
+    rows = bench.run_shape(shape, backend="xla", reps=1)
+    assert [r["impl"] for r in rows] == list(bench.IMPLS)
+    for r in rows:
+        assert r["note"] == "", r["note"]
+        assert r["fwd_s"] > 0
+        if r["impl"] == "head_mixture_entropy":
+            assert r["fwdbwd_s"] is None
+        else:
+            assert r["fwdbwd_s"] > 0
+    base = next(r for r in rows if r["impl"] == bench.BASELINE)
+    assert base["fwd_s_ratio"] == pytest.approx(1.0)
+
+    table = bench.format_table(rows).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == list(bench.COLUMNS)
+    assert {"fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd × flash",
+            "compiled MiB", "device peak MiB"} <= set(header)
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert len(body) == len(bench.IMPLS)
+    for cells in body:
+        assert len(cells) == len(bench.COLUMNS)
+        float(cells[header.index("fwd ms")])  # a number, not an error note
+        assert cells[header.index("device peak MiB")] == "n/a"  # CPU exposes no allocator stats
+
+
+def test_main_appends_markdown(bench, tmp_path, monkeypatch):
+    out = tmp_path / "results.md"
+    tiny = (bench.Shape(B=1, T=16, Hq=2, Hkv=1, D=16),)
+    monkeypatch.setattr(bench, "SMALL_SHAPES", tiny)
+    assert bench.main(["--shapes", "small", "--backend", "xla", "--reps", "1",
+                       "--impls", "flash_attention,head_mixture_entropy", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "jax " in text and "B1 T16 H2/1 D16" in text and "| head_mixture_entropy |" in text
