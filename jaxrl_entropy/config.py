@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dedupe = True
     c.data.shuffle = True
     c.data.synthetic = ml_collections.ConfigDict(dict(
-        digits=2, num_terms=2, ops="+", train_size=20000, eval_size=200))
+        digits=2, num_terms=2, ops="+", chat=True, train_size=20000, eval_size=200))
 
     c.rollout = ml_collections.ConfigDict(dict(
         max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0))

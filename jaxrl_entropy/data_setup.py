@@ -24,7 +24,7 @@ def tokenizer_for(cfg: ml_collections.ConfigDict):
 
 def synthetic_task(cfg: ml_collections.ConfigDict) -> ArithmeticTask:
     s = cfg.data.synthetic
-    return ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, seed=cfg.seed)
+    return ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat, seed=cfg.seed)
 
 
 def parse_benchmarks(spec: str) -> dict[str, str]:

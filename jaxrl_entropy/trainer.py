@@ -171,6 +171,21 @@ class Trainer:
             out_shardings=(self.params_sharding, opt_sh, None), donate_argnums=donate)
         soft = SoftConfig(**cfg.weights.soft.to_dict())
         mode, fraction = cfg.weights.mode, cfg.weights.fraction
+        if self.geometry is not None:
+            graphdef = self.graphdef
+
+            def geometry(params, part, subsets):
+                mask = part["response_mask"]
+                tok = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+
+                def loss_fn(p, w):  # selected-token normalisation: each subset by its own Σw
+                    denom = jnp.maximum(jnp.sum(jnp.where(mask, w, 0.0)), 1e-6)
+                    return ts.minibatch_loss(graphdef, p, dict(part, weights=w), spec, denom, tok)[0]
+
+                return diagnostics.geometry_and_sketches(loss_fn, params, subsets, method="loop",
+                                                         sketch=self.geometry.sketch)
+
+            self._geometry_fn = jax.jit(geometry)
         self._weights = jax.jit(lambda mask, h, pred, rng, step: token_weights(
             mode, mask_BxT=mask, attn_entropy_BxT=h, pred_entropy_BxT=pred, fraction=fraction, rng=rng,
             step=step, soft=soft))
@@ -256,7 +271,8 @@ class Trainer:
             seen.append(batch)
             extra = {}
         else:
-            acc = adv_lib.GroupAccumulator(cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.max_gen_batches)
+            acc = adv_lib.GroupAccumulator(cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.max_gen_batches,
+                                           metric_key="correct")
             gen = 0
             while not acc.full:
                 b = self.generate_and_score(step, gen)
@@ -329,22 +345,16 @@ class Trainer:
         return metrics
 
     def _geometry(self, data, st, step_key) -> dict[str, float]:
-        """Gradient of each token subset vs the full-token gradient, on the first mini-batch."""
+        """Gradient of each token subset (anchor, explorer, random of the same size, full) vs the
+        full-token gradient, on the step's first micro-batch (bounded memory at any scale)."""
         cfg = self.cfg
-        mb = cfg.rl.mini_batch_prompts * cfg.rl.group_size
-        part = jax.tree.map(lambda x: x[:mb], data)
-        subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:mb],
+        n = cfg.rl.micro_batch_size
+        part = jax.tree.map(lambda x: x[:n], data)
+        subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n],
                                                fraction=cfg.weights.fraction,
                                                rng=jax.random.fold_in(step_key, _TAG_GEOMETRY))
-        spec = self.spec
-
-        def loss_fn(params, weights):
-            micro = dict(part, weights=weights)
-            denom = jnp.maximum(jnp.sum(jnp.where(part["response_mask"], weights, 0.0)), 1e-6)
-            tok = jnp.maximum(jnp.sum(part["response_mask"].astype(jnp.float32)), 1.0)
-            return ts.minibatch_loss(self.graphdef, params, micro, spec, denom, tok)[0]
-
-        out = self.geometry.update(loss_fn, self.params, subsets)
+        metrics, sketches = self._geometry_fn(self.params, part, subsets)
+        out = self.geometry.update(metrics, sketches)
         return {f"geometry/{k}": float(v) for k, v in out.items()}
 
     # ------------------------------------------------------------------ supervised warm-up (demo)

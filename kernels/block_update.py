@@ -193,3 +193,37 @@ def recompute_probs(s: jax.Array, lse: jax.Array, mask: jax.Array | None) -> jax
 def softmax_grad(p: jax.Array, dp: jax.Array, di: jax.Array) -> jax.Array:
     """dS = p ⊙ (dP − di), di = Σ_d o·do per row `[..., R, W]` (the flash backward identity)."""
     return p * (dp - widen(di, dp.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling helpers shared by the shells (not maths, but every shell needs the same ones).
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def floordiv(a, b: int, lowest: int):
+    """floor(a / b) for a traced int32 `a >= lowest` (static bound).
+
+    Kernels' integer division truncates toward zero, and `//` lowers through `sign`, which Mosaic
+    only lowers on a real TPU; shifting `a` to be non-negative first needs neither.
+    """
+    shift = max(0, -(lowest // b))
+    return jax.lax.div(a + shift * b, b) - shift
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """Pad `x` with `value` at the end of `axis` up to `size` (no-op when already that long)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def matmul_precision(dtype) -> jax.lax.Precision:
+    """HIGHEST for float32 operands (GPUs would otherwise round to TF32, TPUs to bf16 passes);
+    DEFAULT for bf16/f16, whose products are exact in the f32 accumulator anyway."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT

@@ -110,3 +110,17 @@ def test_accumulator_unlimited_and_bad_input():
         acc.add({"reward": np.zeros(4), "x": np.zeros(3)})
     with pytest.raises(KeyError, match="reward"):
         acc.add({"x": np.zeros(4)})
+
+
+def test_accumulator_filters_on_the_chosen_metric():
+    # Group 0: all wrong but shaped rewards differ (overlong penalty) → DAPO drops it when
+    # filtering on accuracy; group 1: one right → kept.
+    batch = {"reward": np.array([-1.0, -1.5, -1.0, -1.25, 1.0, -1.0], np.float32),
+             "correct": np.array([False, False, False, False, True, False]),
+             "row": np.arange(6)}
+    by_acc = GroupAccumulator(target_groups=1, group_size=3, max_gen_batches=1, metric_key="correct")
+    by_acc.add(batch)
+    np.testing.assert_array_equal(by_acc.take()["row"], [3, 4, 5])
+    by_reward = GroupAccumulator(target_groups=1, group_size=3, max_gen_batches=1)
+    by_reward.add(batch)
+    np.testing.assert_array_equal(by_reward.take()["row"], [0, 1, 2])

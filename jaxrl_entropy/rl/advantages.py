@@ -118,7 +118,8 @@ class GroupAccumulator:
     surplus groups from the last batch are discarded (as verl does).
     """
 
-    def __init__(self, target_groups: int, group_size: int, max_gen_batches: int):
+    def __init__(self, target_groups: int, group_size: int, max_gen_batches: int, *,
+                 metric_key: str = "reward"):
         if target_groups < 1:
             raise ValueError(f"GroupAccumulator: target_groups must be >= 1, got {target_groups}.")
         if group_size < 1:
@@ -126,6 +127,9 @@ class GroupAccumulator:
         self.target_groups = int(target_groups)
         self.group_size = int(group_size)
         self.max_gen_batches = int(max_gen_batches)
+        # what must vary within a group for it to be kept (DAPO filters on accuracy, "acc", so
+        # that overlong shaping alone does not keep an all-wrong group)
+        self.metric_key = metric_key
         self._reset()
         self.last_stats: dict[str, int] = {}
 
@@ -145,23 +149,23 @@ class GroupAccumulator:
 
     def add(self, batch: dict[str, np.ndarray | list]) -> None:
         """Adds one generation batch; keeps its groups that have reward variance."""
-        if "reward" not in batch:
-            raise KeyError("GroupAccumulator.add: the batch has no 'reward' entry "
+        if self.metric_key not in batch:
+            raise KeyError(f"GroupAccumulator.add: the batch has no {self.metric_key!r} entry "
                            f"(keys: {sorted(batch)}); score the responses before adding them.")
         keys = tuple(sorted(batch))
         if self._keys is not None and keys != self._keys:
             raise ValueError(f"GroupAccumulator.add: batch keys {list(keys)} differ from the "
                              f"earlier batches' {list(self._keys)} in this step.")
-        rewards = np.asarray(batch["reward"])
+        rewards = np.asarray(batch[self.metric_key]).astype(np.float64)
         if rewards.ndim != 1:
-            raise ValueError(f"GroupAccumulator.add: batch['reward'] must be 1-D [N], "
+            raise ValueError(f"GroupAccumulator.add: batch[{self.metric_key!r}] must be 1-D [N], "
                              f"got shape {rewards.shape}.")
         n = rewards.shape[0]
         _check_group_size(n, self.group_size, "GroupAccumulator.add")
         for key, value in batch.items():
             if _leading_len(key, value) != n:
                 raise ValueError(f"GroupAccumulator.add: batch[{key!r}] has leading length "
-                                 f"{_leading_len(key, value)}, but batch['reward'] has {n}.")
+                                 f"{_leading_len(key, value)}, but batch[{self.metric_key!r}] has {n}.")
         self._keys = keys
         self.num_gen_batches += 1
         self.groups_seen += n // self.group_size
