@@ -1,4 +1,8 @@
-"""absl entry points behind `jaxrl-entropy train | eval | convert` (flags parsed per command)."""
+"""Entry points behind `jaxrl-entropy train | eval | convert`.
+
+Each call parses its own `absl.flags.FlagValues` (not the process-global FLAGS), so the commands can
+be called repeatedly in one process (tests, notebooks) and a bad flag never leaves state behind.
+"""
 from __future__ import annotations
 
 import json
@@ -6,44 +10,53 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxrl_entropy import presets
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "ml_collections config file (`path.py` or `path.py:variant`); default: the built-in CPU demo",
-    lock_config=True)
-flags.DEFINE_string("workdir", None, "run directory: metrics.jsonl, TensorBoard events, checkpoints, config.json")
-flags.DEFINE_string("checkpoint", None, "a train workdir (or its checkpoints/ dir) to read parameters from")
-flags.DEFINE_string("hf", None, "a local HF Qwen3 checkpoint directory")
-flags.DEFINE_string("to_hf", None, "convert: write a HF checkpoint directory here")
-flags.DEFINE_string("to_orbax", None, "convert: write an orbax checkpoint (a workdir) here")
-flags.DEFINE_string("out", None, "eval: also write the metrics as JSON to this file")
-flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU)")
+
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    # `sys_argv`: config_flags reads the --config.* overrides from this list, not from fv(argv)
+    config_flags.DEFINE_config_file(
+        "config", presets.__file__,
+        "ml_collections config file (`path.py` or `path.py:variant`); default: the built-in CPU demo",
+        flag_values=fv, lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "run directory: metrics.jsonl, TensorBoard events, checkpoints, "
+                        "config.json (train: default runs/<config.name>)", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "a train workdir (or its checkpoints/ dir) to read parameters from",
+                        flag_values=fv)
+    flags.DEFINE_string("hf", None, "a local HF Qwen3 checkpoint directory", flag_values=fv)
+    flags.DEFINE_string("to_hf", None, "convert: write a HF checkpoint directory here", flag_values=fv)
+    flags.DEFINE_string("to_orbax", None, "convert: write an orbax checkpoint (a workdir) here", flag_values=fv)
+    flags.DEFINE_string("out", None, "eval: also write the metrics as JSON to this file", flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU)",
+                      flag_values=fv)
 
 
-def _config():
-    cfg = FLAGS.config if FLAGS.config is not None else presets.demo()
+class UsageError(Exception):
+    pass
+
+
+def _config(fv):
     from jaxrl_entropy.config import validate
-    return validate(cfg)
+    return validate(fv.config)
 
 
-def _setup():
+def _setup(fv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if FLAGS.multihost:
+    if fv.multihost:
         import jax
         jax.distributed.initialize()
 
 
-def _train(_):
-    _setup()
+def _train(fv):
+    cfg = _config(fv)  # validate before any set-up or compilation
+    _setup(fv)
     from jaxrl_entropy.trainer import Trainer
-    cfg = _config()
-    workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
+    workdir = fv.workdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, workdir)
     last = trainer.run()
     trainer.close()
@@ -52,45 +65,80 @@ def _train(_):
     print(f"run directory: {os.path.abspath(workdir)}  (plots: jaxrl-entropy analyze {workdir})")
 
 
-def _params_source():
-    if bool(FLAGS.checkpoint) == bool(FLAGS.hf):
-        raise app.UsageError("give exactly one of --checkpoint=WORKDIR or --hf=HF_DIR")
+def _params_source(fv):
+    if bool(fv.checkpoint) == bool(fv.hf):
+        raise UsageError("give exactly one of --checkpoint=WORKDIR or --hf=HF_DIR")
 
 
-def _eval(_):
-    _setup()
-    _params_source()
+def _explicit_config(fv):
+    """The run's own config.json unless --config was given on the command line."""
+    return _config(fv) if fv["config"].present else None
+
+
+def _eval(fv):
+    _params_source(fv)
+    cfg = _explicit_config(fv) if fv.checkpoint else _config(fv)
+    _setup(fv)
     from jaxrl_entropy import evaluate as eval_lib
     from jaxrl_entropy import model_io
-    cfg = _config()
-    trainer = model_io.trainer_for_eval(cfg, checkpoint=FLAGS.checkpoint, hf=FLAGS.hf)
+    trainer = model_io.trainer_for_eval(cfg, checkpoint=fv.checkpoint, hf=fv.hf)
     metrics = trainer.evaluate(trainer.step)
     if not metrics:
-        raise app.UsageError("no benchmarks: set --config.eval.benchmarks=name=path,... (or use synthetic data)")
-    print(eval_lib.format_table(metrics, cfg.eval.k))
-    if FLAGS.out:
-        eval_lib.dump_json(metrics, FLAGS.out)
+        raise UsageError("no benchmarks: set --config.eval.benchmarks=name=path,... (or use synthetic data)")
+    print(eval_lib.format_table(metrics, trainer.cfg.eval.k))
+    if fv.out:
+        eval_lib.dump_json(metrics, fv.out)
     print(json.dumps(metrics, indent=1, sort_keys=True))
+    trainer.close()
 
 
-def _convert(_):
-    _setup()
+def _convert(fv):
     from jaxrl_entropy import model_io
-    if FLAGS.checkpoint and FLAGS.to_hf:
-        model_io.checkpoint_to_hf(_config(), FLAGS.checkpoint, FLAGS.to_hf)
-        print(f"wrote HF checkpoint to {FLAGS.to_hf}")
-    elif FLAGS.hf and FLAGS.to_orbax:
-        cfg = _config()
-        model_io.hf_to_checkpoint(cfg, FLAGS.hf, FLAGS.to_orbax)
-        print(f"wrote orbax checkpoint to {FLAGS.to_orbax}")
+    if fv.checkpoint and fv.to_hf:
+        cfg = _explicit_config(fv)
+        _setup(fv)
+        model_io.checkpoint_to_hf(cfg, fv.checkpoint, fv.to_hf)
+        print(f"wrote HF checkpoint to {fv.to_hf}")
+    elif fv.hf and fv.to_orbax:
+        cfg = _config(fv)
+        _setup(fv)
+        model_io.hf_to_checkpoint(cfg, fv.hf, fv.to_orbax)
+        print(f"wrote orbax checkpoint to {fv.to_orbax}")
     else:
-        raise app.UsageError("convert needs --checkpoint=WORKDIR --to_hf=DIR, or --hf=DIR --to_orbax=WORKDIR")
+        raise UsageError("convert needs --checkpoint=WORKDIR --to_hf=DIR, or --hf=DIR --to_orbax=WORKDIR")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: printed without a traceback."""
+    from jaxrl_entropy.config import ConfigError
+    from jaxrl_entropy.data.sources import DataError
+    from jaxrl_entropy.models.config import CheckpointError
+    from jaxrl_entropy.rl.advantages import DynamicSamplingError
+    return UsageError, ConfigError, DataError, CheckpointError, DynamicSamplingError, OSError
 
 
 def run(command: str, argv: list[str]) -> int:
     fn = {"train": _train, "eval": _eval, "convert": _convert}[command]
+    fv = flags.FlagValues()
     try:
-        app.run(fn, argv=argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+        _define(fv, argv)  # loads the default config and applies --config.* overrides
+    except (AttributeError, KeyError) as e:
+        msg = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "").strip("'\" ")
+        print(f"jaxrl-entropy {command}: unknown config key: {msg}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:]):
+        print(f"usage: jaxrl-entropy {command} [flags]\n\n{fv.main_module_help() or fv}")
+        return 0
+    try:
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments {rest[1:]}; flags take the form --name=value")
+        fn(fv)
+    except flags.Error as e:
+        print(f"jaxrl-entropy {command}: {e}\n(run `jaxrl-entropy {command} --help` for the flags; config keys "
+              "are listed in jaxrl_entropy/config.py)", file=sys.stderr)
+        return 2
+    except _user_errors() as e:
+        print(f"jaxrl-entropy {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=200, log_every=1, checkpoint_every=20, keep_checkpoints=3, geometry_every=0,
-        sft_steps=0, sft_lr=1e-3, sft_batch_size=64, progress=True))
+        sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_target_accuracy=0.0, sft_check_every=25,
+        progress=True))
 
     c.eval = ml_collections.ConfigDict(dict(
         every=10, k=8, temperature=1.0, top_p=0.7, max_new_tokens=0, max_problems=0,
@@ -167,6 +168,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(cfg.weights.soft.shape, "weights.soft.shape", ("linear_tilt", "gaussian"))
     _choice(cfg.weights.soft.schedule, "weights.soft.schedule", ("linear", "cosine"))
     _choice(cfg.weights.soft.hard_mode, "weights.soft.hard_mode", tuple(m for m in WEIGHT_MODES if m != "soft"))
+    if not 0.0 <= cfg.train.sft_target_accuracy <= 1.0:
+        raise ConfigError(f"config.train.sft_target_accuracy={cfg.train.sft_target_accuracy} must lie in [0, 1]")
     if not 0.0 < cfg.weights.fraction <= 1.0:
         raise ConfigError(f"config.weights.fraction={cfg.weights.fraction} must lie in (0, 1]")
     if not 0.0 <= cfg.weights.soft.alpha < 1.0:

@@ -47,7 +47,7 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(k.replace("@", "_at_"), v, step)  # TB tags allow no "@"
             self._tb.flush()
         return row
 

@@ -111,3 +111,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch must be a multiple of this (the number of data-parallel shards)."""
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+def host_to_global(array, sharding: NamedSharding) -> jax.Array:
+    """A host numpy array that every process holds in full → a global array in `sharding`; each
+    device copies only its own slice (works the same on one host and on a multi-host pod)."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

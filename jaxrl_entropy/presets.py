@@ -30,7 +30,7 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     c.data.kind = "synthetic"
     c.data.max_prompt_len = 32
     c.data.synthetic.update(dict(digits=2, num_terms=2, ops="+", train_size=20000, eval_size=128))
-    c.rollout.max_new_tokens = 48
+    c.rollout.max_new_tokens = 56
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
     c.rl.mini_batch_prompts = 16
@@ -38,10 +38,11 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     c.rl.overlong_buffer = 8
     c.rl.max_gen_batches = 4
     c.entropy.layers = (0.55,)
-    c.optim.update(dict(lr=3e-4, warmup_steps=5, weight_decay=0.0))
-    c.train.update(dict(steps=150, checkpoint_every=25, sft_steps=120, sft_lr=1e-3, sft_batch_size=64))
-    c.eval.update(dict(every=25, k=4, temperature=1.0, top_p=1.0))
-    c.weights.soft.update(dict(start_step=0, end_step=150))
+    c.optim.update(dict(lr=1e-4, warmup_steps=5, weight_decay=0.0))
+    c.train.update(dict(steps=120, checkpoint_every=20, sft_steps=1000, sft_lr=3e-3, sft_batch_size=64,
+                        sft_target_accuracy=0.2, sft_check_every=25))
+    c.eval.update(dict(every=20, k=4, temperature=1.0, top_p=1.0))
+    c.weights.soft.update(dict(start_step=0, end_step=120))
     return apply_variant(c, variant)
 
 
@@ -73,3 +74,8 @@ def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
     c.parallel.update(dict(data=1, fsdp=-1, tensor=1))
     apply_variant(c, variant)
     return c
+
+
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+    """This file is itself a config file (the default of `--config`): the CPU demo."""
+    return demo(variant or "full")

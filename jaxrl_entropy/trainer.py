@@ -121,7 +121,8 @@ class Trainer:
         cfg = self.cfg
         options = dict(attention=cfg.model.attention, probe_attention=cfg.model.probe_attention,
                        kernel_backend=cfg.model.kernel_backend or None, remat=cfg.model.remat,
-                       logits_chunk=cfg.model.logits_chunk)
+                       logits_chunk=cfg.model.logits_chunk,
+                       kernel_mesh=self.mesh if "kernel" in (cfg.model.attention, cfg.model.probe_attention) else None)
         dtype, pdtype = _DTYPES[cfg.model.dtype], _DTYPES[cfg.model.param_dtype]
         if cfg.model.hf_dir:
             model = qwen3.from_pretrained(cfg.model.hf_dir, dtype=dtype, param_dtype=pdtype, mesh=self.mesh,
@@ -162,7 +163,7 @@ class Trainer:
             lambda p, b: ts.rollout_stats(self.graphdef, p, b, spec, chunk),
             in_shardings=(self.params_sharding, batch_sh), out_shardings=batch_sh)
         opt_sh = self.opt_sharding
-        micro_sh = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+        micro_sh = self._micro_sh = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
             None, parallel.LOGICAL_RULES["batch"]))
         donate = (0, 1) if jax.default_backend() != "cpu" else ()
         self._update = jax.jit(
@@ -223,8 +224,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, ids, mask, rng, params: sampler.SamplingParams):
-        ids = jax.device_put(np.asarray(ids, np.int32), self._batch_sh)
-        mask = jax.device_put(np.asarray(mask, np.int32), self._batch_sh)
+        ids = parallel.host_to_global(np.asarray(ids, np.int32), self._batch_sh)
+        mask = parallel.host_to_global(np.asarray(mask, np.int32), self._batch_sh)
         model = nnx.merge(self.graphdef, self.params)
         return sampler.generate(model, ids, mask, rng, params, state=self.params)
 
@@ -298,12 +299,12 @@ class Trainer:
         t0 = time.time()
         batch, metrics = self.collect(step)
         t1 = time.time()
-        seqs = ts.build_sequences(jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"]),
-                                  jnp.asarray(batch["response"]), jnp.asarray(batch["lengths"]))
-        seqs = jax.device_put(seqs, self._batch_sh)
+        host = ts.build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["response"], batch["lengths"])
+        adv = np.asarray(adv_lib.group_advantages(batch["reward"], cfg.rl.group_size,
+                                                  scale_by_std=cfg.rl.scale_adv_by_std))
+        host["advantage"] = np.broadcast_to(adv[:, None], host["response_mask"].shape).astype(np.float32)
+        seqs = {k: parallel.host_to_global(v, self._batch_sh) for k, v in host.items()}
         st = self._rollout_stats(self.params, {k: seqs[k] for k in ("input_ids", "attention_mask", "response")})
-        adv = adv_lib.group_advantages(jnp.asarray(batch["reward"]), cfg.rl.group_size,
-                                       scale_by_std=cfg.rl.scale_adv_by_std)
         step_key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         mask = seqs["response_mask"]
         weights, aux = self._weights(mask, st["hnorm"], st["pred_entropy"],
@@ -319,7 +320,7 @@ class Trainer:
 
         data = {"input_ids": seqs["input_ids"], "attention_mask": seqs["attention_mask"],
                 "response": seqs["response"], "response_mask": mask, "old_logp": st["old_logp"],
-                "advantage": jnp.broadcast_to(adv[:, None], mask.shape), "weights": weights}
+                "advantage": seqs["advantage"], "weights": weights}
         if cfg.train.geometry_every and step % cfg.train.geometry_every == 0:
             metrics.update(self._geometry(data, st, step_key))
 
@@ -329,6 +330,7 @@ class Trainer:
         upd_metrics = []
         for u in range(M // mb):
             part = jax.tree.map(lambda x: x[u * mb:(u + 1) * mb].reshape(mb // micro, micro, *x.shape[1:]), data)
+            part = jax.device_put(part, self._micro_sh)  # micro-batch rows over data × fsdp
             self.params, self.opt_state, m = self._update(self.params, self.opt_state, part)
             upd_metrics.append(m)
         upd = {k: float(np.mean([_host(m[k]) for m in upd_metrics])) for k in upd_metrics[0]}
@@ -384,19 +386,42 @@ class Trainer:
 
         rng = np.random.default_rng(cfg.seed)
         records = self.train_records
+        target = cfg.train.sft_target_accuracy
         bar = _progress(cfg.train.sft_steps, "sft warm-up", cfg.train.progress)
+        self.sft_report = {"sft/steps": 0, "sft/accuracy": float("nan")}
         for i in range(cfg.train.sft_steps):
+            if target and i and i % cfg.train.sft_check_every == 0:
+                acc = self._sft_accuracy(i)
+                self.sft_report = {"sft/steps": i, "sft/accuracy": acc}
+                log.info("sft warm-up step %d: sampled accuracy on training prompts %.3f (target %.2f)",
+                         i, acc, target)
+                if acc >= target:
+                    break
             idx = rng.integers(0, len(records), cfg.train.sft_batch_size)
             recs = [records[j] for j in idx]
             enc = encode_sft_batch(self.tokenizer, [r["prompt"] for r in recs],
                                    [self.task.reference_solution(r) for r in recs], max_prompt_len=P,
                                    max_response_len=N)
-            enc = jax.device_put({k: jnp.asarray(v) for k, v in enc.items()}, self._batch_sh)
+            enc = {k: parallel.host_to_global(v, self._batch_sh) for k, v in enc.items()}
             self.params, opt, loss = step_fn(self.params, opt, enc)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}")
+            self.sft_report["sft/steps"] = i + 1
         bar.close()
         self.sft_done = True
+
+    def _sft_accuracy(self, i: int) -> float:
+        """Sampled accuracy (rollout temperature) on 64 training prompts × 2: the warm-up's stop
+        rule looks at training data only, never at the held-out split."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, i])
+        recs = [self.train_records[j] for j in rng.choice(len(self.train_records), 64, replace=False)]
+        spec = eval_lib.EvalSpec(k=2, batch_prompts=64, max_prompt_len=cfg.data.max_prompt_len)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 10_000_000 + i)
+        res = eval_lib.evaluate_benchmark(
+            lambda ids, m, c: self.sample(ids, m, jax.random.fold_in(key, c), self._rollout_params()),
+            self.tokenizer, recs, spec)
+        return float(res["mean@2"])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:
@@ -426,12 +451,14 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict[str, float] = {}
         try:
+            sft_metrics = {}
             if not self.sft_done:
                 self.sft_warmup()
                 self.save()
+                sft_metrics = dict(self.sft_report)
             bar = _progress(cfg.train.steps, "rl", cfg.train.progress, initial=self.step)
             while self.step < cfg.train.steps and self._stop_signal is None:
-                metrics = {}
+                metrics, sft_metrics = dict(sft_metrics), {}
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     metrics.update(self.evaluate(self.step))
                 metrics.update(self.train_step())
@@ -482,5 +509,9 @@ class _NullBar:
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     if not enabled or jax.process_index() != 0:
         return _NullBar()
+    import sys
+
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    # In a log file (not a terminal) redraw rarely, so the log stays readable.
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)

@@ -61,3 +61,38 @@ def make_hf_qwen3(tmp_path_factory, torch):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Trainers built in different tests compile the same programs: share them on disk."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+
+
+def tiny_config(**overrides):
+    """A trainer config that runs a step in seconds on a CPU: a 2-layer Qwen3 on the synthetic task."""
+    from jaxrl_entropy import presets
+
+    c = presets.demo()
+    c.model.arch.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=8))
+    c.model.logits_chunk = 16
+    c.rollout.max_new_tokens = 16
+    c.rl.update(dict(prompts_per_step=4, group_size=4, mini_batch_prompts=2, micro_batch_size=8,
+                     overlong_buffer=4, dynamic_sampling=False))
+    c.optim.update(dict(lr=1e-3, warmup_steps=0))
+    c.train.update(dict(steps=3, sft_steps=0, checkpoint_every=2, progress=False))
+    c.eval.update(dict(every=2, k=2))
+    c.data.synthetic.eval_size = 8
+    c.parallel.update(dict(data=-1, fsdp=1, tensor=1))
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import kernels
 from kernels.reference import NEG_INF
 
+from jax.sharding import PartitionSpec as P
+
 PLAIN_IMPLS = ("xla", "kernel", "cudnn")
 PROBE_IMPLS = ("xla", "kernel")
 
@@ -33,14 +35,41 @@ class ProbeResult:
     probs_BxHxTxS: jax.Array | None
 
 
-def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | None, sm_scale: float):
+def _on_mesh(fn, mesh, args, *, heads_split: bool, n_head_outputs: int, n_row_outputs: int = 0):
+    """Run a Pallas kernel per shard: XLA cannot partition a `pallas_call`, so under a mesh the
+    kernel runs inside `shard_map` on its batch shard (and head shard when `heads_split`)."""
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    from jaxrl_entropy import parallel
+
+    batch = parallel.LOGICAL_RULES["batch"]
+    q = args[0]
+    tensor = mesh.shape.get("tensor", 1)
+    split = heads_split and tensor > 1 and q.shape[2] % tensor == 0 and args[1].shape[2] % tensor == 0
+    heads = "tensor" if split else None
+    specs = [P(batch, None, heads, None), P(batch, None, heads, None)]
+    if len(args) > 2 and args[2] is not None and args[2].ndim == 4:
+        specs.append(P(batch, None, heads, None))
+    rest = args[len(specs):]
+    specs += [None if a is None else P(batch, *([None] * (a.ndim - 1))) if a.ndim == 2 else
+              P(batch, None, heads) for a in rest]
+    out_specs = tuple([P(batch, None, heads, None)] * (n_head_outputs > 0) +
+                      [P(batch, None, heads)] * max(n_head_outputs - 1, 0) +
+                      [P(batch, None)] * n_row_outputs)
+    out_specs = out_specs[0] if len(out_specs) == 1 else out_specs
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
+
+
+def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | None, sm_scale: float,
+                    mesh=None):
     """Output `[B, T, Hq, D]` of causal self-attention with segment/padding masking."""
     if impl == "xla":
         out, _ = kernels.reference_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
         return out
     if impl == "kernel":
-        return kernels.flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
-                                       backend=kernel_backend)
+        fn = lambda q_, k_, v_, s_: kernels.flash_attention(q_, k_, v_, causal=True, segment_ids=s_,
+                                                              sm_scale=sm_scale, backend=kernel_backend)
+        return _on_mesh(fn, mesh, (q, k, v, segment_ids), heads_split=True, n_head_outputs=1)
     if impl == "cudnn":
         B, T = q.shape[:2]
         mask = kernels.visible_mask(B, T, T, causal=True, segment_ids=segment_ids)[:, None]
@@ -53,7 +82,7 @@ def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
 
 
 def probe_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | None, sm_scale: float,
-                    mixture: bool = True, return_probs: bool = False) -> ProbeResult:
+                    mixture: bool = True, return_probs: bool = False, mesh=None) -> ProbeResult:
     """Attention of a probe layer, with the entropies the token weights read."""
     if impl == "xla":
         out, ent, probs = kernels.reference_attention(
@@ -63,13 +92,15 @@ def probe_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
                            None if mix is None else jax.lax.stop_gradient(mix),
                            jax.lax.stop_gradient(probs) if return_probs else None)
     if impl == "kernel":
-        out, ent, lse = kernels.entropy_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale, backend=kernel_backend,
-            return_lse=True)
+        fwd = lambda q_, k_, v_, s_: kernels.entropy_attention(
+            q_, k_, v_, causal=True, segment_ids=s_, sm_scale=sm_scale, backend=kernel_backend, return_lse=True)
+        out, ent, lse = _on_mesh(fwd, mesh, (q, k, v, segment_ids), heads_split=True, n_head_outputs=3)
         mix = probs = None
-        if mixture:
-            mix = kernels.head_mixture_entropy(q, k, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
-                                               lse=lse, backend=kernel_backend)
+        if mixture:  # needs every head of a row: batch-sharded only
+            mix_fn = lambda q_, k_, s_, l_: kernels.head_mixture_entropy(
+                q_, k_, causal=True, segment_ids=s_, sm_scale=sm_scale, lse=l_, backend=kernel_backend)
+            mix = _on_mesh(mix_fn, mesh, (q, k, segment_ids, lse), heads_split=False, n_head_outputs=0,
+                           n_row_outputs=1)
         if return_probs:
             probs = kernels.attention_probs(q, k, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
                                             lse=lse, backend=kernel_backend)

@@ -40,6 +40,7 @@ class RuntimeOptions:
     kernel_backend: shell of the Pallas kernels (None = by platform, or "xla", "tpu", "gpu", ...).
     logits_chunk: sequence chunk for `token_logprobs` (never materialises [B, T, V] in f32).
     remat: rematerialise each decoder layer in the backward pass (memory for long sequences).
+    kernel_mesh: the device mesh; Pallas kernels then run per shard inside `shard_map`.
     """
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -48,6 +49,7 @@ class RuntimeOptions:
     kernel_backend: str | None = None
     logits_chunk: int = 1024
     remat: bool = False
+    kernel_mesh: object = None
 
     def __post_init__(self):
         if self.attention not in attn_lib.PLAIN_IMPLS:
@@ -189,11 +191,12 @@ class Attention(nnx.Module):
             res = attn_lib.probe_attention(
                 q, k, v, segment_ids_BxT, impl=self.opts.probe_attention,
                 kernel_backend=self.opts.kernel_backend, sm_scale=scale, mixture=mixture,
-                return_probs=return_probs)
+                return_probs=return_probs, mesh=self.opts.kernel_mesh)
             out, extra = res.out_BxTxHxD, res
         else:
             out = attn_lib.plain_attention(q, k, v, segment_ids_BxT, impl=self.opts.attention,
-                                           kernel_backend=self.opts.kernel_backend, sm_scale=scale)
+                                           kernel_backend=self.opts.kernel_backend, sm_scale=scale,
+                                           mesh=self.opts.kernel_mesh)
             extra = None
         return self.o_proj(out.reshape(B, T, self.heads * self.head_dim)), extra
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -39,14 +40,17 @@ class StepSpec:
     entropy_coef: float = 0.0
 
 
-def build_sequences(prompt_ids_MxP, prompt_mask_MxP, response_MxN, lengths_M) -> dict[str, jax.Array]:
-    """Concatenate prompts and responses; `response_mask [M, N]` marks tokens up to each length."""
+def build_sequences(prompt_ids_MxP, prompt_mask_MxP, response_MxN, lengths_M) -> dict[str, np.ndarray]:
+    """Concatenate prompts and responses (host numpy); `response_mask [M, N]` marks tokens up to
+    each length (EOS included)."""
+    response_MxN = np.asarray(response_MxN)
     N = response_MxN.shape[1]
-    resp_mask = jnp.arange(N)[None, :] < jnp.asarray(lengths_M)[:, None]
+    resp_mask = np.arange(N)[None, :] < np.asarray(lengths_M)[:, None]
     return {
-        "input_ids": jnp.concatenate([prompt_ids_MxP, response_MxN], axis=1).astype(jnp.int32),
-        "attention_mask": jnp.concatenate([prompt_mask_MxP.astype(bool), resp_mask], axis=1).astype(jnp.int32),
-        "response": response_MxN.astype(jnp.int32),
+        "input_ids": np.concatenate([np.asarray(prompt_ids_MxP), response_MxN], axis=1).astype(np.int32),
+        "attention_mask": np.concatenate([np.asarray(prompt_mask_MxP).astype(bool), resp_mask],
+                                         axis=1).astype(np.int32),
+        "response": response_MxN.astype(np.int32),
         "response_mask": resp_mask,
     }
 
@@ -129,13 +133,18 @@ def update(graphdef, params, opt_state, minibatch: dict[str, jax.Array], spec: S
     token_denom = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     grads, summed = accumulate_grads(graphdef, params, minibatch, spec, denom, token_denom)
     metrics = loss_lib.finalize_metrics(summed)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = _global_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    tree_lib = getattr(optax, "tree", None)  # optax >= 0.2.5 moved it; keep older releases working
+    return tree_lib.norm(tree) if tree_lib is not None and hasattr(tree_lib, "norm") else optax.global_norm(tree)
 
 
 def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warmup_steps: int,

@@ -1,0 +1,152 @@
+"""The RL loop end to end on a tiny model: CLI, metrics, checkpoints, resume, signals, eval, export."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import jax
+
+from conftest import tiny_config
+from jaxrl_entropy import cli
+from jaxrl_entropy.trainer import Trainer
+
+STEPS = 4
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run of STEPS steps through the console-script entry point."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", "--config.train.progress=False",
+                     "--config.model.arch.hidden_size=32", "--config.model.arch.intermediate_size=64",
+                     "--config.model.arch.num_hidden_layers=2", "--config.model.arch.head_dim=8",
+                     "--config.model.logits_chunk=16", "--config.rollout.max_new_tokens=16",
+                     "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
+                     "--config.rl.mini_batch_prompts=2", "--config.rl.micro_batch_size=8",
+                     "--config.rl.overlong_buffer=4", "--config.rl.dynamic_sampling=False",
+                     "--config.optim.lr=0.001", "--config.optim.warmup_steps=0",
+                     f"--config.train.steps={STEPS}", "--config.train.sft_steps=0",
+                     "--config.train.checkpoint_every=2", "--config.train.geometry_every=1",
+                     "--config.eval.every=2", "--config.eval.k=2", "--config.data.synthetic.eval_size=8"])
+    assert code == 0
+    return workdir
+
+
+def test_train_writes_metrics_events_and_checkpoints(straight_run):
+    rows = _rows(straight_run)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(STEPS))
+    first = rows[0]
+    for key in ("reward/mean", "accuracy", "response_len/mean", "clip_frac", "grad_norm", "loss",
+                "entropy/anchor_threshold", "entropy/explorer_threshold", "entropy/q50",
+                "entropy/spearman_pred", "weights/selected_frac", "geometry/anchor/cos_full",
+                "geometry/explorer/norm", "eval/accuracy", "eval/synthetic_heldout/mean@2"):
+        assert key in first, key
+    assert rows[1]["geometry/anchor/cos_prev"] is not None       # volatility from the second step
+    assert first["entropy/anchor_threshold"] <= first["entropy/explorer_threshold"]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 4]   # step 0, every 2, final
+    assert os.listdir(os.path.join(straight_run, "tensorboard"))
+    assert sorted(os.listdir(os.path.join(straight_run, "checkpoints"))) == ["2", "4"]
+    cfg = json.load(open(os.path.join(straight_run, "config.json")))
+    assert cfg["name"] == "full" and cfg["rl"]["group_size"] == 4
+
+
+def test_resume_gives_the_same_steps_as_not_stopping(straight_run, tmp_path):
+    """Stop after 2 steps, start a new process-like Trainer on the same workdir: steps 2-3 repeat
+    the uninterrupted run's numbers, and the final parameters are the same."""
+    overrides = {"train.geometry_every": 1}
+    first = Trainer(tiny_config(**overrides, **{"train.steps": 2}), str(tmp_path))
+    first.run()
+    first.close()
+    second = Trainer(tiny_config(**overrides, **{"train.steps": STEPS}), str(tmp_path))
+    assert second.step == 2
+    second.run()
+    straight = {r["step"]: r for r in _rows(straight_run) if "loss" in r}
+    resumed = {r["step"]: r for r in _rows(str(tmp_path)) if "loss" in r}
+    for step in (2, 3):
+        for key in ("reward/mean", "loss", "grad_norm", "entropy/anchor_threshold"):
+            assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-6), (step, key)
+    final = Trainer(tiny_config(**{"train.steps": STEPS}), straight_run)
+    for a, b in zip(jax.tree.leaves(second.params), jax.tree.leaves(final.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    second.close()
+    final.close()
+
+
+def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(**{"train.steps": 10, "eval.every": 0, "train.checkpoint_every": 100}),
+                      str(tmp_path))
+    real_step = trainer.train_step
+
+    def step_then_preempt():
+        out = real_step()
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption sends
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", step_then_preempt)
+    trainer.run()
+    assert trainer.step == 2                               # finished the step it was in, then stopped
+    assert trainer.checkpointer.latest_step() == 2        # and saved it (checkpoint_every is 100)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    trainer.close()
+
+
+def test_eval_and_convert_commands(straight_run, tmp_path, capsys, torch):
+    from transformers import Qwen3ForCausalLM
+
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", f"--out={out_json}"]) == 0
+    printed = capsys.readouterr().out
+    assert "| synthetic_heldout |" in printed and "mean@2" in printed
+    metrics = json.loads(out_json.read_text())
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+
+    hf_dir = tmp_path / "hf"
+    assert cli.main(["jaxrl-entropy", "convert", f"--checkpoint={straight_run}", f"--to_hf={hf_dir}"]) == 0
+    hf = Qwen3ForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager").eval()
+    trainer = Trainer(tiny_config(**{"train.steps": STEPS}), straight_run)
+    ids = np.array([[5, 6, 7, 8, 9]])
+    from flax import nnx
+    ours = nnx.merge(trainer.graphdef, trainer.params)(ids).logits
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+    assert (hf_dir / "tokenizer_config.json").exists()
+    trainer.close()
+
+
+def test_bad_override_fails_before_compiling(capsys):
+    code = cli.main(["jaxrl-entropy", "train", "--config.rl.gropu_size=8"])
+    assert code != 0
+    assert "gropu_size" in capsys.readouterr().err
+
+
+def test_bad_value_fails_with_the_key(tmp_path, capsys):
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={tmp_path}", "--config.weights.mode=anchors"])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "weights.mode" in err and "anchor" in err
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_malformed_data_file_names_file_and_row(tmp_path):
+    from jaxrl_entropy.data.sources import DataError
+
+    path = tmp_path / "train.jsonl"
+    good = {"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "2+2="}) + "\n")
+    from jaxrl_entropy.data.tokenizer import build_demo_tokenizer
+
+    build_demo_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    cfg = tiny_config(**{"data.kind": "files", "data.train_files": str(path), "tokenizer": str(tmp_path / "tok")})
+    with pytest.raises(DataError) as e:
+        Trainer(cfg, str(tmp_path / "run"))
+    assert "train.jsonl" in str(e.value) and "row 1" in str(e.value) and "ground_truth" in str(e.value)
