@@ -214,6 +214,9 @@ class Trainer:
             changed = _diff(old, json.loads(config_lib.to_json(self.cfg)))
             if changed:
                 log.warning("resuming %s with a changed config: %s", self.workdir, ", ".join(changed))
+        else:  # a run started from a copied checkpoint (e.g. a shared warm-up)
+            with open(config_path, "w") as f:
+                f.write(config_lib.to_json(self.cfg))
         state, meta = self.checkpointer.restore(latest, self._state())
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.step = int(meta["step"])
