@@ -168,6 +168,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(cfg.weights.soft.shape, "weights.soft.shape", ("linear_tilt", "gaussian"))
     _choice(cfg.weights.soft.schedule, "weights.soft.schedule", ("linear", "cosine"))
     _choice(cfg.weights.soft.hard_mode, "weights.soft.hard_mode", tuple(m for m in WEIGHT_MODES if m != "soft"))
+    if cfg.rl.kl_coef:
+        raise ConfigError("config.rl.kl_coef > 0 needs a reference policy, which the trainer does not keep; "
+                          "leave it at 0 (DAPO uses no KL; the loss function itself supports k3 KL)")
     if not 0.0 <= cfg.train.sft_target_accuracy <= 1.0:
         raise ConfigError(f"config.train.sft_target_accuracy={cfg.train.sft_target_accuracy} must lie in [0, 1]")
     if not 0.0 < cfg.weights.fraction <= 1.0:

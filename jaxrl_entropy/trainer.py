@@ -74,18 +74,12 @@ class Trainer:
         self.params_sharding = ts.param_shardings(nnx.to_pure_dict(params), self.mesh)
         self.params = jax.device_put(nnx.to_pure_dict(params), self.params_sharding)
         self.model = None  # the trainer owns params; the module object would hold a stale copy
-        L = self.cfg_layers = qwen3.resolve_probe_layers(tuple(cfg.entropy.layers)
-                                                         if isinstance(cfg.entropy.layers, (list, tuple))
-                                                         else cfg.entropy.layers,
-                                                         self.arch.num_hidden_layers)
         self.spec = ts.StepSpec(
-            prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens, probe_layers=L,
+            prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens,
+            probe_layers=qwen3.resolve_probe_layers(cfg.entropy.layers, self.arch.num_hidden_layers),
             aggregation=cfg.entropy.aggregation, temperature=cfg.rollout.temperature,
             eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, clip_c=cfg.rl.clip_c,
             kl_coef=cfg.rl.kl_coef, entropy_coef=cfg.rl.entropy_coef)
-        if cfg.rl.kl_coef:
-            raise config_lib.ConfigError("config.rl.kl_coef > 0 needs a reference policy, which this trainer "
-                                         "does not keep yet; leave it at 0 (DAPO uses no KL)")
         self.tx = ts.make_optimizer(cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2,
                                     weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, grad_clip=cfg.optim.grad_clip)

@@ -227,3 +227,21 @@ def matmul_precision(dtype) -> jax.lax.Precision:
     """HIGHEST for float32 operands (GPUs would otherwise round to TF32, TPUs to bf16 passes);
     DEFAULT for bf16/f16, whose products are exact in the f32 accumulator anyway."""
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class Tiling:
+    """Static sizes of a blocked attention problem, shared by the shells: shapes, block sizes,
+    padded lengths, block counts and the causal offset (query t sits at key position t + off)."""
+
+    def __init__(self, q, k, segment_ids, causal: bool, bq: int, bk: int):
+        self.B, self.T, self.Hq, self.D = q.shape
+        self.S, self.Hkv = k.shape[1], k.shape[2]
+        self.G = self.Hq // self.Hkv
+        self.bq, self.bk = bq, bk
+        self.Tp, self.Sp = round_up(self.T, bq), round_up(self.S, bk)
+        self.nq, self.nk = self.Tp // bq, self.Sp // bk
+        self.off = self.S - self.T
+        self.causal = causal
+        # causal already hides padded keys from real queries, and segment ids mark them 0; only a
+        # non-causal unsegmented problem needs an explicit key-length bound
+        self.kv_len = self.S if (self.Sp > self.S and not causal and segment_ids is None) else None

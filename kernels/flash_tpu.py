@@ -101,18 +101,10 @@ def _seg_row(seg_BxT, T):
     return jnp.broadcast_to(seg_BxT[:, None, :T], (seg_BxT.shape[0], SUBLANES, T))
 
 
-class _Geometry:
+class _Geometry(bu.Tiling):
     def __init__(self, q, k, segment_ids, causal, block_q, block_k):
-        self.B, self.T, self.Hq, self.D = q.shape
-        self.S, self.Hkv = k.shape[1], k.shape[2]
-        self.G = self.Hq // self.Hkv
-        self.bq, self.bk = _blocks(self.T, self.S, block_q, block_k)
-        self.Tp, self.Sp = bu.round_up(self.T, self.bq), bu.round_up(self.S, self.bk)
-        self.nq, self.nk = self.Tp // self.bq, self.Sp // self.bk
-        self.off = self.S - self.T
-        self.causal = causal
+        super().__init__(q, k, segment_ids, causal, *_blocks(q.shape[1], k.shape[1], block_q, block_k))
         self.has_seg = segment_ids is not None
-        self.kv_len = self.S if (self.Sp > self.S and not causal and not self.has_seg) else None
         self.seg = None
         if self.has_seg:
             seg = segment_ids.astype(jnp.int32)

@@ -48,20 +48,11 @@ def _take_rows(x: jax.Array, i, bq: int) -> jax.Array:
     return blk.reshape(blk.shape[:2] + (-1,) + blk.shape[4:])
 
 
-class _Geometry:
+class _Geometry(bu.Tiling):
     """Static sizes and the mask of a (query block, key block) pair."""
 
     def __init__(self, q, k, segment_ids, causal, block_q, block_k):
-        self.B, self.T, self.Hq, self.D = q.shape
-        self.S, self.Hkv = k.shape[1], k.shape[2]
-        self.G = self.Hq // self.Hkv
-        self.bq, self.bk = _blocks(self.T, self.S, block_q, block_k)
-        self.Tp, self.Sp = bu.round_up(self.T, self.bq), bu.round_up(self.S, self.bk)
-        self.nq, self.nk = self.Tp // self.bq, self.Sp // self.bk
-        self.off = self.S - self.T  # causal alignment: query t sits at key position t + off
-        self.causal = causal
-        # causal already hides padded keys from real queries; segment ids mark them 0
-        self.kv_len = self.S if (self.Sp > self.S and not causal and segment_ids is None) else None
+        super().__init__(q, k, segment_ids, causal, *_blocks(q.shape[1], k.shape[1], block_q, block_k))
         if segment_ids is not None:
             seg = segment_ids.astype(jnp.int32)
             self.q_seg = bu.pad_axis(seg, 1, self.Tp)  # [B, Tp]
