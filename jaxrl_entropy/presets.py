@@ -33,16 +33,17 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     c.rollout.max_new_tokens = 56
     c.rl.prompts_per_step = 16
     c.rl.group_size = 8
-    c.rl.mini_batch_prompts = 16
-    c.rl.micro_batch_size = 128
+    c.rl.mini_batch_prompts = 8         # 2 optimiser updates per rollout step
+    c.rl.micro_batch_size = 64
     c.rl.overlong_buffer = 8
     c.rl.max_gen_batches = 4
     c.entropy.layers = (0.55,)
     c.optim.update(dict(lr=1e-4, warmup_steps=5, weight_decay=0.0))
-    c.train.update(dict(steps=120, checkpoint_every=20, sft_steps=1000, sft_lr=3e-3, sft_batch_size=64,
-                        sft_target_accuracy=0.2, sft_check_every=25))
+    # warm-up until 40% of sampled answers on training prompts are right (checked every 25 steps)
+    c.train.update(dict(steps=100, checkpoint_every=20, sft_steps=1000, sft_lr=3e-3, sft_batch_size=64,
+                        sft_target_accuracy=0.4, sft_check_every=25))
     c.eval.update(dict(every=20, k=4, temperature=1.0, top_p=1.0))
-    c.weights.soft.update(dict(start_step=0, end_step=120))
+    c.weights.soft.update(dict(start_step=0, end_step=100))
     return apply_variant(c, variant)
 
 
