@@ -34,6 +34,7 @@ from jaxrl_entropy.models import qwen3, sampler
 from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.rl import entropy_stats
+from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier, overlong_penalty, score_responses
 from jaxrl_entropy.rl.token_weights import SoftConfig, token_weights
@@ -177,8 +178,21 @@ class Trainer:
                     denom = jnp.maximum(jnp.sum(jnp.where(mask, w, 0.0)), 1e-6)
                     return ts.minibatch_loss(graphdef, p, dict(part, weights=w), spec, denom, tok)[0]
 
-                return diagnostics.geometry_and_sketches(loss_fn, params, subsets, method="loop",
-                                                         sketch=self.geometry.sketch)
+                metrics, sketches = diagnostics.geometry_and_sketches(loss_fn, params, subsets, method="loop",
+                                                                      sketch=self.geometry.sketch)
+
+                def per_token(p):  # each token's own clipped loss, for its alignment with the update
+                    logp, _, _ = ts.policy_forward(nnx.merge(graphdef, p), part, spec, probe=False)
+                    loss, _ = loss_lib.ppo_token_loss(logp, part["old_logp"], part["advantage"],
+                                                      eps_low=spec.eps_low, eps_high=spec.eps_high,
+                                                      clip_c=spec.clip_c)
+                    return jnp.where(mask, loss, 0.0)
+
+                # <∇L_t, ∇L_full>/|∇L_full| (= the same for the descent directions): positive when
+                # the token's own update points along the full-token update
+                g_full = jax.grad(loss_fn)(params, subsets["full"])
+                align = diagnostics.token_projections(per_token, params, g_full)
+                return metrics, sketches, align
 
             self._geometry_fn = jax.jit(geometry)
         self._weights = jax.jit(lambda mask, h, pred, rng, step: token_weights(
@@ -352,9 +366,34 @@ class Trainer:
         subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n],
                                                fraction=cfg.weights.fraction,
                                                rng=jax.random.fold_in(step_key, _TAG_GEOMETRY))
-        metrics, sketches = self._geometry_fn(self.params, part, subsets)
-        out = self.geometry.update(metrics, sketches)
-        return {f"geometry/{k}": float(v) for k, v in out.items()}
+        metrics, sketches, align = self._geometry_fn(self.params, part, subsets)
+        out = {f"geometry/{k}": float(v) for k, v in self.geometry.update(metrics, sketches).items()}
+        out.update(self._controls(_host(align), _host(st["hnorm"][:n]), _host(st["pred_entropy"][:n]),
+                                  _host(part["response_mask"])))
+        return out
+
+    def _controls(self, align, hnorm, pred, mask) -> dict[str, float]:
+        """Is a token's gradient alignment with the full update explained by its attention entropy,
+        beyond position, predictive entropy and response length? Partial correlations, and
+        anchors vs explorers matched on position and predictive-entropy bins."""
+        from jaxrl_entropy import stats
+        position = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)
+        length = np.broadcast_to(mask.sum(1, keepdims=True), mask.shape)
+        out = entropy_stats.control_correlations(hnorm, align, position, pred, length, mask=mask,
+                                                 prefix="controls/align_")
+        valid = mask.astype(bool)
+        h, a = hnorm[valid], align[valid]
+        strata = np.stack([position[valid], pred[valid]], axis=1)
+        fraction = min(self.cfg.weights.fraction, 0.5)
+        try:
+            low, high = stats.matched_subsets(h, strata, fraction, bins=4, seed=self.step)
+        except ValueError:
+            return out
+        if len(low) and len(high):
+            out["controls/matched_anchor_align"] = float(np.mean(a[low]))
+            out["controls/matched_explorer_align"] = float(np.mean(a[high]))
+            out["controls/matched_n"] = int(len(low))
+        return out
 
     # ------------------------------------------------------------------ supervised warm-up (demo)
     def sft_warmup(self):

@@ -135,3 +135,25 @@ def test_sketch_preserves_inner_products_approximately():
     np.testing.assert_array_equal(np.asarray(sketch(a_j)), np.asarray(sa))
     with pytest.raises(ValueError, match="power of two"):
         GradientSketch(dim=1000)
+
+
+def test_token_projections_equal_explicit_per_token_gradients():
+    """Oracle: each token's gradient taken separately with jax.grad, dotted with d in numpy."""
+    import numpy as np
+    from jaxrl_entropy.rl.diagnostics import token_projections
+
+    key = jax.random.key(0)
+    params = {"w": jax.random.normal(key, (3, 4)), "b": jnp.arange(4.0) / 10}
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+
+    def per_token(p):                                    # [B, T] per-token losses
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2, axis=-1)
+
+    direction = {"w": jax.random.normal(jax.random.key(2), (3, 4)), "b": jnp.ones(4)}
+    got = np.asarray(token_projections(per_token, params, direction))
+    d_flat = np.concatenate([np.ravel(direction["b"]), np.ravel(direction["w"])])
+    for b in range(2):
+        for t in range(5):
+            g = jax.grad(lambda p: per_token(p)[b, t])(params)
+            g_flat = np.concatenate([np.ravel(g["b"]), np.ravel(g["w"])])
+            assert got[b, t] == pytest.approx(g_flat @ d_flat / np.linalg.norm(d_flat), rel=1e-4, abs=1e-6)

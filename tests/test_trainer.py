@@ -47,7 +47,8 @@ def test_train_writes_metrics_events_and_checkpoints(straight_run):
     for key in ("reward/mean", "accuracy", "response_len/mean", "clip_frac", "grad_norm", "loss",
                 "entropy/anchor_threshold", "entropy/explorer_threshold", "entropy/q50",
                 "entropy/spearman_pred", "weights/selected_frac", "geometry/anchor/cos_full",
-                "geometry/explorer/norm", "eval/accuracy", "eval/synthetic_heldout/mean@2"):
+                "geometry/explorer/norm", "controls/align_partial_corr", "controls/align_raw_corr",
+                "eval/accuracy", "eval/synthetic_heldout/mean@2"):
         assert key in first, key
     assert rows[1]["geometry/anchor/cos_prev"] is not None       # volatility from the second step
     assert first["entropy/anchor_threshold"] <= first["entropy/explorer_threshold"]

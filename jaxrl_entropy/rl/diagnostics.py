@@ -259,3 +259,15 @@ class GeometryTracker:
 
     def reset(self) -> None:
         self._prev = None
+
+
+def token_projections(per_token_loss_fn: Callable, params, direction) -> jax.Array:
+    """Projection of every token's own gradient on a direction, `[B, T]`, in one forward-mode pass.
+
+    `per_token_loss_fn(params) -> [B, T]` (each token's loss L_t); returns
+    <∇L_t, d> / |d| for all t at once (a JVP along d), so no per-token gradient is ever built.
+    With d the full-token gradient this is each token's alignment with the full update, the
+    per-token target the controls correlate with attention entropy.
+    """
+    _, proj = jax.jvp(per_token_loss_fn, (params,), (direction,))
+    return proj / jnp.maximum(tree_norm(direction), 1e-30)
