@@ -21,6 +21,7 @@ high-water mark after the row (`device.memory_stats()`, cumulative over the proc
 Usage:
   python benchmarks/attention.py                                # full shapes, platform backend
   python benchmarks/attention.py --shapes small                 # CPU smoke run (~1-2 min)
+  python benchmarks/attention.py --shapes cpu --backend xla     # blockwise-XLA shell on a CPU
   python benchmarks/attention.py --backend gpu --out benchmarks/RESULTS.md
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Shape:
 
 FULL_SHAPES = tuple(Shape(16384 // T, T, 32, 8, 128) for T in (1024, 4096, 8192))
 SMALL_SHAPES = (Shape(2, 128, 4, 2, 32), Shape(1, 256, 4, 2, 32))
+# CPU-sized but long enough that the reference's O(T²) probabilities dominate its memory
+CPU_SHAPES = (Shape(4, 512, 8, 2, 64), Shape(1, 2048, 8, 2, 64))
 
 # Order matters: the baseline first (ratios), the memory-hungry reference last (the device peak
 # column is a running high-water mark).
@@ -257,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default=None,
                         help="kernel shell: tpu, gpu, xla, interpret_tpu, interpret_gpu (default: by platform)")
-    parser.add_argument("--shapes", choices=("full", "small"), default="full",
-                        help="full: B·T=16k, T∈{1k,4k,8k}, H 32/8, D 128; small: a tiny CPU smoke run")
+    parser.add_argument("--shapes", choices=("full", "small", "cpu"), default="full",
+                        help="full: B·T=16k, T∈{1k,4k,8k}, H 32/8, D 128; small: a tiny CPU smoke run; "
+                             "cpu: B·T=2k, T∈{512, 2048}, H 8/2, D 64 (use with --backend xla)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10; small: 3)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     parser.add_argument("--out", default=None, help="append the table (with device and versions) to this markdown file")
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     backend = resolve_backend(args.backend)
-    shapes = SMALL_SHAPES if args.shapes == "small" else FULL_SHAPES
+    shapes = {"small": SMALL_SHAPES, "cpu": CPU_SHAPES}.get(args.shapes, FULL_SHAPES)
     reps = args.reps or (3 if args.shapes == "small" else 10)
     impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
     unknown = [i for i in impls if i not in IMPLS]
