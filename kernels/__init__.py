@@ -21,6 +21,7 @@ _EXPORTS = {
     "flash_attention": "kernels.entropy_attention",
     "head_mixture_entropy": "kernels.head_mixture",
     "attention_probs": "kernels.head_mixture",
+    "attention_lse": "kernels.head_mixture",
 }
 
 __all__ = sorted(_EXPORTS)
