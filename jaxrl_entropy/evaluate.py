@@ -36,13 +36,14 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
     records = list(records)[: spec.max_problems or None]
     if not records:
         raise ValueError("evaluation benchmark has no problems")
-    batch = min(spec.batch_prompts, len(records))
-    usable = len(records) - len(records) % batch  # whole batches keep one compiled shape
-    if usable < len(records):
-        records = records[:usable]
-    batcher = PromptBatcher(records, tokenizer, batch_size=batch, max_prompt_len=spec.max_prompt_len,
+    n = len(records)
+    batch = spec.batch_prompts
+    # whole batches keep one compiled (and evenly sharded) shape: pad by cycling through the
+    # problems; the padding is scored but dropped
+    padded = [records[i % n] for i in range(-(-n // batch) * batch)]
+    batcher = PromptBatcher(padded, tokenizer, batch_size=batch, max_prompt_len=spec.max_prompt_len,
                             seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
-    correct = np.zeros((len(records), spec.k), bool)
+    correct = np.zeros((len(padded), spec.k), bool)
     for call, b in enumerate(batcher):
         ids = np.repeat(b["input_ids"], spec.k, axis=0)
         mask = np.repeat(b["attention_mask"], spec.k, axis=0)
@@ -54,10 +55,11 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
         correct[idx] = np.array([r.correct for r in results]).reshape(-1, spec.k)
         if progress is not None:
             progress(len(idx))
+    correct = correct[:n]
     return {
         f"mean@{spec.k}": stats.mean_at_k(correct),
         f"pass@{spec.k}": float(np.mean([stats.pass_at_k(spec.k, int(c), spec.k) for c in correct.sum(1)])),
-        "num_problems": len(records),
+        "num_problems": n,
         "correct": correct,
     }
 

@@ -469,10 +469,13 @@ class Trainer:
                                         temperature=e.temperature, top_p=e.top_p, eos_ids=self.eos_ids,
                                         pad_id=self.tokenizer.pad_token_id)
         base = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), step), _TAG_EVAL)
-        spec = eval_lib.EvalSpec(k=e.k, batch_prompts=max(1, cfg.rl.prompts_per_step * cfg.rl.group_size // e.k),
-                                 max_problems=e.max_problems, max_prompt_len=cfg.data.max_prompt_len)
+        # rows per sampling call ≈ a rollout batch, and a multiple of the data-parallel size
         d = parallel.batch_divisor(self.mesh)
-        spec = eval_lib.EvalSpec(**{**spec.__dict__, "batch_prompts": max(d, spec.batch_prompts // d * d)})
+        unit = d // math.gcd(d, e.k)
+        batch = max(1, cfg.rl.prompts_per_step * cfg.rl.group_size // e.k)
+        batch = -(-batch // unit) * unit
+        spec = eval_lib.EvalSpec(k=e.k, batch_prompts=batch, max_problems=e.max_problems,
+                                 max_prompt_len=cfg.data.max_prompt_len)
         return eval_lib.evaluate(lambda ids, m, i: self.sample(ids, m, jax.random.fold_in(base, i), params),
                                  self.tokenizer, self.eval_sets, spec, verifier=self.verifier)
 
