@@ -38,8 +38,16 @@ class Checkpointer:
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state)
-        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                   meta=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                       meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+            if "structures do not match" not in str(e) and "shape" not in str(e):
+                raise
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} does not fit this run's model/optimiser (was the "
+                f"architecture, the HF checkpoint or the optimiser changed?); start a new --workdir or "
+                f"restore with the original config.\n{e}") from None
         return out["state"], out["meta"]
 
     def close(self):

@@ -151,3 +151,35 @@ def test_malformed_data_file_names_file_and_row(tmp_path):
     with pytest.raises(DataError) as e:
         Trainer(cfg, str(tmp_path / "run"))
     assert "train.jsonl" in str(e.value) and "row 1" in str(e.value) and "ground_truth" in str(e.value)
+
+
+def test_eval_a_hf_directory(make_hf_qwen3, tmp_path, capsys):
+    """`eval --hf=DIR` reads weights and tokenizer from a local HF directory (nothing downloaded)."""
+    import shutil
+
+    from jaxrl_entropy.data.tokenizer import build_demo_tokenizer
+
+    _, path = make_hf_qwen3(vocab_size=128, num_hidden_layers=2)
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(path, hf_dir)
+    build_demo_tokenizer().save_pretrained(str(hf_dir))
+    code = cli.main(["jaxrl-entropy", "eval", f"--hf={hf_dir}", "--config.data.synthetic.eval_size=8",
+                     "--config.eval.k=2", "--config.rollout.max_new_tokens=8", "--config.rl.prompts_per_step=4",
+                     "--config.rl.group_size=4", "--config.rl.mini_batch_prompts=4",
+                     "--config.rl.micro_batch_size=8", "--config.rl.overlong_buffer=4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| synthetic_heldout |" in out and '"eval/accuracy"' in out
+    # HF → a step-0 run (orbax), whose parameters are the HF tensors (read back with safetensors)
+    from safetensors.numpy import load_file
+    run = tmp_path / "run"
+    assert cli.main(["jaxrl-entropy", "convert", f"--hf={hf_dir}", f"--to_orbax={run}",
+                     "--config.rl.prompts_per_step=4", "--config.rl.group_size=4", "--config.rl.mini_batch_prompts=4",
+                     "--config.rl.micro_batch_size=8"]) == 0
+    assert (run / "checkpoints" / "0").is_dir()
+    trainer = Trainer(tiny_config(**{"model.hf_dir": str(hf_dir)}), str(run))
+    assert trainer.step == 0 and trainer.sft_done
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(trainer.params["layers"][1]["mlp"]["up_proj"]["kernel"]),
+                                  hf["model.layers.1.mlp.up_proj.weight"].T)
+    trainer.close()

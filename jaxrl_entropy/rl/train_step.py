@@ -150,7 +150,9 @@ def _global_norm(tree) -> jax.Array:
 def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warmup_steps: int,
                    grad_clip: float) -> optax.GradientTransformation:
     """AdamW with linear warm-up and global-norm clipping (counted in optimiser updates)."""
-    schedule = optax.linear_schedule(0.0, lr, max(warmup_steps, 1)) if warmup_steps > 0 else lr
+    # always a schedule (never a bare float), so the optimiser-state tree, and with it every
+    # checkpoint, has the same structure whatever warmup_steps is
+    schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else optax.constant_schedule(lr)
     return optax.chain(optax.clip_by_global_norm(grad_clip),
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
