@@ -60,3 +60,16 @@ def test_main_appends_markdown(bench, tmp_path, monkeypatch):
                        "--impls", "flash_attention,head_mixture_entropy", "--out", str(out)]) == 0
     text = out.read_text()
     assert "jax " in text and "B1 T16 H2/1 D16" in text and "| head_mixture_entropy |" in text
+
+
+def test_sampler_benchmark_cache_agrees_with_recompute(capsys):
+    """The sampler benchmark asserts the KV-cache tokens equal those of recomputing the prefix."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sampler.py")
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batches", "2", "--prompt-len", "5", "--new-tokens", "6", "--reps", "1"]) == 0
+    assert "| 2 | 5 + 6 |" in capsys.readouterr().out
