@@ -82,7 +82,7 @@ def _eval(fv):
     from jaxrl_entropy import evaluate as eval_lib
     from jaxrl_entropy import model_io
     trainer = model_io.trainer_for_eval(cfg, checkpoint=fv.checkpoint, hf=fv.hf)
-    metrics = trainer.evaluate(trainer.step)
+    metrics = trainer.evaluate(trainer.step, progress=True)
     if not metrics:
         raise UsageError("no benchmarks: set --config.eval.benchmarks=name=path,... (or use synthetic data)")
     print(eval_lib.format_table(metrics, trainer.cfg.eval.k))

@@ -54,7 +54,7 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
         idx = np.asarray(b["record_index"])
         correct[idx] = np.array([r.correct for r in results]).reshape(-1, spec.k)
         if progress is not None:
-            progress(len(idx))
+            progress(int(np.sum(idx < n)))  # padding rows are not problems
     correct = correct[:n]
     return {
         f"mean@{spec.k}": stats.mean_at_k(correct),

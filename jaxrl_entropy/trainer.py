@@ -460,7 +460,8 @@ class Trainer:
         return float(res["mean@2"])
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, *, progress: bool = False) -> dict[str, float]:
+        """mean@k / pass@k on every evaluation set (`progress`: a bar over problems, for `eval`)."""
         cfg = self.cfg
         if not self.eval_sets:
             return {}
@@ -476,8 +477,14 @@ class Trainer:
         batch = -(-batch // unit) * unit
         spec = eval_lib.EvalSpec(k=e.k, batch_prompts=batch, max_problems=e.max_problems,
                                  max_prompt_len=cfg.data.max_prompt_len)
-        return eval_lib.evaluate(lambda ids, m, i: self.sample(ids, m, jax.random.fold_in(base, i), params),
-                                 self.tokenizer, self.eval_sets, spec, verifier=self.verifier)
+        total = sum(min(len(r), e.max_problems or len(r)) for r in self.eval_sets.values())
+        bar = _progress(total, "eval", progress and cfg.train.progress)
+        try:
+            return eval_lib.evaluate(lambda ids, m, i: self.sample(ids, m, jax.random.fold_in(base, i), params),
+                                     self.tokenizer, self.eval_sets, spec, verifier=self.verifier,
+                                     progress=bar.update)
+        finally:
+            bar.close()
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):
