@@ -12,10 +12,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrl_entropy import fileio
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3):
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -218,12 +218,15 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 def from_json_file(path: str) -> ml_collections.ConfigDict:
     """A run's saved `config.json` back into a validated, locked ConfigDict."""
     with open(path) as f:
-        data = json.load(f)
+        return from_json_text(f.read(), source=path)
+
+
+def from_json_text(text: str, *, source: str = "config.json") -> ml_collections.ConfigDict:
     cfg = base_config()
     try:
-        _update_locked(cfg, data, "")
-    except (AttributeError, KeyError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        _update_locked(cfg, json.loads(text), "")
+    except (AttributeError, KeyError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{source}: {e}") from None
     return validate(cfg)
 
 

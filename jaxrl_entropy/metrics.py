@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxrl_entropy import fileio
+
 
 def _plain(value: Any):
     if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0:
@@ -22,20 +24,38 @@ def _plain(value: Any):
 
 
 class MetricsWriter:
+    """`metrics.jsonl` (+ TensorBoard) in `workdir`. For a remote workdir (`gs://...`) both are
+    written to a local mirror (`~/.cache/jaxrl-entropy/<run>`) and `metrics.jsonl` is uploaded
+    whole by `sync()` (object stores cannot append), which the trainer calls at every checkpoint."""
+
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
         self.start = time.time()
         self._tb = None
+        self._remote = fileio.join(workdir, "metrics.jsonl") if fileio.is_remote(workdir) else None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        local = workdir
+        if self._remote:
+            tag = workdir.split("://", 1)[1].strip("/").replace("/", "_")
+            local = os.path.join(os.path.expanduser("~/.cache/jaxrl-entropy"), tag)
+            if fileio.exists(self._remote):  # resuming: continue the uploaded history
+                os.makedirs(local, exist_ok=True)
+                fileio.write_text(os.path.join(local, "metrics.jsonl"), fileio.read_text(self._remote))
+        os.makedirs(local, exist_ok=True)
+        self._path = os.path.join(local, "metrics.jsonl")
+        self._file = open(self._path, "a", buffering=1)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
             except ImportError:
                 self._tb = None
+
+    def sync(self) -> None:
+        if self.enabled and self._remote:
+            self._file.flush()
+            fileio.write_text(self._remote, fileio.read_text(self._path))
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), "time": round(time.time() - self.start, 3)}
@@ -53,6 +73,7 @@ class MetricsWriter:
 
     def close(self):
         if self.enabled:
+            self.sync()
             self._file.close()
             if self._tb is not None:
                 self._tb.close()

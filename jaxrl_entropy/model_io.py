@@ -1,32 +1,32 @@
 """Parameters in and out of runs: evaluate a run or a HF directory, convert orbax ⇄ HF."""
 from __future__ import annotations
 
-import os
 import tempfile
 
 import ml_collections
 from flax import nnx
 
 from jaxrl_entropy import config as config_lib
+from jaxrl_entropy import fileio
 from jaxrl_entropy.models import qwen3
 
 
 def run_dir_of(checkpoint: str) -> str:
-    """Accept a train workdir or its `checkpoints/` subdirectory."""
-    path = os.path.abspath(checkpoint)
-    if os.path.basename(path) == "checkpoints":
-        path = os.path.dirname(path)
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
+    """Accept a train workdir or its `checkpoints/` subdirectory (local or gs://)."""
+    path = fileio.absolute(checkpoint).rstrip("/")
+    if path.rsplit("/", 1)[-1] == "checkpoints":
+        path = path.rsplit("/", 1)[0]
+    if not fileio.exists(fileio.join(path, "checkpoints")):
         raise FileNotFoundError(f"{checkpoint}: no checkpoints/ directory; pass the workdir of a `train` run")
     return path
 
 
 def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str) -> ml_collections.ConfigDict:
-    saved = os.path.join(workdir, "config.json")
+    saved = fileio.join(workdir, "config.json")
     if cfg is None:
-        if not os.path.exists(saved):
+        if not fileio.exists(saved):
             raise FileNotFoundError(f"{saved} not found; pass --config for this run")
-        return config_lib.from_json_file(saved)
+        return config_lib.from_json_text(fileio.read_text(saved), source=saved)
     return cfg
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import evaluate as eval_lib
+from jaxrl_entropy import fileio
 from jaxrl_entropy import parallel
 from jaxrl_entropy.checkpoint import Checkpointer
 from jaxrl_entropy.data.pipeline import PromptBatcher, encode_sft_batch
@@ -62,7 +63,7 @@ class Trainer:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         self.cfg = config_lib.validate(cfg)
         self.workdir = workdir
-        os.makedirs(workdir, exist_ok=True)
+        fileio.makedirs(workdir)
         self.mesh = parallel.make_mesh(cfg.parallel.data, cfg.parallel.fsdp, cfg.parallel.tensor)
         self._check_batch_divisibility()
 
@@ -91,7 +92,7 @@ class Trainer:
         self.batcher = PromptBatcher(self.train_records, self.tokenizer, batch_size=cfg.rl.prompts_per_step,
                                      max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
-        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+        self.checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
         self.verifier = MathVerifier(timeout_s=cfg.rl.math_verify_timeout_s) if cfg.rl.math_verify else None
         self.geometry = diagnostics.GeometryTracker() if cfg.train.geometry_every else None
         self.step = 0
@@ -211,20 +212,16 @@ class Trainer:
 
     def _resume_or_start(self):
         latest = self.checkpointer.latest_step()
-        config_path = os.path.join(self.workdir, "config.json")
-        if latest is None:
-            with open(config_path, "w") as f:
-                f.write(config_lib.to_json(self.cfg))
-            return
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                old = json.load(f)
-            changed = _diff(old, json.loads(config_lib.to_json(self.cfg)))
+        config_path = fileio.join(self.workdir, "config.json")
+        if latest is None or not fileio.exists(config_path):  # new run, or one started from a copied checkpoint
+            if jax.process_index() == 0:
+                fileio.write_text(config_path, config_lib.to_json(self.cfg))
+            if latest is None:
+                return
+        else:
+            changed = _diff(json.loads(fileio.read_text(config_path)), json.loads(config_lib.to_json(self.cfg)))
             if changed:
                 log.warning("resuming %s with a changed config: %s", self.workdir, ", ".join(changed))
-        else:  # a run started from a copied checkpoint (e.g. a shared warm-up)
-            with open(config_path, "w") as f:
-                f.write(config_lib.to_json(self.cfg))
         state, meta = self.checkpointer.restore(latest, self._state())
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.step = int(meta["step"])
@@ -516,6 +513,7 @@ class Trainer:
                                 **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
                 if self.step % cfg.train.checkpoint_every == 0 or self._stop_signal is not None:
                     self.save()
+                    writer.sync()  # a remote workdir gets the metrics with every checkpoint
             bar.close()
             if self._stop_signal is None and self.step >= cfg.train.steps:
                 if cfg.eval.every:
