@@ -52,6 +52,15 @@ ENTROPY_TABLE_METRICS = (
     "controls/partial_corr_pred",
     "controls/partial_corr_pos",
 )
+#: Controls logged with the gradient geometry: is a token's gradient alignment with the full-token
+#: update explained by its attention entropy beyond position, predictive entropy and length?
+CONTROL_TABLE_METRICS = (
+    "controls/align_raw_corr",
+    "controls/align_partial_corr",
+    "controls/align_partial_spearman",
+    "controls/matched_anchor_align",
+    "controls/matched_explorer_align",
+)
 #: Training metrics are summarised over this many last logged steps (single steps are noisy).
 TAIL_STEPS = 10
 
@@ -494,6 +503,11 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
                     [float(np.nanmean(series(r, k)[1])) for r in rs if np.isfinite(series(r, k)[1]).any()]
                 )
         entry["entropy"] = ent
+        entry["controls"] = {
+            k: _summary_with_values(
+                [float(np.nanmean(series(r, k)[1])) for r in rs if np.isfinite(series(r, k)[1]).any()])
+            for k in CONTROL_TABLE_METRICS if k in keys
+        }
         geo: dict[str, Any] = {}
         for s in subsets:
             sub: dict[str, Any] = {}
@@ -657,6 +671,20 @@ def _render_report(summary, variants, main_cols, pass_cols, subsets, geo_metrics
             ["variant", *ent_keys],
             [[v, *(_fmt_summary(V[v]["entropy"][k], ".4g") if k in V[v]["entropy"] else "—"
                    for k in ent_keys)] for v in variants],
+        )
+
+    ctl_keys = list(dict.fromkeys(k for v in variants for k in V[v].get("controls", {})))
+    if ctl_keys:
+        lines += ["", "## Controls", "",
+                  "Per run, the mean over the steps where geometry was logged of: the correlation of "
+                  "attention entropy with each token's gradient alignment (projection of its gradient "
+                  "on the full-token gradient), raw and partial (position, predictive entropy and "
+                  "response length regressed out); and the mean alignment of anchors vs explorers "
+                  "matched on position and predictive-entropy bins. Cells: mean ± std across runs.", ""]
+        lines += _table(
+            ["variant", *ctl_keys],
+            [[v, *(_fmt_summary(V[v]["controls"][k], ".4g") if k in V[v].get("controls", {}) else "—"
+                   for k in ctl_keys)] for v in variants],
         )
 
     if subsets:

@@ -217,3 +217,28 @@ def test_series_and_aggregate_across_unequal_step_sets():
     np.testing.assert_allclose(mean, [1.0, 4.5, 5.0, 1.0])
     assert np.isnan(std[0]) and np.isnan(std[3])
     np.testing.assert_allclose(std[1:3], [np.std([5.0, 4.0], ddof=1), np.std([3.0, 7.0], ddof=1)])
+
+
+def test_controls_table_is_the_mean_over_steps_then_runs(tmp_path):
+    import json as _json
+
+    from jaxrl_entropy.analyze import run_analyze
+
+    wrote = {}
+    for seed in (0, 1):
+        d = tmp_path / f"full_seed{seed}"
+        d.mkdir()
+        (d / "config.json").write_text(_json.dumps({"name": "full", "seed": seed}))
+        vals = [0.1 * (seed + 1), 0.3 * (seed + 1)]
+        wrote[seed] = float(np.mean(vals))
+        with open(d / "metrics.jsonl", "w") as f:
+            for step, v in enumerate(vals):
+                f.write(_json.dumps({"step": step, "controls/align_partial_corr": v}) + "\n")
+    run_analyze([str(tmp_path / "full_seed0"), str(tmp_path / "full_seed1")], str(tmp_path / "out"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Controls" in report
+    _, rows = _table_after(report, "## Controls")
+    mean, std = _parse_cell(rows[0][1])
+    per_run = [wrote[0], wrote[1]]
+    assert mean == pytest.approx(np.mean(per_run), abs=1e-4)
+    assert std == pytest.approx(np.std(per_run, ddof=1), abs=1e-4)
