@@ -1,10 +1,11 @@
-"""`jaxrl-entropy` console script: train | eval | convert | analyze.
+"""`jaxrl-entropy` console script: train | eval | convert | analyze | reproduce.
 
     jaxrl-entropy train [--config=configs/demo.py[:variant]] [--workdir=runs/demo] [--config.a.b=v ...]
     jaxrl-entropy eval --config=... (--checkpoint=WORKDIR | --hf=HF_DIR) [--out=metrics.json]
     jaxrl-entropy convert --config=... --checkpoint=WORKDIR --to_hf=OUT_DIR
     jaxrl-entropy convert --hf=HF_DIR --to_orbax=WORKDIR [--config=...]
     jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out=DIR]
+    jaxrl-entropy reproduce [--out=runs/repro] [--seeds 0 1 2] [--variants full random ...] [--jobs=2]
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ("train", "eval", "convert", "analyze")
+COMMANDS = ("train", "eval", "convert", "analyze", "reproduce")
 
 
 def _usage() -> str:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "analyze":
         from jaxrl_entropy import analyze
         return analyze.main(rest)
+    if command == "reproduce":
+        from jaxrl_entropy import reproduce
+        return reproduce.main(rest)
     from jaxrl_entropy import cli_commands
     return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
 

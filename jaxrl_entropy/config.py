@@ -150,12 +150,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                               f"expected {type(default).__name__} (default {default!r})")
 
     positive = ["rl.prompts_per_step", "rl.group_size", "rl.mini_batch_prompts", "rl.micro_batch_size",
-                "rl.max_gen_batches", "rollout.max_new_tokens", "data.max_prompt_len", "train.steps",
+                "rl.max_gen_batches", "rollout.max_new_tokens", "data.max_prompt_len",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.k",
                 "model.logits_chunk"]
     for key in positive:
         if given[key] <= 0:
             raise ConfigError(f"config.{key}={given[key]} must be positive")
+    if given["train.steps"] < 0 or (given["train.steps"] == 0 and given["train.sft_steps"] <= 0):
+        raise ConfigError(f"config.train.steps={given['train.steps']} must be positive (0 is allowed only with "
+                          "train.sft_steps > 0: a warm-up-only run that saves a step-0 checkpoint)")
     _choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(cfg.model.param_dtype, "model.param_dtype", ("float32", "bfloat16", "float16"))
     _choice(cfg.model.attention, "model.attention", ("xla", "kernel", "cudnn"))

@@ -23,6 +23,20 @@ def _plain(value: Any):
     return value
 
 
+def _eval_steps(path: str) -> set[int]:
+    steps: set[int] = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the half-written last line of a killed job
+                    continue
+                if "eval/accuracy" in row:
+                    steps.add(int(row["step"]))
+    return steps
+
+
 class MetricsWriter:
     """`metrics.jsonl` (+ TensorBoard) in `workdir`. For a remote workdir (`gs://...`) both are
     written to a local mirror (`~/.cache/jaxrl-entropy/<run>`) and `metrics.jsonl` is uploaded
@@ -44,6 +58,7 @@ class MetricsWriter:
                 fileio.write_text(os.path.join(local, "metrics.jsonl"), fileio.read_text(self._remote))
         os.makedirs(local, exist_ok=True)
         self._path = os.path.join(local, "metrics.jsonl")
+        self._eval_steps = _eval_steps(self._path)
         self._file = open(self._path, "a", buffering=1)
         if tensorboard:
             try:
@@ -51,6 +66,11 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(local, "tensorboard"))
             except ImportError:
                 self._tb = None
+
+    def has_eval(self, step: int) -> bool:
+        """Whether an evaluation line for `step` is already in `metrics.jsonl` (a restarted run
+        that had finished does not evaluate again)."""
+        return self.enabled and step in self._eval_steps
 
     def sync(self) -> None:
         if self.enabled and self._remote:
@@ -62,6 +82,8 @@ class MetricsWriter:
         row.update({k: _plain(v) for k, v in sorted(metrics.items())})
         if not self.enabled:
             return row
+        if "eval/accuracy" in row:
+            self._eval_steps.add(row["step"])
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:

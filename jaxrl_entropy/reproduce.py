@@ -1,13 +1,15 @@
 """Small-scale reproduction of the paper's token-subset experiments on the CPU demo task.
 
-    python -m jaxrl_entropy.reproduce --out runs/repro --seeds 0 1 2 \
-        --variants full random anchor explorer soft [--jobs 2] [--report docs/reproduction]
+    jaxrl-entropy reproduce --out runs/repro --seeds 0 1 2 \
+        --variants full random anchor explorer soft [--jobs 2] [--report docs/reproduction] \
+        [--config.KEY=VALUE ...]
 
 Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`); every variant then starts RL from
 that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in their token weights.
 Gradient geometry is logged every `--geometry-every` steps. A run that fails (e.g. dynamic sampling
 finds no group with mixed rewards after a collapse) is recorded as such and the others go on.
-Finally `analyze` writes the plots and the report.
+Finally `analyze` writes the plots and the report. Restarting the same command skips finished runs and
+resumes unfinished ones from their latest checkpoint.
 """
 from __future__ import annotations
 
@@ -25,22 +27,26 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "jaxrl_entropy.cli", *args]
 
 
-def warmup(out: str, seed: int) -> str:
+def warmup(out: str, seed: int, overrides: list[str]) -> str:
     """The SFT warm-up of one seed, saved as a step-0 checkpoint (run once, reused)."""
     workdir = os.path.join(out, f"warmup_seed{seed}")
     ckpt = os.path.join(workdir, "checkpoints", "0")
     if os.path.isdir(ckpt):
         return ckpt
-    code = ("import sys; from jaxrl_entropy import presets, config; from jaxrl_entropy.trainer import Trainer;"
-            f"c = presets.demo(); c.seed = {seed}; c.train.progress = False;"
-            "t = Trainer(config.validate(c), sys.argv[1]); t.sft_warmup(); t.save();"
-            "import json; print(json.dumps(t.sft_report))")
-    subprocess.run([sys.executable, "-c", code, workdir], check=True)
+    subprocess.run(_cli("train", f"--config={_demo_config()}", f"--workdir={workdir}", f"--config.seed={seed}",
+                        "--config.train.progress=False", *overrides,
+                        "--config.train.steps=0", "--config.eval.every=0"), check=True)
     return ckpt
 
 
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int) -> dict:
     workdir = os.path.join(out, f"{variant}_seed{seed}")
+    status_file = os.path.join(workdir, "status.json")
+    if os.path.exists(status_file):  # finished earlier (a restarted reproduction skips it)
+        with open(status_file) as f:
+            status = json.load(f)
+        if status.get("returncode") == 0:
+            return status
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         os.makedirs(os.path.join(workdir, "checkpoints"))
         shutil.copytree(ckpt, os.path.join(workdir, "checkpoints", "0"))
@@ -53,7 +59,7 @@ def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], g
               "minutes": round((time.time() - start) / 60, 2)}
     if proc.returncode:
         status["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
-    with open(os.path.join(workdir, "status.json"), "w") as f:
+    with open(status_file, "w") as f:
         json.dump(status, f)
     print(json.dumps(status), flush=True)
     return status
@@ -65,17 +71,22 @@ def _demo_config() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jaxrl-entropy reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/repro")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["full", "random", "anchor", "explorer", "soft"])
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each uses all cores XLA gives it)")
     ap.add_argument("--geometry-every", type=int, default=10)
     ap.add_argument("--report", default=None, help="directory for the analysis (default <out>/analysis)")
-    ap.add_argument("overrides", nargs="*", help="extra --config.KEY=VALUE flags for every RL run")
-    args = ap.parse_args(argv)
+    args, overrides = ap.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}: only --config.KEY=VALUE overrides (applied to the warm-ups "
+                 "and to every RL run) may follow the options")
+    args.overrides = overrides
     os.makedirs(args.out, exist_ok=True)
-    ckpts = {seed: warmup(args.out, seed) for seed in args.seeds}
+    ckpts = {seed: warmup(args.out, seed, args.overrides) for seed in args.seeds}
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         statuses = list(pool.map(lambda vs: rl_run(args.out, vs[0], vs[1], ckpts[vs[1]], args.overrides,

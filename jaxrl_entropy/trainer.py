@@ -51,6 +51,15 @@ class TrainingError(RuntimeError):
     pass
 
 
+def _on_process_0(flag: bool) -> bool:
+    """Process 0's value of `flag` on every host (only process 0 writes metrics, and a decision
+    that gates a collective such as evaluation must be the same everywhere)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
 def _host(x) -> np.ndarray:
     """A (possibly multi-host sharded) array as a full numpy array on every process."""
     if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -515,8 +524,10 @@ class Trainer:
                     self.save()
                     writer.sync()  # a remote workdir gets the metrics with every checkpoint
             bar.close()
+            if sft_metrics:  # a warm-up-only run (train.steps=0) still records its report
+                last = writer.write(self.step, sft_metrics)
             if self._stop_signal is None and self.step >= cfg.train.steps:
-                if cfg.eval.every:
+                if cfg.eval.every and not _on_process_0(writer.has_eval(self.step)):
                     final = self.evaluate(self.step)
                     last = writer.write(self.step, final)
                 if self.checkpointer.latest_step() != self.step:

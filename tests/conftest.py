@@ -73,6 +73,20 @@ def _compilation_cache(tmp_path_factory):
     yield
 
 
+# The same tiny model and rollout as `tiny_config`, as command-line overrides (for CLI tests).
+TINY_CLI_FLAGS = [
+    "--config.train.progress=False",
+    "--config.model.arch.hidden_size=32", "--config.model.arch.intermediate_size=64",
+    "--config.model.arch.num_hidden_layers=2", "--config.model.arch.head_dim=8",
+    "--config.model.logits_chunk=16", "--config.rollout.max_new_tokens=16",
+    "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
+    "--config.rl.mini_batch_prompts=2", "--config.rl.micro_batch_size=8",
+    "--config.rl.overlong_buffer=4", "--config.rl.dynamic_sampling=False",
+    "--config.optim.lr=0.001", "--config.optim.warmup_steps=0",
+    "--config.eval.k=2", "--config.data.synthetic.eval_size=8",
+]
+
+
 def tiny_config(**overrides):
     """A trainer config that runs a step in seconds on a CPU: a 2-layer Qwen3 on the synthetic task."""
     from jaxrl_entropy import presets

@@ -53,6 +53,7 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
     ("data.kind", "files", "train_files"),
     ("rl.kl_coef", 0.1, "reference policy"),
     ("model.attention", "flash", "model.attention"),
+    ("train.steps", -1, "train.steps=-1 must be positive"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     c = presets.demo()
@@ -63,6 +64,16 @@ def test_bad_values_name_the_key(key, value, message):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(c)
+
+
+def test_zero_rl_steps_only_with_a_warm_up():
+    c = presets.demo()
+    c.train.steps = 0
+    assert c.train.sft_steps > 0
+    validate(c)  # a warm-up-only run
+    c.train.sft_steps = 0
+    with pytest.raises(ConfigError, match="train.steps=0 must be positive"):
         validate(c)
 
 

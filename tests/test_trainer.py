@@ -8,7 +8,7 @@ import pytest
 
 import jax
 
-from conftest import tiny_config
+from conftest import TINY_CLI_FLAGS, tiny_config
 from jaxrl_entropy import cli
 from jaxrl_entropy.trainer import Trainer
 
@@ -24,17 +24,10 @@ def _rows(workdir):
 def straight_run(tmp_path_factory):
     """An uninterrupted run of STEPS steps through the console-script entry point."""
     workdir = str(tmp_path_factory.mktemp("straight"))
-    code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", "--config.train.progress=False",
-                     "--config.model.arch.hidden_size=32", "--config.model.arch.intermediate_size=64",
-                     "--config.model.arch.num_hidden_layers=2", "--config.model.arch.head_dim=8",
-                     "--config.model.logits_chunk=16", "--config.rollout.max_new_tokens=16",
-                     "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
-                     "--config.rl.mini_batch_prompts=2", "--config.rl.micro_batch_size=8",
-                     "--config.rl.overlong_buffer=4", "--config.rl.dynamic_sampling=False",
-                     "--config.optim.lr=0.001", "--config.optim.warmup_steps=0",
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", *TINY_CLI_FLAGS,
                      f"--config.train.steps={STEPS}", "--config.train.sft_steps=0",
                      "--config.train.checkpoint_every=2", "--config.train.geometry_every=1",
-                     "--config.eval.every=2", "--config.eval.k=2", "--config.data.synthetic.eval_size=8"])
+                     "--config.eval.every=2"])
     assert code == 0
     return workdir
 
@@ -79,6 +72,13 @@ def test_resume_gives_the_same_steps_as_not_stopping(straight_run, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     second.close()
     final.close()
+    # Starting a finished run again changes nothing: no second final evaluation, no new lines.
+    lines = _rows(str(tmp_path))
+    again = Trainer(tiny_config(**overrides, **{"train.steps": STEPS}), str(tmp_path))
+    again.run()
+    again.close()
+    assert _rows(str(tmp_path)) == lines
+    assert sum(1 for r in lines if r["step"] == STEPS and "eval/accuracy" in r) == 1
 
 
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
