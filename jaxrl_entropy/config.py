@@ -30,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.hf_dir = ""       # local HF Qwen3 directory; "" = random init from model.arch
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.attention = "xla"           # plain layers: xla | kernel | cudnn
-    c.model.probe_attention = "xla"     # probe layers: xla | kernel
+    c.model.attention = "xla"           # plain layers: xla | kernel (alias pallas) | cudnn
+    c.model.probe_attention = "xla"     # probe layers: xla | kernel (alias pallas)
     c.model.kernel_backend = ""         # "" = by platform; xla | tpu | gpu | interpret_tpu | interpret_gpu
     c.model.remat = False
     c.model.logits_chunk = 1024
@@ -161,8 +161,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "train.sft_steps > 0: a warm-up-only run that saves a step-0 checkpoint)")
     _choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
     _choice(cfg.model.param_dtype, "model.param_dtype", ("float32", "bfloat16", "float16"))
-    _choice(cfg.model.attention, "model.attention", ("xla", "kernel", "cudnn"))
-    _choice(cfg.model.probe_attention, "model.probe_attention", ("xla", "kernel"))
+    from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
+    _choice(cfg.model.attention, "model.attention", PLAIN_IMPLS)
+    _choice(cfg.model.probe_attention, "model.probe_attention", PROBE_IMPLS)
     _choice(cfg.model.kernel_backend, "model.kernel_backend", ("", "xla", "tpu", "gpu", "interpret_tpu", "interpret_gpu"))
     _choice(cfg.data.kind, "data.kind", ("synthetic", "files"))
     _choice(cfg.entropy.aggregation, "entropy.aggregation", ("head_mixture", "head_mean"))

@@ -27,11 +27,12 @@ def _model(**options):
     return qwen3.init_random(CFG, qwen3.RuntimeOptions(**options), seed=3)
 
 
-@pytest.mark.parametrize("backend", ["xla", "interpret_gpu"])
-def test_kernel_probe_layers_match_xla(backend):
+@pytest.mark.parametrize("impl, backend", [("kernel", "xla"), ("kernel", "interpret_gpu"),
+                                           ("pallas", "interpret_tpu")])  # "pallas": DESIGN.md's name
+def test_kernel_probe_layers_match_xla(impl, backend):
     ids, mask = _inputs(B=2, T=20)
     ref = _model()(ids, attention_mask=mask, probe_layers=(1,))
-    out = _model(attention="kernel", probe_attention="kernel", kernel_backend=backend)(
+    out = _model(attention=impl, probe_attention=impl, kernel_backend=backend)(
         ids, attention_mask=mask, probe_layers=(1,))
     valid = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.asarray(out.logits)[valid], np.asarray(ref.logits)[valid], atol=2e-5)

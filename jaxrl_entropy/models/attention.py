@@ -6,7 +6,7 @@ and the head-mixture entropy `[B, T]` (DESIGN.md §3), and optionally the probab
 Implementations (`impl`):
   "xla"     materialised probabilities (`kernels.reference_attention`): exact, O(T²) memory; the
             oracle, and the fastest choice on CPU for short sequences.
-  "kernel"  the fused flash kernel (`kernels.entropy_attention` / `kernels.flash_attention`) plus the
+  "kernel"  (alias "pallas", DESIGN.md's name) the fused flash kernel (`kernels.entropy_attention` / `kernels.flash_attention`) plus the
             blockwise head-mixture pass; O(T) memory. `kernel_backend` picks its shell
             (None = by platform; "xla" = blockwise XLA, "tpu", "gpu", "interpret_*").
   "cudnn"   plain layers only: `jax.nn.dot_product_attention(implementation="cudnn")` on GPUs.
@@ -23,8 +23,9 @@ from kernels.reference import NEG_INF
 
 from jax.sharding import PartitionSpec as P
 
-PLAIN_IMPLS = ("xla", "kernel", "cudnn")
-PROBE_IMPLS = ("xla", "kernel")
+KERNEL_IMPLS = ("kernel", "pallas")  # one implementation, two names
+PLAIN_IMPLS = ("xla", *KERNEL_IMPLS, "cudnn")
+PROBE_IMPLS = ("xla", *KERNEL_IMPLS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
     if impl == "xla":
         out, _ = kernels.reference_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
         return out
-    if impl == "kernel":
+    if impl in KERNEL_IMPLS:
         fn = lambda q_, k_, v_, s_: kernels.flash_attention(q_, k_, v_, causal=True, segment_ids=s_,
                                                               sm_scale=sm_scale, backend=kernel_backend)
         return _on_mesh(fn, mesh, (q, k, v, segment_ids), heads_split=True, n_head_outputs=1)
@@ -91,7 +92,7 @@ def probe_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
         return ProbeResult(out, jax.lax.stop_gradient(ent),
                            None if mix is None else jax.lax.stop_gradient(mix),
                            jax.lax.stop_gradient(probs) if return_probs else None)
-    if impl == "kernel":
+    if impl in KERNEL_IMPLS:
         fwd = lambda q_, k_, v_, s_: kernels.entropy_attention(
             q_, k_, v_, causal=True, segment_ids=s_, sm_scale=sm_scale, backend=kernel_backend, return_lse=True)
         out, ent, lse = _on_mesh(fwd, mesh, (q, k, v, segment_ids), heads_split=True, n_head_outputs=3)
