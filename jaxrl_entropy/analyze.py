@@ -44,6 +44,8 @@ BASELINE = "full"
 VARIANT_ORDER = ("full", "random", "anchor", "explorer", "soft")
 SUBSET_ORDER = ("anchor", "explorer", "random", "full")
 GEOMETRY_METRICS = ("cos_full", "norm", "cos_prev")
+# pairs of token subsets compared within each run (the paper's anchor vs explorer claims)
+SUBSET_CONTRASTS = (("anchor", "explorer"), ("anchor", "random"), ("explorer", "random"))
 TRAIN_TAIL_METRICS = ("reward/mean", "accuracy", "response_len/mean", "grad_norm", "clip_frac")
 TRAINING_PLOT_METRICS = ("response_len/mean", "grad_norm", "clip_frac", "loss", "accuracy")
 ENTROPY_TABLE_METRICS = (
@@ -454,6 +456,25 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- analysis
 
 
+def _run_geometry(run: Run, subset: str, metrics: Sequence[str]) -> dict[str, float]:
+    """One run's gradient geometry of one token subset: the mean over logged steps of each metric,
+    and its volatility over training (std of cos_full, coefficient of variation of the norm: the
+    paper's "larger but more volatile" explorer gradients)."""
+    out: dict[str, float] = {}
+    for m in metrics:
+        x = series(run, f"geometry/{subset}/{m}")[1]
+        x = x[np.isfinite(x)]
+        if not x.size:
+            continue
+        out[m] = float(x.mean())
+        if m == "cos_full":
+            out["cos_full_sd_over_steps"] = float(x.std(ddof=1)) if x.size > 1 else float("nan")
+        if m == "norm":
+            out["norm_cv_over_steps"] = (float(x.std(ddof=1) / abs(x.mean())) if x.size > 1 and x.mean() != 0
+                                         else float("nan"))
+    return out
+
+
 def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
     """Analyses run directories; writes plots, `report.md` and `summary.json` to `out_dir`.
 
@@ -510,25 +531,10 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
         }
         geo: dict[str, Any] = {}
         for s in subsets:
-            sub: dict[str, Any] = {}
-            for m in geo_metrics:
-                per_run = [series(r, f"geometry/{s}/{m}")[1] for r in rs]
-                per_run = [x[np.isfinite(x)] for x in per_run]
-                per_run = [x for x in per_run if x.size]
-                if not per_run:
-                    continue
-                sub[m] = _summary_with_values([float(x.mean()) for x in per_run])
-                # Volatility over training: std over steps of cos_full, coefficient of variation
-                # of the norm (the paper's "larger but more volatile" explorer gradients).
-                if m == "cos_full":
-                    sub["cos_full_sd_over_steps"] = _summary_with_values(
-                        [float(x.std(ddof=1)) if x.size > 1 else float("nan") for x in per_run])
-                if m == "norm":
-                    sub["norm_cv_over_steps"] = _summary_with_values(
-                        [float(x.std(ddof=1) / abs(x.mean())) if x.size > 1 and x.mean() != 0
-                         else float("nan") for x in per_run])
-            if sub:
-                geo[s] = sub
+            per_run = [g for g in (_run_geometry(r, s, geo_metrics) for r in rs) if g]
+            cols = list(dict.fromkeys(k for g in per_run for k in g))
+            if cols:
+                geo[s] = {k: _summary_with_values([g[k] for g in per_run if k in g]) for k in cols}
         entry["geometry"] = geo
         summary_variants[v] = entry
 
@@ -567,6 +573,18 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
         paired_notes.append(f"no run is named '{BASELINE}'; paired tests compare each variant "
                             f"with the '{BASELINE}' baseline on matching seeds")
 
+    # --- anchor vs explorer (vs random) within the same runs: one pair per run
+    contrasts: list[dict[str, Any]] = []
+    for a, b in SUBSET_CONTRASTS:
+        if a not in subsets or b not in subsets:
+            continue
+        ga = [_run_geometry(r, a, geo_metrics) for r in runs]
+        gb = [_run_geometry(r, b, geo_metrics) for r in runs]
+        for k in dict.fromkeys(k for g in ga for k in g):
+            res = stats.paired_test([g.get(k, float("nan")) for g in ga], [g.get(k, float("nan")) for g in gb])
+            if res["n"]:
+                contrasts.append({"a": a, "b": b, "metric": k, **res})
+
     # --- plots
     files: list[str] = []
     plot_specs = [
@@ -598,6 +616,7 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
         "variants": summary_variants,
         "paired_tests": paired,
         "paired_notes": paired_notes,
+        "subset_contrasts": contrasts,
     }
     report_path = os.path.join(out_dir, "report.md")
     with open(report_path, "w", encoding="utf-8") as f:
@@ -705,6 +724,18 @@ def _render_report(summary, variants, main_cols, pass_cols, subsets, geo_metrics
                 cells = [_fmt_summary(g[c], ".4g") if c in g else "—" for c in cols + extra]
                 rows.append([v, s, str(n), *cells])
         lines += _table(["variant", "subset", "runs", *cols, *extra], rows)
+
+    if summary["subset_contrasts"]:
+        lines += ["", "## Subset contrasts (paired over runs)", "",
+                  "Each run contributes one pair: the two subsets' gradient geometry measured on the same "
+                  "batches (per-run mean over logged steps, or its volatility over steps). Differences "
+                  "a − b over all runs analysed; paired t-test, Wilcoxon with ≥ 6 pairs.", ""]
+        lines += _table(
+            ["a − b", "metric", "pairs", "mean a − b", "t", "p (t)", "p (Wilcoxon)"],
+            [[f"{c['a']} − {c['b']}", c["metric"], str(c["n"]), _fmt(c["mean_diff"], "+.4g"),
+              _fmt(c["t"], ".3f"), _fmt(c["p_t"], ".4g"), _fmt(c["p_wilcoxon"], ".4g")]
+             for c in summary["subset_contrasts"]],
+        )
 
     if files:
         lines += ["", "## Plots", ""]

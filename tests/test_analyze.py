@@ -150,6 +150,22 @@ def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
             assert summary["variants"][v]["geometry"][subset]["cos_full_sd_over_steps"]["mean"] == \
                 pytest.approx(sd.mean(), rel=1e-12)
 
+    # Subset contrasts: one (anchor, explorer) pair per run, all 6 runs, against scipy / numpy.
+    contrasts = {(c["a"], c["b"], c["metric"]): c for c in summary["subset_contrasts"]}
+    for metric, reduce in (("cos_full", np.mean), ("norm", lambda x: np.std(x, ddof=1) / np.mean(x))):
+        key = metric if metric == "cos_full" else "norm_cv_over_steps"
+        a = [reduce(geos[v, s]["anchor", metric]) for v in VARIANTS for s in SEEDS]
+        b = [reduce(geos[v, s]["explorer", metric]) for v in VARIANTS for s in SEEDS]
+        got = contrasts["anchor", "explorer", key]
+        ref = scipy.stats.ttest_rel(a, b)
+        assert got["n"] == 6
+        assert got["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-9)
+        assert got["t"] == pytest.approx(ref.statistic, rel=1e-9)
+        assert got["p_wilcoxon"] == pytest.approx(scipy.stats.wilcoxon(np.subtract(a, b)).pvalue, rel=1e-9)
+    assert {(c["a"], c["b"]) for c in summary["subset_contrasts"]} == \
+        {("anchor", "explorer"), ("anchor", "random"), ("explorer", "random")}
+    assert "## Subset contrasts (paired over runs)" in report
+
     # The truncated last line was dropped; everything before it was kept.
     assert all(r["records"] == STEPS + STEPS // EVAL_EVERY for r in summary["runs"])
     assert all(r["final_eval_step"] == STEPS for r in summary["runs"])
