@@ -499,8 +499,9 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
     main_cols, pass_cols, other_eval = _eval_columns(keys)
     subsets, geo_metrics = _geometry_layout(keys)
 
-    # --- final eval per run and per variant
+    # --- final eval and gradient geometry per run, then per variant
     finals = {r.path: final_eval(r) for r in runs}
+    geometry = {(r.path, s): _run_geometry(r, s, geo_metrics) for r in runs for s in subsets}
     summary_variants: dict[str, Any] = {}
     for v in variants:
         rs = groups[v]
@@ -531,7 +532,7 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
         }
         geo: dict[str, Any] = {}
         for s in subsets:
-            per_run = [g for g in (_run_geometry(r, s, geo_metrics) for r in rs) if g]
+            per_run = [g for g in (geometry[r.path, s] for r in rs) if g]
             cols = list(dict.fromkeys(k for g in per_run for k in g))
             if cols:
                 geo[s] = {k: _summary_with_values([g[k] for g in per_run if k in g]) for k in cols}
@@ -578,8 +579,8 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None) -> dict:
     for a, b in SUBSET_CONTRASTS:
         if a not in subsets or b not in subsets:
             continue
-        ga = [_run_geometry(r, a, geo_metrics) for r in runs]
-        gb = [_run_geometry(r, b, geo_metrics) for r in runs]
+        ga = [geometry[r.path, a] for r in runs]
+        gb = [geometry[r.path, b] for r in runs]
         for k in dict.fromkeys(k for g in ga for k in g):
             res = stats.paired_test([g.get(k, float("nan")) for g in ga], [g.get(k, float("nan")) for g in gb])
             if res["n"]:
