@@ -60,8 +60,9 @@ def _train(fv):
     trainer = Trainer(cfg, workdir)
     last = trainer.run()
     trainer.close()
-    print(json.dumps({k: v for k, v in last.items() if k.startswith(("step", "eval/", "reward", "accuracy"))},
-                     indent=1))
+    if last:
+        print(json.dumps({k: v for k, v in last.items() if k.startswith(("step", "eval/", "reward", "accuracy"))},
+                         indent=1))
     print(f"run directory: {os.path.abspath(workdir)}  (plots: jaxrl-entropy analyze {workdir})")
 
 

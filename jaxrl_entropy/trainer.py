@@ -508,6 +508,9 @@ class Trainer:
                 self.sft_warmup()
                 self.save()
                 sft_metrics = dict(self.sft_report)
+            if self.step >= cfg.train.steps and not sft_metrics:
+                log.warning("this run already reached config.train.steps=%d in %s: nothing to do (raise "
+                            "--config.train.steps to continue it)", cfg.train.steps, self.workdir)
             bar = _progress(cfg.train.steps, "rl", cfg.train.progress, initial=self.step)
             while self.step < cfg.train.steps and self._stop_signal is None:
                 metrics, sft_metrics = dict(sft_metrics), {}
