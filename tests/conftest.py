@@ -73,6 +73,14 @@ def _compilation_cache(tmp_path_factory):
     yield
 
 
+def metrics_rows(workdir: str) -> list[dict]:
+    """The lines of a run's `metrics.jsonl`, parsed."""
+    import json
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 # The same tiny model and rollout as `tiny_config`, as command-line overrides (for CLI tests).
 TINY_CLI_FLAGS = [
     "--config.train.progress=False",

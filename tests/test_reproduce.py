@@ -4,17 +4,12 @@ import os
 
 import pytest
 
-from conftest import TINY_CLI_FLAGS
+from conftest import TINY_CLI_FLAGS, metrics_rows as _rows
 from jaxrl_entropy import cli
 
 STEPS = 2
 FLAGS = [*TINY_CLI_FLAGS, f"--config.train.steps={STEPS}", "--config.train.sft_steps=3",
          "--config.train.sft_target_accuracy=0", "--config.train.checkpoint_every=1", "--config.eval.every=2"]
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,11 @@ import pytest
 
 import jax
 
-from conftest import TINY_CLI_FLAGS, tiny_config
+from conftest import TINY_CLI_FLAGS, metrics_rows as _rows, tiny_config
 from jaxrl_entropy import cli
 from jaxrl_entropy.trainer import Trainer
 
 STEPS = 4
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
