@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -127,7 +128,7 @@ class Trainer:
         options = dict(attention=cfg.model.attention, probe_attention=cfg.model.probe_attention,
                        kernel_backend=cfg.model.kernel_backend or None, remat=cfg.model.remat,
                        logits_chunk=cfg.model.logits_chunk,
-                       kernel_mesh=self.mesh if "kernel" in (cfg.model.attention, cfg.model.probe_attention) else None)
+                       kernel_mesh=self.mesh)  # read only by the kernel paths (any name of them)
         dtype, pdtype = _DTYPES[cfg.model.dtype], _DTYPES[cfg.model.param_dtype]
         if cfg.model.hf_dir:
             model = qwen3.from_pretrained(cfg.model.hf_dir, dtype=dtype, param_dtype=pdtype, mesh=self.mesh,
@@ -567,8 +568,6 @@ class _NullBar:
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     if not enabled or jax.process_index() != 0:
         return _NullBar()
-    import sys
-
     from tqdm.auto import tqdm
     # In a log file (not a terminal) redraw rarely, so the log stays readable.
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,

@@ -35,8 +35,8 @@ class RuntimeOptions:
     """How the model computes, as opposed to what it is (`Qwen3Config`).
 
     dtype: compute dtype (activations, matmuls); param_dtype: storage dtype of the weights.
-    attention: implementation of the plain layers ("xla", "kernel", "cudnn").
-    probe_attention: implementation of the probe layers ("xla", "kernel").
+    attention: implementation of the plain layers ("xla", "kernel" (alias "pallas"), "cudnn").
+    probe_attention: implementation of the probe layers ("xla", "kernel" (alias "pallas")).
     kernel_backend: shell of the Pallas kernels (None = by platform, or "xla", "tpu", "gpu", ...).
     logits_chunk: sequence chunk for `token_logprobs` (never materialises [B, T, V] in f32).
     remat: rematerialise each decoder layer in the backward pass (memory for long sequences).

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import kernels
+from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl.token_weights import normalized_entropy
 
@@ -133,18 +134,13 @@ def update(graphdef, params, opt_state, minibatch: dict[str, jax.Array], spec: S
     token_denom = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     grads, summed = accumulate_grads(graphdef, params, minibatch, spec, denom, token_denom)
     metrics = loss_lib.finalize_metrics(summed)
-    grad_norm = _global_norm(grads)
+    grad_norm = diagnostics.tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
     return keep(new_params, params), keep(new_opt_state, opt_state), metrics
-
-
-def _global_norm(tree) -> jax.Array:
-    tree_lib = getattr(optax, "tree", None)  # optax >= 0.2.5 moved it; keep older releases working
-    return tree_lib.norm(tree) if tree_lib is not None and hasattr(tree_lib, "norm") else optax.global_norm(tree)
 
 
 def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warmup_steps: int,
