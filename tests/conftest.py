@@ -21,6 +21,31 @@ def require_torch():
     return pytest.importorskip("torch")
 
 
+def require_libtpu():
+    """libtpu (the TPU compiler, `pip install -e '.[tpu]'`) for ahead-of-time compile tests on a
+    CPU host: skipped when absent, unless JAXRL_REQUIRE_LIBTPU=1 (CI) makes its absence a failure."""
+    if os.environ.get("JAXRL_REQUIRE_LIBTPU") == "1":
+        return importlib.import_module("libtpu")
+    return pytest.importorskip("libtpu")
+
+
+@pytest.fixture(scope="session")
+def tpu_devices():
+    """Factory: the devices of a real TPU slice (`"v5p:2x2x1"`, `"v5e:2x2"`, ...) from the TPU
+    compiler, for `jit(...).trace(abstract).lower().compile()` with no TPU attached."""
+    require_libtpu()
+    from jax.experimental import topologies
+
+    cache = {}
+
+    def get(topology: str = "v5p:2x2x1"):
+        if topology not in cache:
+            cache[topology] = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        return cache[topology]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def torch():
     return require_torch()
