@@ -52,5 +52,17 @@ class Checkpointer:
                 f"restore with the original config.\n{e}") from None
         return out["state"], out["meta"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+        """Only the parameters of a checkpoint (and its meta): what `eval` and `convert` need,
+        without reading the optimiser state."""
+        target = {"params": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            abstract_params)}
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        return out["state"]["params"], out["meta"]
+
     def close(self):
         self._manager.close()

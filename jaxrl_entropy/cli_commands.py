@@ -82,15 +82,18 @@ def _eval(fv):
     _setup(fv)
     from jaxrl_entropy import evaluate as eval_lib
     from jaxrl_entropy import model_io
-    trainer = model_io.trainer_for_eval(cfg, checkpoint=fv.checkpoint, hf=fv.hf)
-    metrics = trainer.evaluate(trainer.step, progress=True)
+    if fv.checkpoint:
+        cfg, policy, step, tokenizer = model_io.policy_from_run(cfg, fv.checkpoint)
+    else:
+        cfg, policy, tokenizer = model_io.policy_from_hf(cfg, fv.hf)
+        step = 0
+    metrics = model_io.evaluate(cfg, policy, step, tokenizer)
     if not metrics:
         raise UsageError("no benchmarks: set --config.eval.benchmarks=name=path,... (or use synthetic data)")
-    print(eval_lib.format_table(metrics, trainer.cfg.eval.k))
+    print(eval_lib.format_table(metrics, cfg.eval.k))
     if fv.out:
         eval_lib.dump_json(metrics, fv.out)
     print(json.dumps(metrics, indent=1, sort_keys=True))
-    trainer.close()
 
 
 def _convert(fv):

@@ -40,22 +40,27 @@ def parse_benchmarks(spec: str) -> dict[str, str]:
     return out
 
 
-def datasets(cfg: ml_collections.ConfigDict):
-    """(train records, {benchmark: records}, the synthetic task or None)."""
-    task = None
+def eval_sets(cfg: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+    """{benchmark: records}: the synthetic task's held-out split (synthetic data) and every
+    `eval.benchmarks` file."""
     evals = {}
-    if cfg.data.kind == "synthetic":
-        task = synthetic_task(cfg)
-        s = cfg.data.synthetic
-        n_train = min(s.train_size, task.num_expressions - int(task.num_expressions * 0.2))
-        train = task.records("train", n_train)
-        if s.eval_size:
-            evals["synthetic_heldout"] = task.records("test", s.eval_size)
-    else:
-        files = [p.strip() for p in cfg.data.train_files.split(",") if p.strip()]
-        train = load_records(files, dedupe=cfg.data.dedupe)
+    if cfg.data.kind == "synthetic" and cfg.data.synthetic.eval_size:
+        evals["synthetic_heldout"] = synthetic_task(cfg).records("test", cfg.data.synthetic.eval_size)
     for name, path in parse_benchmarks(cfg.eval.benchmarks).items():
         if not path.startswith("gs://") and not os.path.exists(path) and not any(c in path for c in "*?["):
             raise ConfigError(f"config.eval.benchmarks: file for {name!r} not found: {path}")
         evals[name] = load_records(path)
-    return train, evals, task
+    return evals
+
+
+def datasets(cfg: ml_collections.ConfigDict):
+    """(train records, {benchmark: records}, the synthetic task or None)."""
+    task = None
+    if cfg.data.kind == "synthetic":
+        task = synthetic_task(cfg)
+        n_train = min(cfg.data.synthetic.train_size, task.num_expressions - int(task.num_expressions * 0.2))
+        train = task.records("train", n_train)
+    else:
+        files = [p.strip() for p in cfg.data.train_files.split(",") if p.strip()]
+        train = load_records(files, dedupe=cfg.data.dedupe)
+    return train, eval_sets(cfg), task

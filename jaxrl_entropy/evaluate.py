@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Callable, Sequence
 
+import ml_collections
 import numpy as np
 
-from jaxrl_entropy import stats
+from jaxrl_entropy import parallel, stats
 from jaxrl_entropy.data.pipeline import PromptBatcher
 from jaxrl_entropy.rl.rewards import score_responses
 
@@ -48,7 +50,7 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
         ids = np.repeat(b["input_ids"], spec.k, axis=0)
         mask = np.repeat(b["attention_mask"], spec.k, axis=0)
         out = sample(ids, mask, call)
-        texts = decode_responses(tokenizer, np.asarray(out.tokens), np.asarray(out.lengths))
+        texts = decode_responses(tokenizer, parallel.to_host(out.tokens), parallel.to_host(out.lengths))
         truths = [t for t in b["ground_truth"] for _ in range(spec.k)]
         results = score_responses(texts, truths, verifier=verifier, tail_chars=spec.tail_chars)
         idx = np.asarray(b["record_index"])
@@ -77,6 +79,42 @@ def evaluate(sample, tokenizer, benchmarks: dict[str, Sequence[dict]], spec: Eva
         means.append(res[f"mean@{spec.k}"])
     metrics["eval/accuracy"] = float(np.mean(means))
     return metrics
+
+
+def spec_for(cfg: ml_collections.ConfigDict, mesh) -> EvalSpec:
+    """Rows per sampling call ≈ one rollout batch, and a multiple of the mesh's data-parallel size."""
+    e = cfg.eval
+    d = parallel.batch_divisor(mesh)
+    unit = d // math.gcd(d, e.k)
+    batch = max(1, cfg.rl.prompts_per_step * cfg.rl.group_size // e.k)
+    return EvalSpec(k=e.k, batch_prompts=-(-batch // unit) * unit, max_problems=e.max_problems,
+                    max_prompt_len=cfg.data.max_prompt_len)
+
+
+def sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...], pad_id: int):
+    from jaxrl_entropy.models.sampler import SamplingParams
+    e = cfg.eval
+    return SamplingParams(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, temperature=e.temperature,
+                          top_p=e.top_p, eos_ids=eos_ids, pad_id=pad_id)
+
+
+def num_problems(benchmarks: dict[str, Sequence[dict]], spec: EvalSpec) -> int:
+    return sum(min(len(r), spec.max_problems or len(r)) for r in benchmarks.values())
+
+
+def evaluate_policy(cfg: ml_collections.ConfigDict, sample_policy, params, step: int, tokenizer,
+                    benchmarks: dict[str, Sequence[dict]], mesh, eos_ids: tuple[int, ...], *, verifier=None,
+                    progress=None) -> dict[str, float]:
+    """`evaluate` for the policy `params`: `sample_policy(params, ids, mask, key, sampling_params)`
+    (a `rollout.PolicySampler`), with the run's evaluation stream of `step`."""
+    import jax
+
+    from jaxrl_entropy import rng
+    spec = spec_for(cfg, mesh)
+    sp = sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
+    base = rng.step_key(cfg.seed, step, rng.EVAL)
+    return evaluate(lambda ids, m, i: sample_policy(params, ids, m, jax.random.fold_in(base, i), sp),
+                    tokenizer, benchmarks, spec, verifier=verifier, progress=progress)
 
 
 def format_table(metrics: dict[str, float], k: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -95,8 +95,31 @@ def param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding
     return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
 
 
-def tree_shardings(flat_shapes: dict[str, Sequence[int]], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {path: param_sharding(path, shape, mesh) for path, shape in flat_shapes.items()}
+def _path_name(path) -> str:
+    """`layers.3.mlp.up_proj.kernel` from a pytree key path (the names `PARAM_AXES` matches)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pure-dict parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(_path_name(path), x.shape, mesh),
+                                            params)
+
+
+def opt_state_shardings(opt_state_abstract: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Optimiser-state shardings: a leaf that mirrors a parameter (Adam's mu/nu) takes that
+    parameter's sharding; everything else (step counts) is replicated."""
+
+    def dict_path(path) -> str:
+        return _path_name(k for k in path if isinstance(k, jax.tree_util.DictKey))
+
+    by_path = {dict_path(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+
+    def one(path, leaf):
+        s = by_path.get(dict_path(path))
+        return s if s is not None and len(leaf.shape) > 0 else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, opt_state_abstract)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -118,3 +141,20 @@ def host_to_global(array, sharding: NamedSharding) -> jax.Array:
     device copies only its own slice (works the same on one host and on a multi-host pod)."""
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as a full numpy array on every process."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def process_0_value(flag: bool) -> bool:
+    """Process 0's value of `flag` on every host (only process 0 writes metrics, and a decision
+    that gates a collective, such as evaluating, must be the same everywhere)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))

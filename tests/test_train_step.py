@@ -120,9 +120,9 @@ def test_sharded_update_equals_single_device():
     p_ref, _, m_ref = single(params, tx.init(params), mb)
 
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-    p_sh = ts.param_shardings(params, mesh)
+    p_sh = parallel.param_shardings(params, mesh)
     params_sharded = jax.device_put(params, p_sh)
-    o_sh = ts.opt_state_shardings(jax.eval_shape(tx.init, params), p_sh, mesh)
+    o_sh = parallel.opt_state_shardings(jax.eval_shape(tx.init, params), p_sh, mesh)
     opt = jax.jit(tx.init, out_shardings=o_sh)(params_sharded)
     micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     sharded = jax.jit(lambda p, o, m: ts.update(graphdef, p, o, m, SPEC, tx, "all"),

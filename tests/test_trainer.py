@@ -77,6 +77,10 @@ def test_resume_gives_the_same_steps_as_not_stopping(straight_run, tmp_path):
 
 
 def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+    def outer_handler(signum, frame):  # the caller's own handler, which run() must put back
+        raise AssertionError("the trainer's handler should have caught the signal")
+
+    previous = signal.signal(signal.SIGTERM, outer_handler)
     trainer = Trainer(tiny_config(**{"train.steps": 10, "eval.every": 0, "train.checkpoint_every": 100}),
                       str(tmp_path))
     real_step = trainer.train_step
@@ -91,7 +95,8 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
     trainer.run()
     assert trainer.step == 2                               # finished the step it was in, then stopped
     assert trainer.checkpointer.latest_step() == 2        # and saved it (checkpoint_every is 100)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is outer_handler   # the caller's handler is back
+    signal.signal(signal.SIGTERM, previous)
     trainer.close()
 
 

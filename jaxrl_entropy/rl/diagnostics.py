@@ -30,6 +30,8 @@ __all__ = [
     "gradient_geometry",
     "GradientSketch",
     "GeometryTracker",
+    "token_projections",
+    "alignment_controls",
 ]
 
 LossFn = Callable[[object, jax.Array], jax.Array]  # (params, weights_BxT) -> scalar
@@ -133,13 +135,14 @@ def _subset_metrics(name: str, g, g_full, n_full: jax.Array) -> dict[str, jax.Ar
 
 def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
                           full: str = "full", method: str = "vmap",
-                          sketch: Callable[[object], object] | None = None,
+                          sketch: Callable[[object], object] | None = None, full_grad=None,
                           ) -> tuple[dict[str, jax.Array], dict[str, object]]:
     """:func:`gradient_geometry` plus ``sketch(grad)`` of every subset gradient (empty dict when
     ``sketch`` is None).  Pure and jit-able (``sketch`` is a :class:`GradientSketch`).
 
-    With ``method="loop"`` the full gradient is computed first and each other subset gradient is
-    reduced to its metrics (and sketch) right away, so at most two gradients are needed at once.
+    With ``method="loop"`` the full gradient is computed first (or taken from ``full_grad`` when the
+    caller already has it) and each other subset gradient is reduced to its metrics (and sketch)
+    right away, so at most two gradients are needed at once.
     """
     _check_subsets(subsets, full)
     sketches: dict[str, object] = {}
@@ -151,7 +154,7 @@ def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array]
     if method != "loop":
         raise ValueError(f"gradient_geometry: method={method!r} must be 'vmap' or 'loop'.")
     grad_fn = jax.grad(loss_fn)
-    g_full = grad_fn(params, jnp.asarray(subsets[full], jnp.float32))
+    g_full = full_grad if full_grad is not None else grad_fn(params, jnp.asarray(subsets[full], jnp.float32))
     n_full = tree_norm(g_full)
     metrics: dict[str, jax.Array] = {}
     for name, w in subsets.items():
@@ -257,9 +260,6 @@ class GeometryTracker:
         metrics, sketches = self._jitted[1](params, subsets)
         return self.update(metrics, sketches)
 
-    def reset(self) -> None:
-        self._prev = None
-
 
 def token_projections(per_token_loss_fn: Callable, params, direction) -> jax.Array:
     """Projection of every token's own gradient on a direction, `[B, T]`, in one forward-mode pass.
@@ -271,3 +271,37 @@ def token_projections(per_token_loss_fn: Callable, params, direction) -> jax.Arr
     """
     _, proj = jax.jvp(per_token_loss_fn, (params,), (direction,))
     return proj / jnp.maximum(tree_norm(direction), 1e-30)
+
+
+def alignment_controls(align_BxT, hnorm_BxT, pred_entropy_BxT, mask_BxT, *, fraction: float,
+                       seed: int) -> dict[str, float]:
+    """Is a token's gradient alignment with the full update (`token_projections`) explained by its
+    attention entropy beyond position, predictive entropy and response length? (host numpy)
+
+    `controls/align_*`: raw and partial correlations (`entropy_stats.control_correlations`);
+    `controls/matched_anchor_align` / `matched_explorer_align`: mean alignment of anchors and
+    explorers matched on position × predictive-entropy bins (`stats.matched_subsets`).
+    """
+    import numpy as np
+
+    from jaxrl_entropy import stats
+    from jaxrl_entropy.rl import entropy_stats
+
+    align, hnorm, pred = (np.asarray(x) for x in (align_BxT, hnorm_BxT, pred_entropy_BxT))
+    mask = np.asarray(mask_BxT)
+    position = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)
+    length = np.broadcast_to(mask.sum(1, keepdims=True), mask.shape)
+    out = entropy_stats.control_correlations(hnorm, align, position, pred, length, mask=mask,
+                                             prefix="controls/align_")
+    valid = mask.astype(bool)
+    h, a = hnorm[valid], align[valid]
+    strata = np.stack([position[valid], pred[valid]], axis=1)
+    try:
+        low, high = stats.matched_subsets(h, strata, min(fraction, 0.5), bins=4, seed=seed)
+    except ValueError:  # too few tokens to match
+        return out
+    if len(low) and len(high):
+        out["controls/matched_anchor_align"] = float(np.mean(a[low]))
+        out["controls/matched_explorer_align"] = float(np.mean(a[high]))
+        out["controls/matched_n"] = int(len(low))
+    return out

@@ -12,7 +12,6 @@ entropy* belong to token r: the attention row that decided the token, over the k
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,33 +150,3 @@ def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warm
     schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else optax.constant_schedule(lr)
     return optax.chain(optax.clip_by_global_norm(grad_clip),
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-
-
-def param_shardings(params: Any, mesh) -> Any:
-    """NamedShardings for a pure-dict parameter tree, by the rules in `jaxrl_entropy.parallel`."""
-    from jaxrl_entropy import parallel
-
-    def one(path, x):
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        return parallel.param_sharding(name, x.shape, mesh)
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def opt_state_shardings(opt_state_abstract: Any, params_shardings: Any, mesh) -> Any:
-    """Optimiser-state shardings: a leaf that mirrors a parameter (Adam's mu/nu) takes that
-    parameter's sharding; everything else (step counts) is replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def key(path):
-        return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path
-                        if isinstance(k, (jax.tree_util.DictKey,)))
-
-    by_path = {key(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def one(path, leaf):
-        s = by_path.get(key(path))
-        return s if s is not None and len(leaf.shape) > 0 else replicated
-
-    return jax.tree_util.tree_map_with_path(one, opt_state_abstract)

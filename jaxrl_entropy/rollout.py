@@ -1,0 +1,113 @@
+"""Rollouts: G sampled responses per prompt, decoded and scored, and DAPO's dynamic sampling that
+keeps generating until the batch holds `rl.prompts_per_step` groups whose accuracy varies.
+
+    sample = PolicySampler(policy)                  # (params, ids, mask, key, sampling params) → SampleOutput
+    collector = RolloutCollector(cfg, tokenizer, batcher, records, verifier, eos_ids)
+    batch, metrics = collector.collect(step, lambda ids, mask, key, sp: sample(params, ids, mask, key, sp))
+
+Generation batch g of step s samples with `fold_in(rng.step_key(seed, s, rng.SAMPLE), g)`, so a
+resumed run samples exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxrl_entropy import parallel, rng
+from jaxrl_entropy.evaluate import decode_responses
+from jaxrl_entropy.model_setup import Policy
+from jaxrl_entropy.models import sampler
+from jaxrl_entropy.rl import advantages as adv_lib
+from jaxrl_entropy.rl.rewards import overlong_penalty, score_responses
+
+SampleFn = Callable[[np.ndarray, np.ndarray, jax.Array, sampler.SamplingParams], sampler.SampleOutput]
+
+
+class PolicySampler:
+    """Generation from given parameters: host prompt arrays `[B, P]` become global arrays with rows
+    over the mesh's batch axes, then `sampler.generate` (one compiled program per shape)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.batch_sharding = parallel.batch_sharding(policy.mesh, 2)
+
+    def __call__(self, params, ids_BxP, mask_BxP, key, sp: sampler.SamplingParams) -> sampler.SampleOutput:
+        ids = parallel.host_to_global(np.asarray(ids_BxP, np.int32), self.batch_sharding)
+        mask = parallel.host_to_global(np.asarray(mask_BxP, np.int32), self.batch_sharding)
+        return sampler.generate(self.policy.module(params), ids, mask, key, sp, state=params)
+
+
+def rollout_sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...],
+                            pad_id: int) -> sampler.SamplingParams:
+    r = cfg.rollout
+    return sampler.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)
+
+
+class RolloutCollector:
+    """Prompt batches → scored groups of G responses → a full rollout batch."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, tokenizer, batcher, records, verifier,
+                 eos_ids: tuple[int, ...]):
+        self.cfg, self.tokenizer, self.batcher, self.records = cfg, tokenizer, batcher, records
+        self.verifier = verifier
+        self.sampling = rollout_sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
+
+    def generate_and_score(self, step: int, gen_index: int, sample: SampleFn) -> dict[str, Any]:
+        """One generation batch: `rl.prompts_per_step` prompts × G responses, decoded and rewarded.
+        Returns host arrays: prompt_ids/prompt_mask `[M, P]`, response `[M, N]`, lengths, reward,
+        correct, finished `[M]` (M = prompts × G, each prompt's G rows adjacent)."""
+        cfg, G = self.cfg, self.cfg.rl.group_size
+        batch = next(self.batcher)
+        if jax.process_count() > 1:  # every process holds the whole batch (its rows are sharded later)
+            from jax.experimental import multihost_utils
+            batch = {k: (np.asarray(multihost_utils.process_allgather(v, tiled=True))
+                         if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+            batch["ground_truth"] = [self.records[i]["reward_model"]["ground_truth"]
+                                     for i in batch["record_index"]]
+        ids = np.repeat(batch["input_ids"], G, axis=0)
+        mask = np.repeat(batch["attention_mask"], G, axis=0)
+        key = jax.random.fold_in(rng.step_key(cfg.seed, step, rng.SAMPLE), gen_index)
+        out = sample(ids, mask, key, self.sampling)
+        tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
+        texts = decode_responses(self.tokenizer, tokens, lengths)
+        truths = [t for t in batch["ground_truth"] for _ in range(G)]
+        results = score_responses(texts, truths, verifier=self.verifier, correct_score=cfg.rl.correct_score,
+                                  incorrect_score=cfg.rl.incorrect_score)
+        reward = np.array([r.score for r in results], np.float32)
+        if cfg.rl.overlong_buffer:
+            reward = reward + overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens,
+                                               buffer_len=cfg.rl.overlong_buffer, factor=cfg.rl.overlong_factor)
+        return {"prompt_ids": ids, "prompt_mask": mask, "response": tokens, "lengths": lengths,
+                "reward": reward.astype(np.float32), "correct": np.array([r.correct for r in results]),
+                "finished": parallel.to_host(out.finished)}
+
+    def collect(self, step: int, sample: SampleFn) -> tuple[dict[str, Any], dict[str, float]]:
+        """A full rollout batch; with `rl.dynamic_sampling` only groups whose accuracy varies are kept
+        (more generation batches until `rl.prompts_per_step` groups, at most `rl.max_gen_batches`)."""
+        cfg = self.cfg
+        seen: list[dict] = []
+        extra: dict[str, float] = {}
+        if not cfg.rl.dynamic_sampling:
+            batch = self.generate_and_score(step, 0, sample)
+            seen.append(batch)
+        else:
+            acc = adv_lib.GroupAccumulator(cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.max_gen_batches,
+                                           metric_key="correct")
+            while not acc.full:
+                b = self.generate_and_score(step, len(seen), sample)
+                seen.append(b)
+                acc.add(b)
+            batch = acc.take()
+            extra = {"sampling/gen_batches": acc.last_stats["gen_batches"],
+                     "sampling/kept_group_frac": acc.last_stats["groups_kept"] / acc.last_stats["groups_seen"]}
+        every = {k: np.concatenate([b[k] for b in seen]) for k in ("reward", "correct", "lengths", "finished")}
+        metrics = {"reward/mean": float(every["reward"].mean()), "accuracy": float(every["correct"].mean()),
+                   "response_len/mean": float(every["lengths"].mean()),
+                   "response_len/max": int(every["lengths"].max()),
+                   "response_len/clip_frac": float(1.0 - every["finished"].mean()),
+                   "reward/batch_mean": float(batch["reward"].mean()), **extra}
+        return batch, metrics

@@ -1,0 +1,108 @@
+"""The supervised warm-up of the demo: cross-entropy on the synthetic task's reference solutions
+until a target sampled accuracy on *training* prompts (never the held-out split) is reached.
+
+From random weights no sampled answer is ever correct, so RL would have nothing to learn from; the
+warm-up is reported as such (`sft/steps`, `sft/accuracy` in the first metrics line).
+
+The stop rule: accuracy is estimated every `train.sft_check_every` steps, and every fifth of that
+once an estimate comes within 75 % of the target; the warm-up stops when the mean of the last two
+estimates reaches the target. Checking often near the target keeps the overshoot small wherever
+it runs (CPU numerics differ across machines, and so does the step at which the target is met).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrl_entropy import evaluate as eval_lib
+from jaxrl_entropy import parallel
+from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.data.pipeline import encode_sft_batch
+
+log = logging.getLogger("jaxrl_entropy")
+
+CHECK_PROMPTS, CHECK_SAMPLES = 64, 2
+
+
+def sft_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean token cross-entropy of the response tokens (`loss_mask`) given the prompt."""
+    model = nnx.merge(graphdef, params)
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False)
+    logp, _ = model.token_logprobs(out.hidden[:, :-1], batch["input_ids"][:, 1:])
+    m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def check_schedule(every: int, target: float, estimates: list[float]) -> int:
+    """Steps until the next accuracy check: `every`, or `every // 5` once near the target."""
+    near = bool(estimates) and estimates[-1] >= 0.75 * target
+    return max(1, every // 5) if near else every
+
+
+def reached(target: float, estimates: list[float]) -> bool:
+    """The mean of the last two estimates (one if there is only one) reaches the target."""
+    return bool(estimates) and float(np.mean(estimates[-2:])) >= target
+
+
+def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, records, tokenizer,
+               batch_sharding, accuracy: Callable[[Any, int], float], progress,
+               should_stop: Callable[[], bool] = lambda: False) -> tuple[Any, dict[str, float], bool]:
+    """Run the warm-up from `params`. `accuracy(params, step)` is the sampled accuracy on training
+    prompts. Returns (params, report {sft/steps, sft/accuracy}, finished); `finished` is False when
+    `should_stop()` ended it early (preemption)."""
+    if task is None:
+        raise ConfigError("config.train.sft_steps > 0 needs the synthetic task (it has reference "
+                          "solutions); set train.sft_steps=0 for data.kind='files'")
+    t = cfg.train
+    tx = optax.adamw(t.sft_lr, weight_decay=0.0)
+    opt = jax.jit(tx.init)(params)
+    P, N = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
+
+    @jax.jit
+    def step_fn(p, o, b):
+        loss, g = jax.value_and_grad(lambda p_: sft_loss(graphdef, p_, b))(p)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    rng = np.random.default_rng(cfg.seed)
+    estimates: list[float] = []
+    next_check = t.sft_check_every
+    report = {"sft/steps": 0, "sft/accuracy": float("nan")}
+    for i in range(t.sft_steps):
+        if should_stop():
+            return params, report, False
+        if t.sft_target_accuracy and i == next_check:
+            estimates.append(accuracy(params, i))
+            report = {"sft/steps": i, "sft/accuracy": estimates[-1]}
+            log.info("sft warm-up step %d: sampled accuracy on training prompts %.3f (target %.2f)",
+                     i, estimates[-1], t.sft_target_accuracy)
+            if reached(t.sft_target_accuracy, estimates):
+                break
+            next_check = i + check_schedule(t.sft_check_every, t.sft_target_accuracy, estimates)
+        idx = rng.integers(0, len(records), t.sft_batch_size)
+        recs = [records[j] for j in idx]
+        enc = encode_sft_batch(tokenizer, [r["prompt"] for r in recs], [task.reference_solution(r) for r in recs],
+                               max_prompt_len=P, max_response_len=N)
+        enc = {k: parallel.host_to_global(v, batch_sharding) for k, v in enc.items()}
+        params, opt, loss = step_fn(params, opt, enc)
+        progress.update(1)
+        progress.set_postfix(loss=f"{float(loss):.3f}")
+        report["sft/steps"] = i + 1
+    return params, report, True
+
+
+def sampled_accuracy(cfg: ml_collections.ConfigDict, tokenizer, records, sample, step: int) -> float:
+    """Sampled accuracy (rollout temperature) on CHECK_PROMPTS training prompts × CHECK_SAMPLES.
+    `sample(ids, mask, call_index)` returns the sampler's output for those rows."""
+    rng = np.random.default_rng([cfg.seed, step])
+    recs = [records[j] for j in rng.choice(len(records), CHECK_PROMPTS, replace=False)]
+    spec = eval_lib.EvalSpec(k=CHECK_SAMPLES, batch_prompts=CHECK_PROMPTS, max_prompt_len=cfg.data.max_prompt_len)
+    res = eval_lib.evaluate_benchmark(sample, tokenizer, recs, spec)
+    return float(res[f"mean@{CHECK_SAMPLES}"])
