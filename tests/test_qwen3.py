@@ -59,8 +59,11 @@ def test_head_dim_differs_from_hidden_over_heads(make_hf_qwen3):
     _, path = make_hf_qwen3(**CONFIGS["untied_gqa4"])
     model = qwen3.from_pretrained(path)
     attn = model.layers[0].self_attn
-    assert attn.head_dim == 16 and 48 // 4 == 12
-    assert attn.q_proj.kernel.shape == (48, 4 * 16)
+    # Qwen3 sets head_dim explicitly: 16 here, not hidden_size / heads = 48 / 4 = 12
+    assert attn.head_dim == 16
+    assert attn.q_proj.kernel.shape == (48, 4 * 16) and attn.o_proj.kernel.shape == (4 * 16, 48)
+    ids, mask = _inputs()
+    assert model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits.shape == (*ids.shape, 101)
 
 
 def test_export_reload_in_transformers(make_hf_qwen3, torch, tmp_path):
@@ -107,8 +110,7 @@ def test_bf16_params_close_to_f32(make_hf_qwen3, torch):
 def test_sharded_load_on_8_devices(make_hf_qwen3, torch):
     from jaxrl_entropy import parallel
 
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 fake CPU devices"
     hf_model, path = make_hf_qwen3(**CONFIGS["untied_gqa2"])
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     model = qwen3.from_pretrained(path, mesh=mesh)

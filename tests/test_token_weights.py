@@ -278,8 +278,10 @@ def test_mode_changes_which_tokens_carry_gradient(mode):
     if mode == "full":
         expected = mask.astype(float)
     elif mode == "random":
-        expected = np.asarray(w)  # the draw itself is random; checked separately above
-        assert (expected > 0).sum() == np_k(0.2, mask.sum())
+        # the documented draw (uniform scores from the key), then the brute-force selection rule
+        scores = np.asarray(jax.random.uniform(jax.random.key(3), mask.shape))
+        expected = np_select(scores, mask, 0.2, False).astype(float)
+        assert expected.sum() == np_k(0.2, mask.sum())
     elif mode == "soft":
         expected = np.where(mask, 1 + 0.5 * (1 - 2 * 0.3) * (1 - 2 * np_rank_u(attn, mask)), 0)
     else:
