@@ -214,6 +214,9 @@ def test_extract_answer_only_reads_the_tail():
         (r"3, \text{ and } 4", "3,4"),
         (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
         (r"1\ 000", "1000"),  # a control space
+        (r"5^{\mathrm{th}}", "5"),  # an ordinal
+        (r"5\text{s}", "5"),
+        ('"yes"', "yes"),
         (r"\text{(A)}", "(A)"),
         (r"\textbf{17}", "17"),
         (r"\overline{AB}", "AB"),

@@ -88,6 +88,10 @@ _INTEGER_DOT_ZERO_RE = re.compile(r"([+-]?\d+)\.0+")
 # Plain substitutions, applied in order (before whitespace is removed).
 _SUBSTITUTIONS = (
     ("\\$", ""),  # an escaped dollar is currency, not math mode
+    ("^{\\mathrm{th}}", ""),  # ordinals: 5^{\mathrm{th}}
+    ("\\mathrm{th}", ""),
+    ("\\text{s}", ""),  # a plural ending: 5 \text{s}
+    ('"', ""),
     ("dfrac", "frac"),
     ("tfrac", "frac"),
     ("\\displaystyle", ""),
@@ -188,7 +192,8 @@ def normalize_final_answer(answer: str) -> str:
     """DAPO's final-answer normalisation (our re-implementation, with fixes).
 
     In order: keep the part after the last ``=``; rewrite ``\\text{and}`` (spaces allowed inside
-    the braces) to ``,``, drop currency ``\\$``, ``dfrac``/``tfrac`` -> ``frac``, drop
+    the braces) to ``,``, drop currency ``\\$``, ordinal ``\\mathrm{th}``, ``\\text{s}`` and
+    double quotes, ``dfrac``/``tfrac`` -> ``frac``, drop
     ``\\displaystyle``, degree marks, percent signs, LaTeX spacing (``\\!``, ``\\,``, ``\\;``,
     ``\\ ``, ``~``) and ``\\ldots``; drop ``\\left`` and ``\\right``; drop ``\\text{m}``
     (metres); unwrap ``\\text{}``, ``\\textbf{}``, ``\\mathrm{}``, ``\\mbox{}``, ``\\overline{}``,
