@@ -27,7 +27,12 @@ this package, and they must start fast.
 from jaxrl_entropy.rl.rewards.extract import DEFAULT_TAIL_CHARS, extract_answer, extract_boxed
 from jaxrl_entropy.rl.rewards.normalize import answers_match, normalize_final_answer, units_conflict
 from jaxrl_entropy.rl.rewards.pool import KillingPool
-from jaxrl_entropy.rl.rewards.score import RewardResult, math_reward, overlong_penalty, score_responses
+from jaxrl_entropy.rl.rewards.score import (
+    RewardResult,
+    math_reward,
+    overlong_penalty,
+    score_responses,
+)
 from jaxrl_entropy.rl.rewards.verifier import MathVerifier, math_verify_equivalent
 
 __all__ = [

@@ -14,7 +14,7 @@ Why not ``pebble`` (checked with 5.2.3): its workers share one pipe guarded by a
 lock, so a worker killed while holding it (the OOM killer, mid-transaction) stalls the whole pool
 (pebble#163), and a worker killed while idle, with no task in flight, breaks the pool for good
 (every later ``schedule`` raises ``RuntimeError``), which we reproduced. Both are failures the
-trainer must survive, and the pool below is about 150 lines.
+trainer must survive, and the pool below is small.
 """
 
 from __future__ import annotations
