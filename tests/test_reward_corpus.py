@@ -145,7 +145,7 @@ def test_string_verdicts_match_hand_labels(corpus):
 
 
 def test_verifier_verdicts_match_hand_labels(corpus):
-    with MathVerifier(timeout_s=5.0, workers=2) as verifier:
+    with MathVerifier(timeout_s=10.0, workers=2) as verifier:
         got = score_responses(
             [r["response"] for r in corpus],
             [r["ground_truth"] for r in corpus],
