@@ -13,6 +13,7 @@ import transformers
 
 from jaxrl_entropy.data.synthetic import ArithmeticTask
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer, load_tokenizer
+from jaxrl_entropy.rl.rewards import math_reward  # a plain import: a broken reward must fail
 
 _SPECIAL_IDS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|unk|>": 3}
 
@@ -224,10 +225,9 @@ def test_invalid_task_configs_raise():
 
 def test_reference_solutions_earn_the_project_math_reward():
     """Integration: the demo is scored by the same `math_reward` as real maths."""
-    rewards = pytest.importorskip("jaxrl_entropy.rl.rewards")
     for task in (ArithmeticTask(), ArithmeticTask(ops="+-*", num_terms=3)):
         for record in task.records("train", 30):
             gold = record["reward_model"]["ground_truth"]
-            assert rewards.math_reward(task.reference_solution(record), gold).correct
+            assert math_reward(task.reference_solution(record), gold).correct
             wrong = f"\\boxed{{{int(gold) + 1}}}"
-            assert not rewards.math_reward(wrong, gold).correct
+            assert not math_reward(wrong, gold).correct
