@@ -28,7 +28,6 @@ from jaxrl_entropy.rl.loss import NORMALIZATIONS
 from jaxrl_entropy.rl.token_weights import HARD_MODES, MODES, SCHEDULES, SOFT_SHAPES
 from kernels.platform import BACKENDS
 
-WEIGHT_MODES = MODES  # the name this module exported before; `token_weights.MODES` is the source
 DATA_KINDS = ("synthetic", "files")
 AGGREGATIONS = ("head_mixture", "head_mean")  # read by rl/train_step.py (StepSpec.aggregation)
 
@@ -38,6 +37,8 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default (locked). The RL defaults are the paper's DAPO setting; the
+    presets (`jaxrl_entropy/presets.py`) change only what differs for their model and data."""
     c = ml_collections.ConfigDict()
     c.name = "run"            # label of the variant (analysis groups runs by it)
     c.seed = 0
