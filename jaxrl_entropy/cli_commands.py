@@ -20,7 +20,8 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     # `sys_argv`: config_flags reads the --config.* overrides from this list, not from fv(argv)
     config_flags.DEFINE_config_file(
         "config", presets.__file__,
-        "ml_collections config file (`path.py` or `path.py:variant`); default: the built-in CPU demo",
+        "ml_collections config file (`path.py` or `path.py:variant`); default: the CPU demo "
+        "(jaxrl_entropy/presets.py, installed with the package; the same config as configs/demo.py)",
         flag_values=fv, lock_config=True, sys_argv=list(argv))
     flags.DEFINE_string("workdir", None, "run directory: metrics.jsonl, TensorBoard events, checkpoints, "
                         "config.json (train: default runs/<config.name>)", flag_values=fv)

@@ -1,20 +1,35 @@
-"""The one config schema: `base_config()` lists every key with its default, `validate()` checks a
-config against it before anything is compiled.
+"""The one config schema: `base_config()` lists every key with its default, `RULES` every key's
+allowed values, `validate()` checks a config against both before anything is compiled, and
+`validate_for_runtime()` adds the checks that need the model's depth or the device count.
 
 Experiment files (`configs/*.py`) start from `base_config()` and change values; they cannot add
 keys (the dict is locked), so a typo in a file or on the command line (`--config.rl.gropu_size=8`)
 fails at once with the list of valid keys.
+
+Lists of allowed names are imported from the module that implements them (token-weight modes,
+soft shapes and schedules, loss normalisations, attention implementations, kernel backends,
+dtypes), so the config can never offer a name the code does not know.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import math
+import re
 from typing import Any
 
 import ml_collections
 
-WEIGHT_MODES = ("full", "random", "anchor", "explorer", "pred_entropy_low", "pred_entropy_high",
-                "position_early", "position_late", "soft")
+from jaxrl_entropy.data import synthetic
+from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
+from jaxrl_entropy.models.config import DTYPES
+from jaxrl_entropy.rl.loss import NORMALIZATIONS
+from jaxrl_entropy.rl.token_weights import HARD_MODES, MODES, SCHEDULES, SOFT_SHAPES
+from kernels.platform import BACKENDS
+
+DATA_KINDS = ("synthetic", "files")
+AGGREGATIONS = ("head_mixture", "head_mean")  # read by rl/train_step.py (StepSpec.aggregation)
 
 
 class ConfigError(ValueError):
@@ -22,6 +37,8 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default (locked). The RL defaults are the paper's DAPO setting; the
+    presets (`jaxrl_entropy/presets.py`) change only what differs for their model and data."""
     c = ml_collections.ConfigDict()
     c.name = "run"            # label of the variant (analysis groups runs by it)
     c.seed = 0
@@ -103,6 +120,148 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# -------------------------------------------------------------------------- allowed values
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed numbers: an interval in the usual notation ("(0, 1]", "[1, inf)"); `also` lists
+    single values allowed outside it (-1 = "fill the rest"); `why` is said when a value is
+    refused. NaN and ±inf are never allowed."""
+    interval: str
+    also: tuple = ()
+    why: str = ""
+
+    def __post_init__(self):
+        if not _INTERVAL.match(self.interval):
+            raise ValueError(f"bad interval {self.interval!r}")
+
+    def allows(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        lo_bracket, lo, hi, hi_bracket = _INTERVAL.match(self.interval).groups()
+        lo, hi = float(lo), float(hi)
+        above = value >= lo if lo_bracket == "[" else value > lo
+        below = value <= hi if hi_bracket == "]" else value < hi
+        return above and below
+
+    def describe(self) -> str:
+        extra = "".join(f" or {v}" for v in self.also)
+        return f"must lie in {self.interval}{extra}{': ' + self.why if self.why else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Allowed strings."""
+    options: tuple[str, ...]
+    why: str = ""
+
+    def allows(self, value: str) -> bool:
+        return value in self.options
+
+    def describe(self) -> str:
+        return f"is not one of {list(self.options)}{': ' + self.why if self.why else ''}"
+
+
+_POSITIVE_INT = Range("[1, inf)")
+_COUNT = Range("[0, inf)")
+_POSITIVE = Range("(0, inf)")
+_PROBABILITY = Range("[0, 1]")
+_TOP_P = Range("(0, 1]", why="nucleus sampling keeps this share of the probability mass (1 = off)")
+_MESH_AXIS = Range("[1, inf)", also=(-1,), why="devices along this mesh axis (-1: all the devices left)")
+
+# Every key's allowed values, in one place. A key that is not here is a free string or a boolean
+# (`FREE_TEXT`); `entropy.layers` has its own rule (ints or depth fractions). Checks that tie two
+# keys together are in `validate`, checks that need the model or the devices in
+# `validate_for_runtime`.
+RULES: dict[str, Range | Choice] = {
+    "seed": Range("[0, 4294967296)", why="an unsigned 32-bit integer (the data shuffle's seed)"),
+    "model.dtype": Choice(tuple(DTYPES)),
+    "model.param_dtype": Choice(tuple(DTYPES)),
+    "model.attention": Choice(PLAIN_IMPLS),
+    "model.probe_attention": Choice(PROBE_IMPLS),
+    "model.kernel_backend": Choice(("",) + BACKENDS, why='"" picks the backend by platform'),
+    "model.logits_chunk": _POSITIVE_INT,
+    "model.arch.hidden_size": _POSITIVE_INT,
+    "model.arch.intermediate_size": _POSITIVE_INT,
+    "model.arch.num_hidden_layers": _POSITIVE_INT,
+    "model.arch.num_attention_heads": _POSITIVE_INT,
+    "model.arch.num_key_value_heads": _POSITIVE_INT,
+    "model.arch.head_dim": Range("[2, inf)", why="RoPE rotates pairs of dimensions (an even number)"),
+    "model.arch.rope_theta": _POSITIVE,
+    "model.arch.rms_norm_eps": _POSITIVE,
+    "data.kind": Choice(DATA_KINDS),
+    "data.max_prompt_len": _POSITIVE_INT,
+    "data.synthetic.digits": Range(f"[{synthetic.DIGITS[0]}, {synthetic.DIGITS[1]}]"),
+    "data.synthetic.num_terms": Range(f"[{synthetic.NUM_TERMS[0]}, {synthetic.NUM_TERMS[1]}]"),
+    "data.synthetic.train_size": _POSITIVE_INT,
+    "data.synthetic.eval_size": Range("[0, inf)", why="0 = no held-out evaluation"),
+    "rollout.max_new_tokens": _POSITIVE_INT,
+    "rollout.temperature": Range("(0, inf)", why="the policy's log-probs are taken at this temperature"),
+    "rollout.top_p": _TOP_P,
+    "rollout.top_k": Range("[0, inf)", why="0 = off"),
+    "rl.prompts_per_step": _POSITIVE_INT,
+    "rl.group_size": Range("[2, inf)", why="GRPO needs at least 2 responses per prompt"),
+    "rl.mini_batch_prompts": _POSITIVE_INT,
+    "rl.micro_batch_size": _POSITIVE_INT,
+    "rl.eps_low": Range("[0, 1)", why="the ratio's lower clip 1 - eps_low must stay positive"),
+    "rl.eps_high": Range("[0, inf)"),
+    "rl.clip_c": Range("(1, inf)", why="the dual clip bounds the ratio from above for negative advantages"),
+    "rl.kl_coef": Range("[0, 0]", why="a KL term needs a reference policy, which the trainer does not keep "
+                                      "(DAPO uses no KL; the loss function itself supports k3 KL)"),
+    "rl.entropy_coef": Range("[0, inf)", why="the weight of an entropy bonus (0 = off)"),
+    "rl.max_gen_batches": _POSITIVE_INT,
+    "rl.correct_score": Range("(-inf, inf)"),
+    "rl.incorrect_score": Range("(-inf, inf)"),
+    "rl.math_verify_timeout_s": _POSITIVE,
+    "rl.overlong_buffer": Range("[0, inf)", why="0 = no overlong shaping"),
+    "rl.overlong_factor": Range("[0, inf)"),
+    "entropy.aggregation": Choice(AGGREGATIONS),
+    "weights.mode": Choice(MODES),
+    "weights.fraction": Range("(0, 1]", why="the share of valid response tokens a hard mode keeps"),
+    "weights.normalization": Choice(NORMALIZATIONS),
+    "weights.soft.shape": Choice(SOFT_SHAPES),
+    "weights.soft.alpha": Range("[0, 1)", why="weights stay positive"),
+    "weights.soft.sigma": _POSITIVE,
+    "weights.soft.floor": _PROBABILITY,
+    "weights.soft.schedule": Choice(SCHEDULES),
+    "weights.soft.start_step": _COUNT,
+    "weights.soft.end_step": _COUNT,
+    "weights.soft.hard_steps": _COUNT,
+    "weights.soft.hard_mode": Choice(HARD_MODES),
+    "optim.lr": _POSITIVE,
+    "optim.b1": Range("[0, 1)"),
+    "optim.b2": Range("[0, 1)"),
+    "optim.weight_decay": Range("[0, inf)"),
+    "optim.warmup_steps": _COUNT,
+    "optim.grad_clip": Range("(0, inf)", why="the largest global gradient norm"),
+    "train.steps": Range("[0, inf)", why="RL steps (0 only with train.sft_steps > 0)"),
+    "train.log_every": _POSITIVE_INT,
+    "train.checkpoint_every": _POSITIVE_INT,
+    "train.keep_checkpoints": _POSITIVE_INT,
+    "train.geometry_every": Range("[0, inf)", why="0 = no gradient geometry"),
+    "train.sft_steps": Range("[0, inf)", why="0 = no supervised warm-up"),
+    "train.sft_lr": _POSITIVE,
+    "train.sft_batch_size": _POSITIVE_INT,
+    "train.sft_target_accuracy": Range("[0, 1]", why="0 = run all train.sft_steps"),
+    "train.sft_check_every": _POSITIVE_INT,
+    "eval.every": Range("[0, inf)", why="0 = no evaluation during training"),
+    "eval.k": _POSITIVE_INT,
+    "eval.temperature": Range("[0, inf)", why="0 = greedy"),
+    "eval.top_p": _TOP_P,
+    "eval.max_new_tokens": Range("[0, inf)", why="0 = rollout.max_new_tokens"),
+    "eval.max_problems": Range("[0, inf)", why="0 = every problem"),
+    "parallel.data": _MESH_AXIS,
+    "parallel.fsdp": _MESH_AXIS,
+    "parallel.tensor": _MESH_AXIS,
+}
+# Keys whose value is any string: paths, labels, the benchmark list (checked when it is read).
+FREE_TEXT = ("name", "model.hf_dir", "tokenizer", "data.train_files", "data.synthetic.ops", "eval.benchmarks")
+
+
 # -------------------------------------------------------------------------------- validation
 def _schema_keys(d: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     out = {}
@@ -114,23 +273,7 @@ def _schema_keys(d: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
     return out
 
 
-def _choice(cfg_value, key, options):
-    if cfg_value not in options:
-        raise ConfigError(f"config.{key}={cfg_value!r} is not one of {list(options)}")
-
-
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check keys against the schema and values for sense; raise `ConfigError` naming the key."""
-    schema = _schema_keys(base_config())
-    given = _schema_keys(cfg)
-    unknown = sorted(set(given) - set(schema))
-    if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, schema, 1)) else k
-                 for k in unknown]
-        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
-    missing = sorted(set(schema) - set(given))
-    if missing:
-        raise ConfigError(f"config is missing key(s) {missing}; build configs from jaxrl_entropy.config.base_config()")
+def _check_types(schema: dict[str, Any], given: dict[str, Any]) -> None:
     for key, default in schema.items():
         value = given[key]
         if isinstance(default, bool):
@@ -142,76 +285,150 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         elif isinstance(default, str):
             ok = isinstance(value, str)
         elif isinstance(default, tuple):
-            ok = isinstance(value, (tuple, list, int, float))
+            ok = isinstance(value, (tuple, list, int, float)) and not isinstance(value, bool)
         else:
             ok = True
         if not ok:
             raise ConfigError(f"config.{key}={value!r} has type {type(value).__name__}; "
                               f"expected {type(default).__name__} (default {default!r})")
 
-    positive = ["rl.prompts_per_step", "rl.group_size", "rl.mini_batch_prompts", "rl.micro_batch_size",
-                "rl.max_gen_batches", "rollout.max_new_tokens", "data.max_prompt_len",
-                "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.k",
-                "model.logits_chunk"]
-    for key in positive:
-        if given[key] <= 0:
-            raise ConfigError(f"config.{key}={given[key]} must be positive")
-    if given["train.steps"] < 0 or (given["train.steps"] == 0 and given["train.sft_steps"] <= 0):
-        raise ConfigError(f"config.train.steps={given['train.steps']} must be positive (0 is allowed only with "
-                          "train.sft_steps > 0: a warm-up-only run that saves a step-0 checkpoint)")
-    _choice(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
-    _choice(cfg.model.param_dtype, "model.param_dtype", ("float32", "bfloat16", "float16"))
-    from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
-    _choice(cfg.model.attention, "model.attention", PLAIN_IMPLS)
-    _choice(cfg.model.probe_attention, "model.probe_attention", PROBE_IMPLS)
-    _choice(cfg.model.kernel_backend, "model.kernel_backend", ("", "xla", "tpu", "gpu", "interpret_tpu", "interpret_gpu"))
-    _choice(cfg.data.kind, "data.kind", ("synthetic", "files"))
-    _choice(cfg.entropy.aggregation, "entropy.aggregation", ("head_mixture", "head_mean"))
-    _choice(cfg.weights.mode, "weights.mode", WEIGHT_MODES)
-    _choice(cfg.weights.normalization, "weights.normalization", ("selected", "all"))
-    _choice(cfg.weights.soft.shape, "weights.soft.shape", ("linear_tilt", "gaussian"))
-    _choice(cfg.weights.soft.schedule, "weights.soft.schedule", ("linear", "cosine"))
-    _choice(cfg.weights.soft.hard_mode, "weights.soft.hard_mode", tuple(m for m in WEIGHT_MODES if m != "soft"))
-    if cfg.rl.kl_coef:
-        raise ConfigError("config.rl.kl_coef > 0 needs a reference policy, which the trainer does not keep; "
-                          "leave it at 0 (DAPO uses no KL; the loss function itself supports k3 KL)")
-    if not 0.0 <= cfg.train.sft_target_accuracy <= 1.0:
-        raise ConfigError(f"config.train.sft_target_accuracy={cfg.train.sft_target_accuracy} must lie in [0, 1]")
-    if not 0.0 < cfg.weights.fraction <= 1.0:
-        raise ConfigError(f"config.weights.fraction={cfg.weights.fraction} must lie in (0, 1]")
-    if not 0.0 <= cfg.weights.soft.alpha < 1.0:
-        raise ConfigError(f"config.weights.soft.alpha={cfg.weights.soft.alpha} must lie in [0, 1) (weights stay positive)")
-    if cfg.weights.soft.end_step <= cfg.weights.soft.start_step:
-        raise ConfigError("config.weights.soft.end_step must be greater than weights.soft.start_step")
-    if cfg.rl.group_size < 2:
-        raise ConfigError(f"config.rl.group_size={cfg.rl.group_size}: GRPO needs at least 2 responses per prompt")
-    if cfg.rl.prompts_per_step % cfg.rl.mini_batch_prompts:
-        raise ConfigError(f"config.rl.prompts_per_step ({cfg.rl.prompts_per_step}) must be a multiple of "
-                          f"rl.mini_batch_prompts ({cfg.rl.mini_batch_prompts})")
-    mini_seqs = cfg.rl.mini_batch_prompts * cfg.rl.group_size
-    if mini_seqs % cfg.rl.micro_batch_size:
-        raise ConfigError(f"rl.mini_batch_prompts × rl.group_size = {mini_seqs} sequences must be a multiple of "
-                          f"config.rl.micro_batch_size ({cfg.rl.micro_batch_size})")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"config.rollout.top_p={cfg.rollout.top_p} must lie in (0, 1]")
-    if cfg.rollout.temperature <= 0:
-        raise ConfigError(f"config.rollout.temperature={cfg.rollout.temperature} must be positive for RL "
-                          "(the policy's log-probs are taken at this temperature)")
-    if cfg.rl.eps_low < 0 or cfg.rl.eps_high < 0 or cfg.rl.clip_c <= 1:
-        raise ConfigError("config.rl.eps_low/eps_high must be >= 0 and rl.clip_c > 1")
-    if cfg.rl.overlong_buffer < 0 or cfg.rl.overlong_buffer >= cfg.rollout.max_new_tokens:
-        raise ConfigError(f"config.rl.overlong_buffer={cfg.rl.overlong_buffer} must lie in "
-                          f"[0, rollout.max_new_tokens={cfg.rollout.max_new_tokens})")
-    if cfg.data.kind == "files" and not cfg.data.train_files:
+
+def _probe_layers(cfg: ml_collections.ConfigDict) -> tuple:
+    layers = cfg.entropy.layers
+    return tuple(layers) if isinstance(layers, (tuple, list)) else (layers,)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check keys against the schema and values against `RULES` and each other; raise
+    `ConfigError` naming the key and its allowed values. Needs neither the model nor devices."""
+    schema = _schema_keys(base_config())
+    given = _schema_keys(cfg)
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, schema, 1)) else k
+                 for k in unknown]
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+    missing = sorted(set(schema) - set(given))
+    if missing:
+        raise ConfigError(f"config is missing key(s) {missing}; build configs from jaxrl_entropy.config.base_config()")
+    _check_types(schema, given)
+    for key, rule in RULES.items():
+        if not rule.allows(given[key]):
+            raise ConfigError(f"config.{key}={given[key]!r} {rule.describe()}")
+
+    c = cfg
+    if c.train.steps == 0 and c.train.sft_steps == 0:
+        raise ConfigError("config.train.steps=0 is allowed only with config.train.sft_steps > 0 (a warm-up-only "
+                          "run that saves a step-0 checkpoint)")
+    if c.data.kind == "files" and not c.data.train_files:
         raise ConfigError("config.data.kind='files' needs config.data.train_files (parquet/jsonl path or glob)")
-    layers = cfg.entropy.layers if isinstance(cfg.entropy.layers, (tuple, list)) else (cfg.entropy.layers,)
+    if c.train.sft_steps and c.data.kind != "synthetic":
+        raise ConfigError("config.train.sft_steps > 0 needs the synthetic task (it has reference solutions); "
+                          "set config.train.sft_steps=0 for config.data.kind='files'")
+    if not c.model.hf_dir:
+        a = c.model.arch
+        if a.num_attention_heads % a.num_key_value_heads:
+            raise ConfigError(f"config.model.arch.num_attention_heads ({a.num_attention_heads}) must be a multiple "
+                              f"of config.model.arch.num_key_value_heads ({a.num_key_value_heads})")
+        if a.head_dim % 2:
+            raise ConfigError(f"config.model.arch.head_dim={a.head_dim} must be even (RoPE rotates pairs)")
+    if c.data.kind == "synthetic":
+        _check_synthetic(c)
+    if c.rl.prompts_per_step % c.rl.mini_batch_prompts:
+        raise ConfigError(f"config.rl.prompts_per_step ({c.rl.prompts_per_step}) must be a multiple of "
+                          f"config.rl.mini_batch_prompts ({c.rl.mini_batch_prompts})")
+    mini_seqs = c.rl.mini_batch_prompts * c.rl.group_size
+    if mini_seqs % c.rl.micro_batch_size:
+        raise ConfigError(f"config.rl.mini_batch_prompts × config.rl.group_size = {mini_seqs} sequences must be a "
+                          f"multiple of config.rl.micro_batch_size ({c.rl.micro_batch_size})")
+    if c.rl.overlong_buffer >= c.rollout.max_new_tokens:
+        raise ConfigError(f"config.rl.overlong_buffer={c.rl.overlong_buffer} must lie in "
+                          f"[0, config.rollout.max_new_tokens={c.rollout.max_new_tokens})")
+    if c.rl.correct_score <= c.rl.incorrect_score:
+        raise ConfigError(f"config.rl.correct_score ({c.rl.correct_score}) must be greater than "
+                          f"config.rl.incorrect_score ({c.rl.incorrect_score}): otherwise no answer is better")
+    if c.weights.soft.end_step < c.weights.soft.start_step:
+        raise ConfigError(f"config.weights.soft.end_step ({c.weights.soft.end_step}) must be >= "
+                          f"config.weights.soft.start_step ({c.weights.soft.start_step})")
+    if sum(v == -1 for v in c.parallel.values()) > 1:
+        raise ConfigError(f"at most one of config.parallel.data/fsdp/tensor may be -1 (all the devices left); "
+                          f"got {c.parallel.to_dict()}")
+    layers = _probe_layers(c)
     if not layers:
         raise ConfigError("config.entropy.layers is empty; give at least one probe layer (index or depth fraction)")
     for item in layers:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ConfigError(f"config.entropy.layers item {item!r} must be an int index or a float fraction")
+            raise ConfigError(f"config.entropy.layers item {item!r} must be an int index or a float depth fraction")
         if isinstance(item, float) and not 0.0 <= item <= 1.0:
             raise ConfigError(f"config.entropy.layers item {item} is a depth fraction and must lie in [0, 1]")
+    return cfg
+
+
+def _check_synthetic(c: ml_collections.ConfigDict) -> None:
+    s = c.data.synthetic
+    try:
+        task = synthetic.ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat)
+    except ValueError as e:  # the task names its own field: say which config key that is
+        raise ConfigError(str(e).replace("ArithmeticTask.", "config.data.synthetic.")) from None
+    most = task.max_records("test")
+    if s.eval_size > most:
+        raise ConfigError(f"config.data.synthetic.eval_size={s.eval_size}: the held-out split of "
+                          f"digits={s.digits}, num_terms={s.num_terms}, ops={s.ops!r} holds at most {most} "
+                          "distinct problems; lower eval_size or raise digits/num_terms")
+
+
+def model_num_layers(cfg: ml_collections.ConfigDict) -> int:
+    """The model's depth: from `model.hf_dir`'s config.json (no weights read) or `model.arch`."""
+    if cfg.model.hf_dir:
+        from jaxrl_entropy.models.config import read_hf_config
+        return read_hf_config(cfg.model.hf_dir).num_hidden_layers
+    return cfg.model.arch.num_hidden_layers
+
+
+def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """`parallel.data/fsdp/tensor` with -1 resolved against `num_devices`; ConfigError if they do
+    not multiply to the device count."""
+    sizes = dict(cfg.parallel.to_dict())
+    fill = [k for k, v in sizes.items() if v == -1]
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if num_devices % known:
+            raise ConfigError(f"config.parallel.{fill[0]}=-1 cannot fill {num_devices} devices: the other axes "
+                              f"({sizes}) multiply to {known}, which does not divide {num_devices}")
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"config.parallel.data × fsdp × tensor = {math.prod(sizes.values())} ({sizes}) but "
+                          f"there are {num_devices} devices; make the product {num_devices} or set one axis to -1")
+    return sizes
+
+
+def validate_for_runtime(cfg: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
+                         num_layers: int | None = None) -> ml_collections.ConfigDict:
+    """`validate` plus the checks that need the model's depth and the devices, all before any
+    weight is read or anything compiled.
+
+    num_devices: `jax.device_count()`; num_processes: `jax.process_count()`; num_layers: the
+    model's depth (default `model_num_layers(cfg)`, which reads only config.json).
+    """
+    validate(cfg)
+    sizes = mesh_sizes(cfg, num_devices)
+    data_parallel = sizes["data"] * sizes["fsdp"]  # the batch is split over both (parallel.LOGICAL_RULES)
+    if cfg.rl.micro_batch_size % data_parallel:
+        raise ConfigError(f"config.rl.micro_batch_size={cfg.rl.micro_batch_size} must be a multiple of the "
+                          f"data-parallel size {data_parallel} (config.parallel.data × config.parallel.fsdp, "
+                          f"mesh {sizes})")
+    if cfg.train.sft_steps and cfg.train.sft_batch_size % data_parallel:
+        raise ConfigError(f"config.train.sft_batch_size={cfg.train.sft_batch_size} must be a multiple of the "
+                          f"data-parallel size {data_parallel} (config.parallel.data × config.parallel.fsdp)")
+    if cfg.rl.prompts_per_step % num_processes:
+        raise ConfigError(f"config.rl.prompts_per_step={cfg.rl.prompts_per_step} must be a multiple of the "
+                          f"number of processes ({num_processes}): each loads an equal share of the prompts")
+    layers = model_num_layers(cfg) if num_layers is None else num_layers
+    for item in _probe_layers(cfg):
+        if isinstance(item, int) and not -layers <= item < layers:
+            where = f"config.json of {cfg.model.hf_dir}" if cfg.model.hf_dir else "config.model.arch"
+            raise ConfigError(f"config.entropy.layers item {item} is out of range for a model with {layers} layers "
+                              f"({where}); use an index in [{-layers}, {layers}) or a depth fraction in [0, 1]")
     return cfg
 
 

@@ -1,14 +1,36 @@
-"""The config schema: every preset validates; bad keys and values fail with the key named."""
+"""The config schema: every preset validates; bad keys and values fail with the key named, before
+anything is compiled; every numeric key has a stated range; error messages name real keys."""
+import ast
 import json
+import math
+import os
+import pathlib
+import re
 
 import ml_collections
 import pytest
 
+from conftest import TINY_CLI_FLAGS
+from jaxrl_entropy import cli
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import presets
-from jaxrl_entropy.config import ConfigError, validate
+from jaxrl_entropy.config import RULES, Choice, ConfigError, Range, validate, validate_for_runtime
+
+PACKAGE = pathlib.Path(config_lib.__file__).parent
+SCHEMA = config_lib._schema_keys(config_lib.base_config())
 
 
+def _set(c, key, value):
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    return c
+
+
+# ------------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("variant", presets.PAPER_VARIANTS)
 def test_presets_validate(variant):
     for make in (presets.demo, presets.qwen3_8b_dapo):
@@ -20,9 +42,140 @@ def test_paper_preset_has_the_paper_hyperparameters():
     c = presets.qwen3_8b_dapo("anchor")
     assert (c.data.max_prompt_len, c.rollout.max_new_tokens) == (1024, 8192)
     assert (c.rl.eps_low, c.rl.eps_high, c.rl.clip_c, c.rl.group_size) == (0.2, 0.28, 10.0, 16)
-    assert c.optim.lr == 1e-6 and c.entropy.layers == (20,) and c.weights.fraction == 0.2
+    assert (c.rl.prompts_per_step, c.rl.mini_batch_prompts, c.rl.overlong_buffer) == (512, 32, 2048)
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 10, 0.1, 1.0)
+    assert c.entropy.layers == (20,) and c.weights.fraction == 0.2
+    assert (c.eval.k, c.eval.top_p, c.model.dtype) == (8, 0.7, "bfloat16")
 
 
+def _assigned_keys(function_name: str) -> list[str]:
+    """Keys a preset function writes: `c.a.b = v`, `c.a.update(dict(k=v))`, `c.a.update(k=v)`."""
+    tree = ast.parse((PACKAGE / "presets.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function_name)
+
+    def dotted(node):
+        parts = []
+        while isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "c" else None
+
+    keys = []
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign):
+            keys += [k for k in map(dotted, node.targets) if k]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update":
+            prefix = dotted(node.func.value)
+            kws = list(node.keywords)
+            for arg in node.args:
+                if isinstance(arg, ast.Call) and getattr(arg.func, "id", None) == "dict":
+                    kws += arg.keywords
+            keys += [f"{prefix}.{kw.arg}" for kw in kws]
+    return keys
+
+
+@pytest.mark.parametrize("name", ["demo", "qwen3_8b_dapo"])
+def test_presets_set_only_what_differs_from_base_config(name):
+    keys = _assigned_keys(name)
+    assert len(keys) > 5  # the parse found the assignments
+    made = config_lib._schema_keys(getattr(presets, name)("full"))
+    restated = [k for k in keys if made[k] == SCHEMA[k]]
+    assert not restated, f"presets.{name} restates base_config defaults: {restated}"
+
+
+def test_cli_default_is_the_demo_and_needs_no_configs_dir(tmp_path, monkeypatch):
+    from absl import flags
+    from jaxrl_entropy import cli_commands
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the default must come from the package
+    fv = flags.FlagValues()
+    cli_commands._define(fv, ["jaxrl-entropy train"])
+    fv(["jaxrl-entropy train"])
+    assert fv.config.to_dict() == presets.demo().to_dict()
+
+
+def test_config_files_expose_the_presets():
+    import importlib.util
+
+    for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo)):
+        spec = importlib.util.spec_from_file_location("cfgfile", os.path.join(os.path.dirname(__file__), "..", name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.get_config("explorer").to_dict() == make("explorer").to_dict()
+    assert isinstance(presets.get_config(), ml_collections.ConfigDict)
+
+
+# ------------------------------------------------------------------------- the rules table
+def test_every_key_has_a_rule_or_is_free_text():
+    assert set(RULES) <= set(SCHEMA), set(RULES) - set(SCHEMA)
+    assert set(config_lib.FREE_TEXT) <= set(SCHEMA)
+    for key, default in SCHEMA.items():
+        if isinstance(default, bool) or key == "entropy.layers":
+            continue
+        if isinstance(default, (int, float)):
+            assert isinstance(RULES.get(key), Range), f"numeric key {key} has no allowed range in RULES"
+        elif isinstance(default, str):
+            assert isinstance(RULES.get(key), Choice) or key in config_lib.FREE_TEXT, key
+        assert key not in RULES or RULES[key].allows(default), f"the default of {key} breaks its own rule"
+
+
+def test_allowed_names_come_from_the_code_that_uses_them():
+    import kernels.platform
+    from jaxrl_entropy.models import attention, config as model_config
+    from jaxrl_entropy.rl import loss, token_weights
+
+    assert RULES["weights.mode"].options is token_weights.MODES
+    assert RULES["weights.soft.hard_mode"].options is token_weights.HARD_MODES
+    assert RULES["weights.soft.shape"].options is token_weights.SOFT_SHAPES
+    assert RULES["weights.soft.schedule"].options is token_weights.SCHEDULES
+    assert RULES["weights.normalization"].options is loss.NORMALIZATIONS
+    assert RULES["model.attention"].options is attention.PLAIN_IMPLS
+    assert RULES["model.probe_attention"].options is attention.PROBE_IMPLS
+    assert RULES["model.kernel_backend"].options == ("",) + kernels.platform.BACKENDS
+    assert RULES["model.dtype"].options == tuple(model_config.DTYPES)
+
+
+@pytest.mark.parametrize("interval, inside, outside", [
+    ("(0, 1]", [1e-9, 0.5, 1.0], [0.0, -1.0, 1.0000001, math.nan, math.inf]),
+    ("[0, 1)", [0.0, 0.999], [1.0, -1e-9, math.nan]),
+    ("[1, inf)", [1, 10**9], [0, -1, math.inf, math.nan]),
+    ("(-inf, inf)", [-1e30, 0.0, 3.5], [math.nan, math.inf, -math.inf]),
+])
+def test_range_semantics(interval, inside, outside):
+    rule = Range(interval)
+    assert all(rule.allows(v) for v in inside)
+    assert not any(rule.allows(v) for v in outside)
+    assert Range("[1, inf)", also=(-1,)).allows(-1)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("weights.soft.alpha", -0.1), ("weights.soft.alpha", 0.0), ("weights.soft.alpha", 0.99),
+    ("weights.soft.alpha", 1.0), ("weights.soft.sigma", 0.0), ("weights.soft.sigma", 1e-3),
+    ("weights.soft.floor", -0.1), ("weights.soft.floor", 0.0), ("weights.soft.floor", 1.0),
+    ("weights.soft.floor", 1.1), ("weights.soft.hard_steps", -1), ("weights.soft.hard_steps", 0),
+    ("weights.soft.end_step", 0), ("weights.soft.end_step", -1), ("weights.soft.shape", "bump"),
+    ("weights.soft.hard_mode", "soft"), ("weights.soft.hard_mode", "explorer"),
+])
+def test_soft_rules_agree_with_soft_config(key, value):
+    """The config accepts a soft setting exactly when `token_weights.SoftConfig` does (start_step
+    is 0: end_step == start_step is an allowed empty ramp in both)."""
+    from jaxrl_entropy.rl.token_weights import SoftConfig
+
+    c = _set(presets.demo("soft"), key, value)
+    try:
+        SoftConfig(**c.weights.soft.to_dict())
+        soft_ok = True
+    except ValueError:
+        soft_ok = False
+    try:
+        validate(c)
+        config_ok = True
+    except ConfigError:
+        config_ok = False
+    assert config_ok == soft_ok
+
+
+# --------------------------------------------------------------------------------- validate
 def test_locked_config_rejects_new_keys():
     c = presets.demo()
     with pytest.raises(AttributeError, match="group_size"):
@@ -38,33 +191,42 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rl.group_size", 1, "at least 2"),
+    ("rl.group_size", 1, "config.rl.group_size=1 must lie in [2, inf): GRPO needs at least 2"),
     ("rl.group_size", "8", "has type str; expected int"),
     ("weights.mode", "anchors", "weights.mode='anchors' is not one of"),
-    ("weights.fraction", 0.0, "weights.fraction=0.0 must lie in"),
-    ("weights.soft.alpha", 1.0, "alpha"),
-    ("rl.mini_batch_prompts", 5, "multiple of rl.mini_batch_prompts"),
+    ("weights.fraction", 0.0, "weights.fraction=0.0 must lie in (0, 1]"),
+    ("weights.soft.alpha", 1.0, "alpha=1.0 must lie in [0, 1)"),
+    ("rl.mini_batch_prompts", 5, "multiple of config.rl.mini_batch_prompts"),
     ("rl.micro_batch_size", 48, "multiple of config.rl.micro_batch_size"),
-    ("rollout.top_p", 1.5, "top_p"),
-    ("rollout.temperature", 0.0, "temperature"),
-    ("rl.overlong_buffer", 1000, "overlong_buffer"),
+    ("rollout.top_p", 1.5, "top_p=1.5 must lie in (0, 1]"),
+    ("rollout.temperature", 0.0, "temperature=0.0 must lie in (0, inf)"),
+    ("rl.overlong_buffer", 1000, "overlong_buffer=1000 must lie in [0, config.rollout.max_new_tokens"),
     ("entropy.layers", (1.5,), "depth fraction"),
+    ("entropy.layers", (), "entropy.layers is empty"),
     ("entropy.aggregation", "mean", "entropy.aggregation"),
-    ("data.kind", "files", "train_files"),
     ("rl.kl_coef", 0.1, "reference policy"),
     ("model.attention", "flash", "model.attention"),
-    ("train.steps", -1, "train.steps=-1 must be positive"),
+    ("train.steps", -1, "train.steps=-1 must lie in [0, inf)"),
+    ("weights.soft.start_step", 150, "end_step (100) must be >= config.weights.soft.start_step (150)"),
+    ("parallel.tensor", -1, "at most one of config.parallel"),
+    ("model.arch.num_key_value_heads", 3, "num_attention_heads (4) must be a multiple"),
+    ("model.arch.head_dim", 31, "head_dim=31 must be even"),
+    ("data.synthetic.eval_size", 5000, "holds at most 729"),
 ])
 def test_bad_values_name_the_key(key, value, message):
-    c = presets.demo()
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    with node.ignore_type():
-        node[leaf] = value
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(_set(presets.demo(), key, value))
+
+
+def test_files_need_train_files_and_no_warm_up():
+    c = _set(presets.demo(), "data.kind", "files")
+    with pytest.raises(ConfigError, match="needs config.data.train_files"):
         validate(c)
+    c.data.train_files = "x.parquet"
+    with pytest.raises(ConfigError, match="train.sft_steps > 0 needs the synthetic task"):
+        validate(c)
+    c.train.sft_steps = 0
+    validate(c)
 
 
 def test_zero_rl_steps_only_with_a_warm_up():
@@ -73,10 +235,108 @@ def test_zero_rl_steps_only_with_a_warm_up():
     assert c.train.sft_steps > 0
     validate(c)  # a warm-up-only run
     c.train.sft_steps = 0
-    with pytest.raises(ConfigError, match="train.steps=0 must be positive"):
+    with pytest.raises(ConfigError, match=r"train.steps=0 is allowed only with config.train.sft_steps > 0"):
         validate(c)
 
 
+@pytest.fixture
+def no_trainer(monkeypatch):
+    """Fails the test if anything gets as far as building a Trainer (which compiles)."""
+    import jaxrl_entropy.trainer
+
+    class Refused:
+        def __init__(self, *a, **k):
+            raise AssertionError("a Trainer was built: the config error came too late")
+
+    monkeypatch.setattr(jaxrl_entropy.trainer, "Trainer", Refused)
+
+
+# Issue 12: values accepted although meaningless, and raw tracebacks that did not name the key.
+@pytest.mark.parametrize("key, value, allowed", [
+    ("optim.lr", "-1e-4", "(0, inf)"),
+    ("optim.lr", "nan", "(0, inf)"),
+    ("optim.grad_clip", "0", "(0, inf)"),
+    ("optim.b2", "1", "[0, 1)"),
+    ("optim.warmup_steps", "-1", "[0, inf)"),
+    ("eval.every", "-1", "[0, inf)"),
+    ("train.geometry_every", "-1", "[0, inf)"),
+    ("train.sft_steps", "-1", "[0, inf)"),
+    ("rl.incorrect_score", "nan", "(-inf, inf)"),
+    ("eval.top_p", "0", "(0, 1]"),
+    ("rollout.top_k", "-1", "[0, inf)"),
+    ("data.synthetic.digits", "0", "[1, 9]"),
+    ("data.synthetic.ops", "+/", "distinct characters from '+-*'"),
+    ("model.dtype", "float64", "['float32', 'bfloat16', 'float16']"),
+    ("seed", "-3", "[0, 4294967296)"),
+])
+def test_cli_rejects_bad_values_before_compiling(key, value, allowed, tmp_path, capsys, no_trainer):
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={tmp_path / 'run'}", *TINY_CLI_FLAGS,
+                     f"--config.{key}={value}"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"config.{key}" in err and allowed in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------ runtime checks
+@pytest.mark.parametrize("layers, ok", [((3,), True), ((-4,), True), ((0.99,), True), ((4,), False),
+                                        ((7,), False), ((-5,), False)])
+def test_probe_layers_against_the_model_depth(layers, ok):
+    c = _set(presets.demo(), "entropy.layers", layers)  # model.arch: 4 layers
+    if ok:
+        validate_for_runtime(c, num_devices=1)
+    else:
+        with pytest.raises(ConfigError, match=r"config.entropy.layers item -?\d+ is out of range for a model "
+                                              r"with 4 layers \(config.model.arch\)"):
+            validate_for_runtime(c, num_devices=1)
+
+
+def test_probe_layers_against_a_config_json_only_checkpoint(tmp_path):
+    from test_hf_io import QWEN3_8B_CONFIG
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B_CONFIG))  # no weights at all
+    c = _set(presets.qwen3_8b_dapo(), "model.hf_dir", str(tmp_path))
+    assert config_lib.model_num_layers(c) == 36
+    validate_for_runtime(c, num_devices=8)  # layer 20 of 36
+    _set(c, "entropy.layers", (36,))
+    with pytest.raises(ConfigError, match=r"item 36 is out of range for a model with 36 layers \(config.json"):
+        validate_for_runtime(c, num_devices=8)
+
+
+@pytest.mark.parametrize("changes, devices, message", [
+    ({"parallel.data": 3}, 8, "config.parallel.data × fsdp × tensor = 3"),
+    ({"parallel.data": -1, "parallel.fsdp": 3}, 8, "config.parallel.data=-1 cannot fill 8 devices"),
+    ({"parallel.data": 8, "rl.micro_batch_size": 4, "rl.mini_batch_prompts": 4, "rl.prompts_per_step": 16},
+     8, "config.rl.micro_batch_size=4 must be a multiple of the data-parallel size 8"),
+    ({"parallel.data": 2, "parallel.fsdp": 4, "train.sft_batch_size": 12}, 8,
+     "config.train.sft_batch_size=12 must be a multiple of the data-parallel size 8"),
+])
+def test_mesh_and_batches_against_the_device_count(changes, devices, message):
+    c = presets.demo()
+    for key, value in changes.items():
+        _set(c, key, value)
+    validate(c)  # statically fine: only the device count rules it out
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_for_runtime(c, num_devices=devices)
+
+
+def test_mesh_sizes_fill_the_devices():
+    c = presets.demo()
+    assert config_lib.mesh_sizes(c, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert config_lib.mesh_sizes(_set(c, "parallel.tensor", 2), 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    _set(c, "parallel.data", 2)
+    assert config_lib.mesh_sizes(_set(c, "parallel.fsdp", -1), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_prompts_split_over_processes():
+    c = presets.demo()  # 16 prompts per step
+    validate_for_runtime(c, num_devices=8, num_processes=4)
+    _set(_set(c, "parallel.data", 1), "parallel.tensor", -1)  # batches unsplit: only the processes matter
+    with pytest.raises(ConfigError, match="rl.prompts_per_step=16 must be a multiple of the number of processes"):
+        validate_for_runtime(c, num_devices=6, num_processes=3)
+
+
+# ---------------------------------------------------------------------------- saved configs
 def test_saved_config_round_trips(tmp_path):
     c = presets.demo("soft")
     path = tmp_path / "config.json"
@@ -90,14 +350,48 @@ def test_saved_config_round_trips(tmp_path):
         config_lib.from_json_file(str(path))
 
 
-def test_config_files_expose_the_presets():
-    from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
-    import importlib.util
+# ------------------------------------------------------------- error messages name real keys
+_SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k})
+_KNOWN = set(SCHEMA) | {".".join(k.split(".")[:i]) for k in SCHEMA for i in range(1, k.count(".") + 1)}
+_FULL = re.compile(r"(?<![\w.])config\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+_BARE = re.compile(r"(?<![\w./-])((?:%s)\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)" % "|".join(_SECTIONS))
+_NOT_KEYS = re.compile(r"(^|\.)(json|py|safetensors|parquet|jsonl)$|^[A-Z_]+$")  # file names, placeholders
 
-    for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo)):
-        import os
-        spec = importlib.util.spec_from_file_location("cfgfile", os.path.join(os.path.dirname(__file__), "..", name))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.get_config("explorer").to_dict() == make("explorer").to_dict()
-    assert isinstance(presets.get_config(), ml_collections.ConfigDict)
+
+def _message_strings(tree):
+    """String pieces of error messages: raised exceptions, log/warning calls, and any string that
+    says "config key"."""
+    for node in ast.walk(tree):
+        message = None
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            message = node.exc
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("warning", "warn", "error", "exception", "info")):
+            message = node
+        if message is not None:
+            for sub in ast.walk(message):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    yield sub.lineno, sub.value
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "config key" in node.value:
+            yield node.lineno, node.value
+
+
+def test_error_messages_name_only_real_config_keys():
+    bad, seen = [], 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for line, text in _message_strings(ast.parse(path.read_text())):
+            for pattern in (_FULL, _BARE):
+                for key in pattern.findall(text):
+                    if _NOT_KEYS.search(key):
+                        continue
+                    seen += 1
+                    if key not in _KNOWN:
+                        bad.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {key}")
+    assert seen > 30  # the scan reads the messages (they name many keys)
+    assert not bad, "error messages name config keys that do not exist:\n" + "\n".join(bad)
+
+
+def test_the_key_scan_catches_a_made_up_key():
+    tree = ast.parse('raise ValueError("set `data.batch_size` or config.model.tokenizer")')
+    found = [k for _, t in _message_strings(tree) for p in (_FULL, _BARE) for k in p.findall(t)]
+    assert set(found) == {"data.batch_size", "model.tokenizer"} and not set(found) & _KNOWN

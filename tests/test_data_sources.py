@@ -140,6 +140,56 @@ def test_unreadable_files(tmp_path):
         load_records(str(junk))
 
 
+def test_non_utf8_byte_names_file_row_line_and_byte(tmp_path):
+    good = json.dumps({"prompt": "fine", "reward_model": {"ground_truth": "1"}}).encode()
+    bad = '{"prompt": "caf\u00e9?", "reward_model": {"ground_truth": "2"}}'.encode("latin-1")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n\n" + good + b"\n" + bad + b"\n")
+    column = bad.index(b"\xe9")  # the oracle: where latin-1 put the one non-ASCII byte
+    with pytest.raises(DataError) as info:
+        load_records(str(path))
+    message = str(info.value)
+    assert f"{path}, row 2 (0-based; line 4)" in message
+    assert f"b'\\xe9' at byte {column} of the line" in message and "not valid UTF-8" in message
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]")
+    with pytest.raises(DataError, match=rf"latin1\.json: b'\\xe9' at line 3, byte {column} .*not valid UTF-8"):
+        load_records(str(array))
+
+
+def test_rows_split_only_at_newlines_and_a_bom_is_ignored(tmp_path):
+    rows = [{"prompt": "line\u2028separator \u0085 inside", "reward_model": {"ground_truth": "1"}},
+            {"prompt": "second", "reward_model": {"ground_truth": "2"}}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert [r["prompt"] for r in load_records(str(path))] == [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_ground_truth_is_refused(tmp_path, value):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"prompt": "a", "reward_model": {"ground_truth": 1}}\n'
+                    f'{{"prompt": "b", "reward_model": {{"ground_truth": {value}}}}}\n')
+    with pytest.raises(DataError, match=r"nan\.jsonl, row 1 .*ground_truth is -?(nan|inf)"):
+        load_records(str(path))
+    parquet = _write_parquet(tmp_path / "nan.parquet", [{"prompt": "b", "reward_model": {"ground_truth": float(value)}}])
+    with pytest.raises(DataError, match=r"nan\.parquet, row 0 .*ground_truth"):
+        load_records(parquet)
+
+
+def test_an_empty_file_among_good_ones_is_reported(tmp_path, caplog):
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "x", "reward_model": {"ground_truth": "1"}}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with caplog.at_level("WARNING"):
+        records = load_records([good, str(empty)])
+    assert len(records) == 1
+    assert any(str(empty) in r.getMessage() and "no rows" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="No rows"):
+        load_records(str(empty))
+
+
 def test_dedupe_keeps_first_of_each_prompt_in_order(tmp_path):
     unique = [
         {"prompt": _chat(f"problem {i}"), "reward_model": {"ground_truth": str(i)},

@@ -23,6 +23,13 @@ import numpy as np
 from jaxrl_entropy.data.sources import DataError
 
 _STATE_VERSION = 1
+# What the trainer sets each resumable field from, for error messages.
+_STATE_CONFIG_KEYS = {
+    "seed": "config key `seed`",
+    "shuffle": "config key `data.shuffle`",
+    "batch_size": "config key `rl.prompts_per_step`",
+    "num_records": "the same data: `data.train_files` and `data.dedupe`, or `data.synthetic.*`",
+}
 _TRUNCATIONS = ("left", "right", "error")
 
 
@@ -111,8 +118,8 @@ class PromptEncoder:
                 raise DataError(
                     f"Prompt of record {index} (data_source {record['data_source']!r}, "
                     f"extra_info {record.get('extra_info')}) has {len(ids)} tokens, more than "
-                    f"max_prompt_len={self.max_prompt_len}. Raise `data.max_prompt_len` or set "
-                    "`data.truncation='left'`."
+                    f"max_prompt_len={self.max_prompt_len}. Raise max_prompt_len (config key "
+                    "`data.max_prompt_len`) or pass truncation='left' (keeps the end of the prompt)."
                 )
             # verl's "left" truncation keeps the end: the question and the generation prompt.
             ids = ids[-self.max_prompt_len:] if self.truncation == "left" else ids[: self.max_prompt_len]
@@ -191,7 +198,7 @@ class PromptBatcher:
             raise ValueError(
                 f"batch_size={batch_size} must be a positive multiple of shard_count="
                 f"{shard_count} (the number of processes): each process loads "
-                "batch_size / shard_count prompts. Adjust `data.batch_size`."
+                "batch_size / shard_count prompts (the trainer passes `rl.prompts_per_step`)."
             )
         if not records:
             raise DataError("PromptBatcher got no records.")
@@ -218,7 +225,8 @@ class PromptBatcher:
             if self.num_batches == 0:
                 raise DataError(
                     f"{self.num_records} records × {num_epochs} epochs do not fill one batch of "
-                    f"{batch_size}; lower `data.batch_size` or raise `num_epochs`."
+                    f"{batch_size}; lower batch_size (the trainer passes `rl.prompts_per_step`) or "
+                    "raise num_epochs."
                 )
         self._dataset = self._build_dataset()
         self._read_options = grain.ReadOptions(
@@ -268,12 +276,12 @@ class PromptBatcher:
                 f"Data-iterator state has version {state.get('version')!r}, expected "
                 f"{_STATE_VERSION}; it was not written by this PromptBatcher."
             )
-        for key in ("seed", "shuffle", "batch_size", "num_records"):
+        for key, config_key in _STATE_CONFIG_KEYS.items():
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"Cannot resume the data iterator: checkpoint has {key}={state.get(key)!r} "
-                    f"but this run has {key}={getattr(self, key)!r}. Resume with the same data "
-                    "files and `data.seed` / `data.batch_size`, or start the data from scratch."
+                    f"but this run has {key}={getattr(self, key)!r}. Resume with the values the "
+                    f"run started with ({config_key}), or start the data from scratch."
                 )
         consumed = int(state["batches_consumed"])
         if consumed < 0 or (self.num_batches is not None and consumed > self.num_batches):

@@ -13,6 +13,7 @@ import glob as globlib
 import io
 import json
 import logging
+import math
 import os
 from typing import Any, Iterable, Sequence
 
@@ -22,6 +23,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _GLOB_CHARS = "*?["
 _KNOWN_FIELDS = ("prompt", "reward_model", "data_source", "extra_info")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -126,9 +128,19 @@ def _stem(path: str) -> str:
     return name
 
 
-def read_rows(path: str) -> list[Any]:
-    """Raw rows of one parquet or JSON/JSONL file (JSON: an array of objects, or one per line)."""
-    return [row for _, row in _read_located_rows(path)]
+def _utf8(raw: bytes, where: str, *, whole_file: bool = False) -> str:
+    """`raw` decoded as UTF-8; a bad byte is a DataError naming the file, row and position."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
+        line = raw.count(b"\n", 0, err.start) + 1
+        at = f"line {line}, byte {column}" if whole_file else f"byte {column} of the line"
+        raise DataError(
+            f"{where}: {raw[err.start:err.start + 1]!r} at {at} (0-based) is not valid UTF-8. "
+            "Data files must be UTF-8: re-encode the file (e.g. `iconv -f latin1 -t utf-8`) or "
+            "fix the row."
+        ) from None
 
 
 def _read_located_rows(path: str) -> list[tuple[str, Any]]:
@@ -146,18 +158,21 @@ def _read_located_rows(path: str) -> list[tuple[str, Any]]:
             raise DataError(f"Cannot read parquet file {path!r}: {err}") from err
         return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
     if path.endswith(JSON_SUFFIXES):
-        text = _read_bytes(path).decode("utf-8")
-        if path.endswith(".json") and text.lstrip().startswith("["):
+        raw = _read_bytes(path).removeprefix(_UTF8_BOM)
+        if path.endswith(".json") and raw.lstrip().startswith(b"["):
             try:
-                rows = json.loads(text)
+                rows = json.loads(_utf8(raw, path, whole_file=True))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: invalid JSON ({err}).") from err
             return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
         located = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        # Split on b"\n" only: str.splitlines would also split inside a row at U+2028 and
+        # other separators that JSON allows unescaped in strings.
+        for line_number, raw_line in enumerate(raw.split(b"\n"), start=1):
+            if not raw_line.strip():
                 continue
             where = f"{path}, row {len(located)} (0-based; line {line_number})"
+            line = _utf8(raw_line, where)
             try:
                 located.append((where, json.loads(line)))
             except json.JSONDecodeError as err:
@@ -214,6 +229,11 @@ def _normalise_ground_truth(value: Any, where: str) -> str:
             'number, e.g. {"reward_model": {"ground_truth": "81", "style": "rule"}}.'
         )
     if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(
+                f"{where}: field reward_model.ground_truth is {value!r}, which no answer can "
+                "match; give the answer as a string or a finite number (or drop the row)."
+            )
         # JSON writers turn 3 into 3.0; the answer "3" must still match.
         return str(int(value)) if value.is_integer() else repr(value)
     text = str(value).strip()
@@ -311,9 +331,12 @@ def load_records(
     records: list[dict[str, Any]] = []
     for path in resolve_paths(paths):
         default_source = data_source if data_source is not None else _stem(path)
+        rows = _read_located_rows(path)
+        if not rows:
+            logging.warning("data file %s has no rows: it adds nothing to the dataset.", path)
         records.extend(
             normalise_row(row, where=where, default_source=default_source, prompt_key=prompt_key)
-            for where, row in _read_located_rows(path)
+            for where, row in rows
         )
     if dedupe:
         records = deduplicate(records)

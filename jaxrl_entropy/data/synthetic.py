@@ -22,6 +22,8 @@ import re
 from typing import Any
 
 SPLITS = ("train", "test")
+DIGITS = (1, 9)      # allowed range of `digits` (inclusive)
+NUM_TERMS = (2, 8)   # allowed range of `num_terms` (inclusive)
 _OPS = "+-*"
 _SCRATCHPADS = ("auto", "columns", "steps", "none")
 _MAX_DRAWS_PER_PROBLEM = 10_000
@@ -55,10 +57,12 @@ class ArithmeticTask:
     data_source: str = "synthetic_arith"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.digits <= 9:
-            raise ValueError(f"ArithmeticTask.digits must be in 1..9, got {self.digits}.")
-        if not 2 <= self.num_terms <= 8:
-            raise ValueError(f"ArithmeticTask.num_terms must be in 2..8, got {self.num_terms}.")
+        if not DIGITS[0] <= self.digits <= DIGITS[1]:
+            raise ValueError(f"ArithmeticTask.digits must be in {DIGITS[0]}..{DIGITS[1]}, got {self.digits}.")
+        if not NUM_TERMS[0] <= self.num_terms <= NUM_TERMS[1]:
+            raise ValueError(
+                f"ArithmeticTask.num_terms must be in {NUM_TERMS[0]}..{NUM_TERMS[1]}, got {self.num_terms}."
+            )
         if not self.ops or set(self.ops) - set(_OPS) or len(set(self.ops)) != len(self.ops):
             raise ValueError(
                 f"ArithmeticTask.ops must be distinct characters from {_OPS!r}, got {self.ops!r}."
@@ -115,16 +119,21 @@ class ArithmeticTask:
             "problem space is too small for this heldout_fraction. Raise `digits` or `num_terms`."
         )
 
-    def records(self, split: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
-        """`n` distinct problems of `split` (generator indices 0, 1, ... with repeats skipped)."""
+    def max_records(self, split: str) -> int:
+        """The most distinct problems `records(split, n)` may be asked for: 90% of the split's
+        expected size, so that rejection sampling of new problems always ends quickly."""
         _check_split(split)
         expected = self.num_expressions * (
             self.heldout_fraction if split == "test" else 1.0 - self.heldout_fraction
         )
-        if n > 0.9 * expected:
+        return int(0.9 * expected)
+
+    def records(self, split: str, n: int, seed: int | None = None) -> list[dict[str, Any]]:
+        """`n` distinct problems of `split` (generator indices 0, 1, ... with repeats skipped)."""
+        if n > self.max_records(split):
             raise ValueError(
-                f"Asked for {n} distinct {split!r} problems but the split holds only about "
-                f"{int(expected)} (digits={self.digits}, num_terms={self.num_terms}, "
+                f"Asked for {n} distinct {split!r} problems but at most {self.max_records(split)} may "
+                f"be drawn from this split (digits={self.digits}, num_terms={self.num_terms}, "
                 f"ops={self.ops!r}). Lower n or raise digits/num_terms."
             )
         out: list[dict[str, Any]] = []

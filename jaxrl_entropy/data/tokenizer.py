@@ -76,7 +76,7 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"Tokenizer directory {path!r} does not exist. Point the tokenizer path (config key "
-            "`model.tokenizer` or the checkpoint directory) at a local directory containing "
+            "`tokenizer`, or else `model.hf_dir`) at a local directory containing "
             f"one of {', '.join(_TOKENIZER_FILES)} (for example a HF checkpoint, or a directory "
             "written by `build_demo_tokenizer().save_pretrained(dir)`)."
         )

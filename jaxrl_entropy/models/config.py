@@ -11,6 +11,16 @@ import json
 import os
 from typing import Any
 
+import ml_dtypes
+import numpy as np
+
+# The dtype names a config may give for compute (`model.dtype`) and storage (`model.param_dtype`).
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
 
 class CheckpointError(ValueError):
     """A HF checkpoint directory that cannot be read as a Qwen3: says which file and field."""
@@ -142,3 +152,17 @@ class Qwen3Config:
             "torch_dtype": torch_dtype,
             "use_cache": True,
         }
+
+
+def read_hf_config(hf_dir: str) -> Qwen3Config:
+    """The architecture of a local HF Qwen3 directory, from its `config.json` alone.
+
+    No weight file is opened, so a directory holding only `config.json` works (dry runs, memory
+    plans). The checks are those of loading: unsupported rope scaling, sliding windows, MoE or
+    another activation raise `CheckpointError` naming the file and the field.
+    """
+    hf_dir = os.fspath(hf_dir)
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: not a directory; pass a local HF checkpoint directory "
+                              "(config.json + *.safetensors). Nothing is downloaded from a hub.")
+    return Qwen3Config.from_json_file(os.path.join(hf_dir, "config.json"))

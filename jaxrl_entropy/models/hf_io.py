@@ -1,8 +1,14 @@
-"""HF checkpoint interchange: a `config.json` + `*.safetensors` directory ⇄ a Flax `Qwen3`.
+"""HF safetensors checkpoints ⇄ the parameters of a Flax NNX model named like HF's module tree.
 
-Loading never builds the full model on the host first: the model is created abstractly
-(`nnx.eval_shape`), and each parameter is materialised straight into its target sharding with
-`jax.make_array_from_callback`, every device reading only its own slice of the memory-mapped file.
+Our parameter path `layers.0.self_attn.q_proj.kernel` is HF's `model.layers.0.self_attn.q_proj.weight`
+transposed, so import and export are a name map (`hf_name`) plus a transpose. This module knows the
+file layout, not the model: `qwen3.from_pretrained` builds the model abstractly (`nnx.eval_shape`)
+and `load_weights` materialises each parameter straight into its target sharding with
+`jax.make_array_from_callback`, every device reading only its own slice of the memory-mapped file
+(`safe_open(...).get_slice(name)[index]`), so an 8B model never needs a full host copy per device.
+
+Files are read and written by the `safetensors` library (numpy framework). numpy knows the dtype
+name "bfloat16" only once `ml_dtypes` is imported, which this module does before opening a file.
 """
 from __future__ import annotations
 
@@ -10,16 +16,18 @@ import glob
 import json
 import os
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16", which safe_open(framework="np") asks for)
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from jaxrl_entropy import parallel
-from jaxrl_entropy.models import qwen3
-from jaxrl_entropy.models.config import CheckpointError, Qwen3Config
-from jaxrl_entropy.models.safetensors_io import SafetensorsFile, save_file
+from jaxrl_entropy.models.config import CheckpointError
 
 _TRANSPOSED = re.compile(r"\.kernel$")
 
@@ -32,18 +40,19 @@ def hf_name(path: str) -> str:
     return name if name.startswith("lm_head") else "model." + name
 
 
-def flat_params(model: qwen3.Qwen3) -> dict[str, nnx.Variable]:
+def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     """Dot-joined parameter path → Variable (works on abstract models too)."""
     _, state = nnx.split(model, nnx.Param)
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
 
 
 class _TensorIndex:
-    """Which file holds each tensor of a checkpoint directory (sharded with an index, or not)."""
+    """Which file holds each tensor of a checkpoint directory (sharded with an index, or not),
+    with one open `safe_open` handle per file."""
 
     def __init__(self, hf_dir: str):
         index_path = os.path.join(hf_dir, "model.safetensors.index.json")
-        self.files: dict[str, SafetensorsFile] = {}
+        self._handles: dict[str, Any] = {}
         self.where: dict[str, str] = {}
         if os.path.isfile(index_path):
             try:
@@ -63,70 +72,71 @@ class _TensorIndex:
                     f"{hf_dir}: no *.safetensors files (PyTorch .bin checkpoints are not read; convert "
                     "them with transformers' `save_pretrained(..., safe_serialization=True)`)")
             for path in paths:
-                for name in self._open(path).keys():
+                for name in self.handle(path).keys():
                     self.where[name] = path
 
-    def _open(self, path: str) -> SafetensorsFile:
-        if path not in self.files:
-            self.files[path] = SafetensorsFile(path)
-        return self.files[path]
+    def handle(self, path: str):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="np")
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[path]
 
-    def get(self, name: str) -> tuple[SafetensorsFile, np.ndarray]:
-        f = self._open(self.where[name])
-        return f, f[name]
+    def slice(self, name: str):
+        """(file path, lazy slice of tensor `name`: `.get_shape()`, `[index]` reads that block)."""
+        path = self.where[name]
+        handle = self.handle(path)
+        if name not in handle.keys():
+            raise CheckpointError(f"{path}: no tensor named {name!r} (model.safetensors.index.json says "
+                                  "it is in this file)")
+        return path, handle.get_slice(name)
 
 
-def load(hf_dir: str, *, dtype=jnp.float32, param_dtype=None, mesh=None, **options) -> qwen3.Qwen3:
-    """Read a HF Qwen3 directory into a `Qwen3`, sharded over `mesh` when given.
+def load_weights(model: nnx.Module, hf_dir: str, *, mesh=None) -> nnx.Module:
+    """`model` (usually abstract, from `nnx.eval_shape`) with every parameter read from `hf_dir`.
 
-    dtype: compute dtype; param_dtype: storage dtype (default: dtype). `options` go to
-    `RuntimeOptions` (attention implementations, remat, ...).
+    Each parameter keeps the dtype `model` declares (the file's dtype is converted); under `mesh`
+    it is sharded by `parallel.param_sharding` and each device reads only its block.
     """
-    if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: not a directory; pass a local HF checkpoint directory "
-                              "(config.json + *.safetensors). Nothing is downloaded from a hub.")
-    cfg = Qwen3Config.from_json_file(os.path.join(hf_dir, "config.json"))
-    opts = qwen3.RuntimeOptions(dtype=dtype, param_dtype=param_dtype or dtype, **options)
-    abstract = nnx.eval_shape(lambda: qwen3.Qwen3(cfg, opts, rngs=nnx.Rngs(0)))
     index = _TensorIndex(hf_dir)
-    graphdef, state = nnx.split(abstract)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", None)
+    graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     new_leaves = []
     for path_tuple, var in flat:
         path = ".".join(str(p) for p in path_tuple)
-        shape, want_dtype = var.shape, var.dtype
+        shape = tuple(var.shape)
         name = hf_name(path)
         if name not in index.where:
             raise CheckpointError(
                 f"{hf_dir}: tensor {name!r} missing from the checkpoint (needed for parameter {path}; "
-                f"tie_word_embeddings={cfg.tie_word_embeddings} in config.json)")
-        src_file, src = index.get(name)
+                f"tie_word_embeddings={tied} in config.json)")
+        file_path, src = index.slice(name)
         transpose = bool(_TRANSPOSED.search(path))
-        src_shape = tuple(reversed(src.shape)) if transpose else tuple(src.shape)
-        if src_shape != tuple(shape):
-            expect = tuple(reversed(shape)) if transpose else tuple(shape)
+        src_shape = tuple(src.get_shape())
+        if (tuple(reversed(src_shape)) if transpose else src_shape) != shape:
+            expect = tuple(reversed(shape)) if transpose else shape
             raise CheckpointError(
-                f"{src_file.path}: tensor {name!r} has shape {tuple(src.shape)} but config.json implies "
+                f"{file_path}: tensor {name!r} has shape {src_shape} but config.json implies "
                 f"{expect}; the weights do not match the config")
-        new_leaves.append(var.replace(_materialise(path, src, transpose, shape, want_dtype, mesh)))
+        new_leaves.append(var.replace(_materialise(path, src, transpose, shape, var.dtype, mesh)))
     state = nnx.from_flat_state([(p, leaf) for (p, _), leaf in zip(flat, new_leaves)])
     return nnx.merge(graphdef, state)
 
 
 def _materialise(path, src, transpose, shape, dtype, mesh):
-    def read(index=None):
-        if index is None:
-            block = src.T if transpose else src
-        elif transpose:
-            block = src[tuple(reversed(index))].T
-        else:
-            block = src[index]
+    full = tuple(slice(None) for _ in shape)
+
+    def read(index):
+        # our index is over the transposed (kernel) layout: read the mirrored block of the file
+        block = src[tuple(reversed(index))].T if transpose else src[index]
         return np.asarray(block).astype(dtype)
 
     if mesh is None:
-        return jnp.asarray(read())
+        return jnp.asarray(read(full))
     sharding = parallel.param_sharding(path, shape, mesh)
-    return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: read(tuple(idx)))
+    return jax.make_array_from_callback(shape, sharding, lambda idx: read(tuple(idx)))
 
 
 def _host_array(var, store_dtype, transpose: bool) -> np.ndarray:
@@ -137,16 +147,24 @@ def _host_array(var, store_dtype, transpose: bool) -> np.ndarray:
     arr = np.asarray(jax.device_get(arr))
     if store_dtype is not None:
         arr = arr.astype(store_dtype)
-    return np.ascontiguousarray(arr.T) if transpose else arr
+    return np.ascontiguousarray(arr.T if transpose else arr)
 
 
-def save(model: qwen3.Qwen3, out_dir: str, *, dtype=None, tokenizer=None,
+def _write_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
+    """Atomically (temp file + rename): a killed export never leaves a half-written shard that a
+    later load would take for a checkpoint. `format: pt` is the metadata transformers requires."""
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
          max_shard_bytes: int = 5 * 2**30) -> None:
     """Write `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
 
-    dtype: storage dtype (default: the parameters' own). Only process 0 writes on multi-host.
-    Shards are planned from shapes first and gathered one shard at a time, so host memory peaks
-    at one shard.
+    `model` needs a `config` with `to_hf_dict` (a `Qwen3Config`). dtype: storage dtype (default:
+    the parameters' own). Only process 0 writes on multi-host. Shards are planned from shapes
+    first and gathered one shard at a time, so host memory peaks at one shard.
     """
     os.makedirs(out_dir, exist_ok=True)
     params = flat_params(model)
@@ -166,7 +184,7 @@ def save(model: qwen3.Qwen3, out_dir: str, *, dtype=None, tokenizer=None,
     for fname, paths in zip(names, plan):
         shard = {hf_name(p): _host_array(params[p], store_dtype, bool(_TRANSPOSED.search(p))) for p in paths}
         if writer:
-            save_file(shard, os.path.join(out_dir, fname))
+            _write_safetensors(shard, os.path.join(out_dir, fname))
         weight_map.update({name: fname for name in shard})
         total += sum(a.nbytes for a in shard.values())
     if not writer:

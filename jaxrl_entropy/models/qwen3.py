@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxrl_entropy.models import attention as attn_lib
-from jaxrl_entropy.models.config import CheckpointError, Qwen3Config
+from jaxrl_entropy.models import hf_io
+from jaxrl_entropy.models.config import CheckpointError, Qwen3Config, read_hf_config
 
 __all__ = [
     "Qwen3Config", "RuntimeOptions", "Qwen3", "Qwen3Output", "KVCache", "CheckpointError",
@@ -368,12 +369,18 @@ def init_random(cfg: Qwen3Config, opts: RuntimeOptions = RuntimeOptions(), *, se
 
 
 def from_pretrained(hf_dir: str, *, dtype=jnp.float32, param_dtype=None, mesh=None, **options) -> Qwen3:
-    """Load a HF Qwen3 checkpoint directory (config.json + *.safetensors). See `hf_io.load`."""
-    from jaxrl_entropy.models import hf_io
-    return hf_io.load(hf_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **options)
+    """Load a local HF Qwen3 directory (config.json + *.safetensors), sharded over `mesh` when given.
+
+    dtype: compute dtype; param_dtype: storage dtype (default: dtype); `options` go to
+    `RuntimeOptions`. The model is built abstractly and each weight read into its shard
+    (`hf_io.load_weights`): no full host copy.
+    """
+    cfg = read_hf_config(hf_dir)
+    opts = RuntimeOptions(dtype=dtype, param_dtype=param_dtype or dtype, **options)
+    abstract = nnx.eval_shape(lambda: Qwen3(cfg, opts, rngs=nnx.Rngs(0)))
+    return hf_io.load_weights(abstract, hf_dir, mesh=mesh)
 
 
 def save_pretrained(model: Qwen3, out_dir: str, **kwargs) -> None:
     """Write a HF checkpoint directory that `transformers` loads. See `hf_io.save`."""
-    from jaxrl_entropy.models import hf_io
     hf_io.save(model, out_dir, **kwargs)
