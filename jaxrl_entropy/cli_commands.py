@@ -56,6 +56,11 @@ def _setup(fv):
 def _train(fv):
     cfg = _config(fv)  # validate before any set-up or compilation
     _setup(fv)
+    import jax
+
+    from jaxrl_entropy.config import validate_for_runtime
+    # the checks that need the devices (after multi-host set-up) and the model's depth (config.json only)
+    validate_for_runtime(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
     from jaxrl_entropy.trainer import Trainer
     workdir = fv.workdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, workdir)

@@ -37,6 +37,11 @@ def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str) -> ml_co
     return cfg
 
 
+def _validated(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    import jax
+    return config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
+
+
 def _tokenizer(cfg):
     from jaxrl_entropy import data_setup
     return data_setup.tokenizer_for(cfg)
@@ -45,7 +50,7 @@ def _tokenizer(cfg):
 def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str):
     """(config, policy with the latest checkpoint's parameters, its step, tokenizer) of a train run."""
     workdir = run_dir_of(checkpoint)
-    cfg = config_lib.validate(config_for_run(cfg, workdir))
+    cfg = _validated(config_for_run(cfg, workdir))
     checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     try:
         step = checkpointer.latest_step()
@@ -65,7 +70,7 @@ def policy_from_hf(cfg: ml_collections.ConfigDict, hf: str):
     cfg = cfg.copy_and_resolve_references()
     cfg.model.hf_dir = hf
     cfg.train.sft_steps = 0
-    cfg = config_lib.validate(cfg)
+    cfg = _validated(cfg)
     tokenizer = _tokenizer(cfg)
     return cfg, model_setup.load_policy(cfg, model_setup.build_mesh(cfg), tokenizer), tokenizer
 

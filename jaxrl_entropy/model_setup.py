@@ -13,15 +13,13 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.models import qwen3, sampler
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jaxrl_entropy.models.config import DTYPES  # config name → dtype
 
 
 @dataclasses.dataclass

@@ -36,11 +36,12 @@ log = logging.getLogger("jaxrl_entropy")
 
 class Trainer:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
-        self.cfg = cfg = config_lib.validate(cfg)
+        # every check that can fail does so here, before data is read or anything compiled
+        self.cfg = cfg = config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(),
+                                                         num_processes=jax.process_count())
         self.workdir = workdir
         fileio.makedirs(workdir)
         self.mesh = model_setup.build_mesh(cfg)
-        self._check_batch_divisibility()
 
         from jaxrl_entropy import data_setup  # local: keeps `import trainer` light for tests
         self.tokenizer = data_setup.tokenizer_for(cfg)
@@ -71,13 +72,6 @@ class Trainer:
     @property
     def graphdef(self):
         return self.policy.graphdef
-
-    def _check_batch_divisibility(self):
-        cfg, d = self.cfg, parallel.batch_divisor(self.mesh)
-        if cfg.rl.micro_batch_size % d:
-            raise config_lib.ConfigError(
-                f"config.rl.micro_batch_size={cfg.rl.micro_batch_size} must be a multiple of the data-parallel "
-                f"size {d} (mesh data × fsdp = {dict(self.mesh.shape)})")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self):

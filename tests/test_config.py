@@ -279,6 +279,18 @@ def test_cli_rejects_bad_values_before_compiling(key, value, allowed, tmp_path, 
 
 
 # ------------------------------------------------------------------------ runtime checks
+@pytest.mark.parametrize("override, message", [
+    ("--config.entropy.layers=(7,)", "config.entropy.layers item 7 is out of range for a model with 2 layers"),
+    ("--config.parallel.data=3", "config.parallel.data × fsdp × tensor = 3"),
+])
+def test_cli_runtime_checks_name_the_key_before_building_anything(override, message, tmp_path, capsys,
+                                                                    no_trainer):
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={tmp_path / 'run'}", *TINY_CLI_FLAGS, override])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("layers, ok", [((3,), True), ((-4,), True), ((0.99,), True), ((4,), False),
                                         ((7,), False), ((-5,), False)])
 def test_probe_layers_against_the_model_depth(layers, ok):
