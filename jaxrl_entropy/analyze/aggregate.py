@@ -16,6 +16,11 @@ from jaxrl_entropy.analyze.layout import (
     THRESHOLD_METRICS, TRAIN_TAIL_METRICS, Layout, is_number)
 from jaxrl_entropy.analyze.runs import Run
 
+#: run path → (step, eval metrics) of its last evaluation
+Finals = dict[str, tuple[float | None, dict[str, float]]]
+#: (run path, token subset) → that run's geometry summary of the subset
+Geometry = dict[tuple[str, str], dict[str, float]]
+
 
 def series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps [S], values [S]) of one metric in a run, sorted by step; a step recorded twice keeps
@@ -111,7 +116,7 @@ def _mean(run: Run, key: str) -> float:
     return float(_finite(run, key).mean())
 
 
-def _variant_entry(rs: Sequence[Run], lay: Layout, finals, geometry) -> dict[str, Any]:
+def _variant_entry(rs: Sequence[Run], lay: Layout, finals: Finals, geometry: Geometry) -> dict[str, Any]:
     """One variant's tables: final eval, training tail, entropy, controls, geometry (each cell a
     `summarize` across the variant's runs, with the per-run values)."""
     entry: dict[str, Any] = {"n_runs": len(rs), "seeds": [r.seed for r in rs], "runs": [r.path for r in rs]}
@@ -149,7 +154,7 @@ def _by_seed(rs: Sequence[Run]) -> dict[int, Run]:
     return out
 
 
-def _paired_against_baseline(lay: Layout, finals) -> tuple[list[dict[str, Any]], list[str]]:
+def _paired_against_baseline(lay: Layout, finals: Finals) -> tuple[list[dict[str, Any]], list[str]]:
     """Each variant's final eval metrics against the baseline's on the seeds both ran."""
     tests: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -176,7 +181,7 @@ def _paired_against_baseline(lay: Layout, finals) -> tuple[list[dict[str, Any]],
     return tests, notes
 
 
-def _subset_contrasts(runs: Sequence[Run], lay: Layout, geometry) -> list[dict[str, Any]]:
+def _subset_contrasts(runs: Sequence[Run], lay: Layout, geometry: Geometry) -> list[dict[str, Any]]:
     """Anchor vs explorer (vs random) within the same runs: one pair per run."""
     out: list[dict[str, Any]] = []
     for a, b in SUBSET_CONTRASTS:
