@@ -3,7 +3,10 @@ covariate-matched token subsets, paired tests and run summaries.
 
 Pure numpy/scipy functions on host arrays. They are used by the evaluator (pass@k, mean@k),
 by the per-step entropy diagnostics (`jaxrl_entropy.rl.entropy_stats`) and by `analyze`
-(summaries and paired tests across seeds).
+(summaries and paired tests across seeds). The statistics themselves are scipy's (hypergeometric
+tail, pearsonr, spearmanr, ttest_rel, wilcoxon); what is written here is the policy around them
+(NaN rows dropped, undefined cases as NaN, no warnings) and what scipy lacks: the partial
+correlation and covariate-matched subsets.
 
 Conventions shared by the correlation functions: rows where any input is NaN (or ±inf) are
 dropped first; if fewer than 3 rows remain, or an input (or a residual) has zero variance, the
@@ -22,7 +25,6 @@ import scipy.stats
 __all__ = [
     "pass_at_k",
     "mean_at_k",
-    "pass_at_k_table",
     "pearson",
     "spearman",
     "partial_correlation",
@@ -33,14 +35,17 @@ __all__ = [
 
 # Relative tolerance below which a centred vector counts as constant (zero variance).
 _ZERO_VAR_RTOL = 1e-12
+# Wilcoxon's exact two-sided p-value is at least 2 / 2^n: n = 5 gives 1/16 > 0.05.
+_MIN_WILCOXON_PAIRS = 6
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k estimate from n samples of which c are correct.
 
     pass@k = 1 − C(n−c, k) / C(n, k), the probability that a random k-subset of the n samples
-    contains at least one correct sample (Chen et al. 2021). Computed in the product form
-    C(n−c, k)/C(n, k) = Π_{i=n−c+1}^{n} (1 − k/i), which never forms the huge binomials.
+    contains at least one correct sample (Chen et al. 2021): the hypergeometric tail P(X ≥ 1) for
+    k draws without replacement from n items of which c are marked, which scipy evaluates without
+    forming the huge binomials.
 
     Raises:
       ValueError: unless 0 ≤ c ≤ n and 1 ≤ k ≤ n.
@@ -53,10 +58,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
             f"pass_at_k: need 1 <= k <= n (k samples drawn from n), got k={k}, n={n}; "
             "sample more responses per problem or lower k"
         )
-    if n - c < k:  # every k-subset contains a correct sample
-        return 1.0
-    i = np.arange(n - c + 1, n + 1, dtype=np.float64)
-    return float(1.0 - np.prod(1.0 - k / i))
+    return float(scipy.stats.hypergeom.sf(0, n, c, k))
 
 
 def _as_correct_matrix(correct: np.ndarray, name: str) -> np.ndarray:
@@ -81,22 +83,6 @@ def mean_at_k(correct_PxK: np.ndarray) -> float:
     return float(arr.mean(axis=1).mean())
 
 
-def pass_at_k_table(correct_PxN: np.ndarray, ks: Iterable[int]) -> dict[int, float]:
-    """pass@k for each k in `ks`, averaged over problems.
-
-    Args:
-      correct_PxN: [P, N] bool correctness of N samples per problem (values > 0.5 count as correct).
-      ks: the k values; each must satisfy 1 ≤ k ≤ N.
-
-    Returns:
-      {k: mean over problems of pass_at_k(N, c_p, k)}.
-    """
-    arr = _as_correct_matrix(correct_PxN, "pass_at_k_table")
-    n = arr.shape[1]
-    c_P = (arr > 0.5).sum(axis=1)
-    return {int(k): float(np.mean([pass_at_k(n, int(c), int(k)) for c in c_P])) for k in ks}
-
-
 def _finite_rows(*arrays: np.ndarray) -> np.ndarray:
     keep = np.ones(arrays[0].shape[0], dtype=bool)
     for a in arrays:
@@ -113,16 +99,14 @@ def _flat_pair(x, y, fn: str) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _corr_of_centred(a: np.ndarray, b: np.ndarray, scale_a: float, scale_b: float) -> float:
-    """Pearson correlation of already-centred vectors; NaN when either has ~zero variance.
+def _negligible(v: np.ndarray, scale: float) -> bool:
+    """Whether centred (or residual) `v` is zero up to rounding, relative to the data's magnitude
+    `scale` (so a variance of 1e-20 in data of size 1e-9 still counts, but not in data of size 1)."""
+    return bool(np.linalg.norm(v) <= _ZERO_VAR_RTOL * math.sqrt(v.size) * max(scale, 1e-300))
 
-    `scale_*` is the magnitude of the original data, so "zero variance" is judged relative to it.
-    """
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    tol = _ZERO_VAR_RTOL * math.sqrt(a.size)
-    if na <= tol * max(scale_a, 1e-300) or nb <= tol * max(scale_b, 1e-300):
-        return float("nan")
-    return float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))
+
+def _is_constant(v: np.ndarray) -> bool:
+    return _negligible(v - v.mean(), float(np.abs(v).max()))
 
 
 def pearson(x, y) -> float:
@@ -131,9 +115,9 @@ def pearson(x, y) -> float:
     NaN-safe: pairs with a NaN are dropped; NaN when < 3 pairs remain or either side is constant.
     """
     x, y = _flat_pair(x, y, "pearson")
-    if x.size < 3:
+    if x.size < 3 or _is_constant(x) or _is_constant(y):
         return float("nan")
-    return _corr_of_centred(x - x.mean(), y - y.mean(), np.abs(x).max(), np.abs(y).max())
+    return float(scipy.stats.pearsonr(x, y).statistic)
 
 
 def spearman(x, y) -> float:
@@ -143,35 +127,25 @@ def spearman(x, y) -> float:
     (a constant variable has no ordering, so the rank correlation is undefined, not 0).
     """
     x, y = _flat_pair(x, y, "spearman")
-    if x.size < 3:
+    # Ranks see only the order, so "constant" is exact equality here, not a tolerance.
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    rx = scipy.stats.rankdata(x)
-    ry = scipy.stats.rankdata(y)
-    return _corr_of_centred(rx - rx.mean(), ry - ry.mean(), float(x.size), float(y.size))
+    return float(scipy.stats.spearmanr(x, y).statistic)
 
 
-def _residualise(v: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    return v - basis @ (basis.T @ v)
+def _design(covariates_NxC: np.ndarray) -> np.ndarray:
+    """[N, 1 + C'] intercept and standardised non-constant covariate columns.
 
-
-def _design_basis(covariates_NxC: np.ndarray) -> np.ndarray:
-    """Orthonormal basis [N, r] of span{1, covariate columns}, rank-revealing.
-
-    Columns are standardised first (this does not change the span, since the intercept is in it)
-    so that covariates on very different scales (position in the thousands, entropy below 1)
-    do not make the rank decision scale-dependent. Constant columns are dropped: the intercept
-    already spans them.
+    Standardising does not change the span (the intercept is in it) but keeps covariates on very
+    different scales (position in the thousands, entropy below 1) from making lstsq's rank
+    decision scale-dependent; constant columns are dropped, the intercept already spans them.
     """
-    n = covariates_NxC.shape[0]
-    cols = [np.ones(n) / math.sqrt(n)]
-    for j in range(covariates_NxC.shape[1]):
-        c = covariates_NxC[:, j] - covariates_NxC[:, j].mean()
-        s = np.linalg.norm(c)
-        if s > _ZERO_VAR_RTOL * math.sqrt(n) * max(np.abs(covariates_NxC[:, j]).max(), 1e-300):
-            cols.append(c / s)
-    u, sv, _ = np.linalg.svd(np.stack(cols, axis=1), full_matrices=False)
-    rank = int(np.sum(sv > sv[0] * 1e-10))
-    return u[:, :rank]
+    cols = [np.ones(covariates_NxC.shape[0])]
+    for c in covariates_NxC.T:
+        centred = c - c.mean()
+        if not _negligible(centred, float(np.abs(c).max())):
+            cols.append(centred / np.linalg.norm(centred))
+    return np.stack(cols, axis=1)
 
 
 def partial_correlation(x, y, covariates_NxC) -> float:
@@ -179,12 +153,12 @@ def partial_correlation(x, y, covariates_NxC) -> float:
 
     The Pearson correlation of the least-squares residuals of x and of y on [1, covariates].
     Used to show that an association with attention entropy is not carried by position,
-    predictive entropy or response length.
+    predictive entropy or response length. (scipy has no partial correlation.)
 
     Args:
       x, y: [N] variables.
       covariates_NxC: [N, C] (or [N] for one covariate). Collinear or constant covariates are
-        allowed (the projection is rank-revealing).
+        allowed (the least-squares fit is rank-revealing).
 
     Returns:
       The partial correlation in [−1, 1]; NaN when fewer than C + 3 complete rows remain or a
@@ -204,9 +178,13 @@ def partial_correlation(x, y, covariates_NxC) -> float:
     x, y, z = x[keep], y[keep], z[keep]
     if x.size < z.shape[1] + 3:
         return float("nan")
-    basis = _design_basis(z)
-    rx, ry = _residualise(x, basis), _residualise(y, basis)
-    return _corr_of_centred(rx, ry, np.abs(x).max(), np.abs(y).max())
+    design_NxP = _design(z)
+    xy_Nx2 = np.stack([x, y], axis=1)
+    coef_Px2 = np.linalg.lstsq(design_NxP, xy_Nx2, rcond=None)[0]
+    rx, ry = (xy_Nx2 - design_NxP @ coef_Px2).T
+    if _negligible(rx, float(np.abs(x).max())) or _negligible(ry, float(np.abs(y).max())):
+        return float("nan")
+    return float(scipy.stats.pearsonr(rx, ry).statistic)
 
 
 def _quantile_bins(col: np.ndarray, bins: int) -> np.ndarray:
@@ -287,28 +265,29 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
     Returns a dict with
       mean_diff: mean of a − b;
-      t, p_t: paired t statistic (n − 1 degrees of freedom) and its two-sided p-value;
-      p_wilcoxon: two-sided Wilcoxon signed-rank p-value when n ≥ 6 (with fewer pairs it
-        cannot reach conventional significance; NaN), NaN also when all differences are 0;
+      t, p_t: paired t statistic (n − 1 degrees of freedom) and its two-sided p-value
+        (`scipy.stats.ttest_rel`);
+      p_wilcoxon: two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`) when n ≥ 6
+        (with fewer pairs the exact two-sided p is at least 1/16, so it cannot reach conventional
+        significance; NaN), NaN also when all differences are 0;
       n: number of complete pairs (pairs with a NaN are dropped).
-    t and p_t are NaN when n < 2 or the differences have zero variance.
+    t and p_t are NaN when n < 2 or the differences have zero variance (scipy would give ±inf
+    or NaN with a warning).
     """
     a = np.asarray(a, dtype=np.float64).reshape(-1)
     b = np.asarray(b, dtype=np.float64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"paired_test: a and b must pair up, got {a.size} and {b.size} values")
     keep = _finite_rows(a, b)
-    d = a[keep] - b[keep]
+    a, b = a[keep], b[keep]
+    d = a - b
     n = int(d.size)
     nan = float("nan")
     out = {"mean_diff": float(d.mean()) if n else nan, "t": nan, "p_t": nan, "p_wilcoxon": nan, "n": n}
-    if n >= 2:
-        sd = float(d.std(ddof=1))
-        if sd > _ZERO_VAR_RTOL * max(float(np.abs(d).max()), 1e-300):
-            t = float(d.mean()) / (sd / math.sqrt(n))
-            out["t"] = t
-            out["p_t"] = float(2.0 * scipy.stats.t.sf(abs(t), df=n - 1))
-    if n >= 6 and np.any(d != 0):
+    if n >= 2 and not _is_constant(d):
+        res = scipy.stats.ttest_rel(a, b)
+        out["t"], out["p_t"] = float(res.statistic), float(res.pvalue)
+    if n >= _MIN_WILCOXON_PAIRS and np.any(d != 0):
         out["p_wilcoxon"] = float(scipy.stats.wilcoxon(d).pvalue)
     return out
 

@@ -102,11 +102,10 @@ def _compilation_cache(tmp_path_factory):
 
 
 def metrics_rows(workdir: str) -> list[dict]:
-    """The lines of a run's `metrics.jsonl`, parsed."""
-    import json
+    """The records of a run's `metrics.jsonl` (local or gs://), read by the project's one reader."""
+    from jaxrl_entropy import fileio, metrics
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return metrics.read_metrics(fileio.join(workdir, metrics.METRICS_FILE))
 
 
 # The same tiny model and rollout as `tiny_config`, as command-line overrides (for CLI tests).

@@ -1,20 +1,24 @@
 """Tests for `jaxrl_entropy.analyze` on synthetic run directories written here.
 
 Oracles: the numbers the test itself wrote (final eval values, geometry series), reduced with
-numpy (mean, std ddof=1) and scipy.stats.ttest_rel; PNG files checked by their signature.
+numpy (mean, std ddof=1), the paired t-test by hand with its closed-form p-value and the exact
+Wilcoxon distribution by enumeration (`tests/oracles.py`); PNG files checked by their signature
+and decoded with PIL.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 
 import numpy as np
 import pytest
-import scipy.stats
 
-from jaxrl_entropy import analyze
+import oracles
+from fake_gcs import fake_gcs  # noqa: F401  (fixture)
+from jaxrl_entropy import analyze, metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ("full", "anchor")
@@ -68,6 +72,16 @@ def runs(tmp_path):
     return root, finals, geos
 
 
+def _assert_drawn(png: bytes) -> None:
+    """A decodable image of plot size with lines in several colours, not a blank canvas."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.width >= 400 and im.height >= 300
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) >= 8
+
+
 def _parse_cell(cell: str) -> tuple[float, float]:
     m = re.fullmatch(r"\s*([-+0-9.eE]+) ± ([-+0-9.eE]+)\s*", cell)
     assert m, f"not a 'mean ± std' cell: {cell!r}"
@@ -96,18 +110,19 @@ def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
                  "eval_benchmarks.png", "training.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+        _assert_drawn(data)
     assert (out / "report.md").is_file() and (out / "summary.json").is_file()
     assert json.loads((out / "summary.json").read_text()) == summary
 
     report = (out / "report.md").read_text()
     header, rows = _table_after(report, "## Final evaluation")
-    metrics = ["eval/accuracy", "eval/aime/mean@8", "eval/math500/mean@4"]
-    assert header == ["variant", "runs", *metrics]
+    cols = ["eval/accuracy", "eval/aime/mean@8", "eval/math500/mean@4"]
+    assert header == ["variant", "runs", *cols]
     assert [r[0] for r in rows] == ["full", "anchor"]
     for row in rows:
         v = row[0]
         assert row[1] == "3"
-        for metric, cell in zip(metrics, row[2:]):
+        for metric, cell in zip(cols, row[2:]):
             vals = np.array([finals[v, s][metric] for s in SEEDS])
             mean, std = _parse_cell(cell)
             assert mean == pytest.approx(vals.mean(), abs=6e-5)
@@ -117,16 +132,16 @@ def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
             assert entry["std"] == pytest.approx(vals.std(ddof=1), rel=1e-12)
             assert entry["n"] == 3
 
-    # Paired test anchor vs full on seeds 0, 1, 2 against scipy.
+    # Paired test anchor vs full on seeds 0, 1, 2, by hand.
     tests = {p["metric"]: p for p in summary["paired_tests"] if p["variant"] == "anchor"}
-    assert set(tests) == set(metrics)
-    for metric in metrics:
+    assert set(tests) == set(cols)
+    for metric in cols:
         a = [finals["anchor", s][metric] for s in SEEDS]
         b = [finals["full", s][metric] for s in SEEDS]
-        ref = scipy.stats.ttest_rel(a, b)
+        t, p = oracles.paired_t(a, b)
         assert tests[metric]["n"] == 3 and tests[metric]["seeds"] == list(SEEDS)
-        assert tests[metric]["t"] == pytest.approx(ref.statistic, rel=1e-9)
-        assert tests[metric]["p_t"] == pytest.approx(ref.pvalue, rel=1e-9)
+        assert tests[metric]["t"] == pytest.approx(t, rel=1e-9)
+        assert tests[metric]["p_t"] == pytest.approx(p, rel=1e-9)
         assert tests[metric]["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
         assert tests[metric]["p_wilcoxon"] is None  # n < 6 → NaN → null in JSON
     assert "## Paired tests against 'full'" in report
@@ -150,18 +165,18 @@ def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
             assert summary["variants"][v]["geometry"][subset]["cos_full_sd_over_steps"]["mean"] == \
                 pytest.approx(sd.mean(), rel=1e-12)
 
-    # Subset contrasts: one (anchor, explorer) pair per run, all 6 runs, against scipy / numpy.
+    # Subset contrasts: one (anchor, explorer) pair per run, all 6 runs, by hand / enumeration.
     contrasts = {(c["a"], c["b"], c["metric"]): c for c in summary["subset_contrasts"]}
     for metric, reduce in (("cos_full", np.mean), ("norm", lambda x: np.std(x, ddof=1) / np.mean(x))):
         key = metric if metric == "cos_full" else "norm_cv_over_steps"
         a = [reduce(geos[v, s]["anchor", metric]) for v in VARIANTS for s in SEEDS]
         b = [reduce(geos[v, s]["explorer", metric]) for v in VARIANTS for s in SEEDS]
         got = contrasts["anchor", "explorer", key]
-        ref = scipy.stats.ttest_rel(a, b)
+        t, p = oracles.paired_t(a, b)
         assert got["n"] == 6
         assert got["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-9)
-        assert got["t"] == pytest.approx(ref.statistic, rel=1e-9)
-        assert got["p_wilcoxon"] == pytest.approx(scipy.stats.wilcoxon(np.subtract(a, b)).pvalue, rel=1e-9)
+        assert got["t"] == pytest.approx(t, rel=1e-9) and got["p_t"] == pytest.approx(p, rel=1e-9)
+        assert got["p_wilcoxon"] == pytest.approx(oracles.wilcoxon_exact_p(np.subtract(a, b)), rel=1e-9)
     assert {(c["a"], c["b"]) for c in summary["subset_contrasts"]} == \
         {("anchor", "explorer"), ("anchor", "random"), ("explorer", "random")}
     assert "## Subset contrasts (paired over runs)" in report
@@ -200,12 +215,14 @@ def test_missing_metrics_file_is_a_clear_error(tmp_path, capsys):
     assert "not_a_run" in capsys.readouterr().err
 
 
-def test_corrupt_middle_line_names_file_and_line(tmp_path):
+def test_corrupt_middle_line_names_file_and_line(tmp_path, capsys):
     d = tmp_path / "full"
     d.mkdir()
     (d / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 0.1}\n{"step": 2, "rew\n{"step": 3}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
-        analyze.load_metrics(str(d / "metrics.jsonl"))
+        metrics.read_metrics(str(d / "metrics.jsonl"))
+    assert analyze.main([str(d)]) == 1
+    assert "metrics.jsonl:2" in capsys.readouterr().err
 
 
 def test_main_cli_writes_to_out(runs, tmp_path, capsys):
@@ -258,3 +275,91 @@ def test_controls_table_is_the_mean_over_steps_then_runs(tmp_path):
     per_run = [wrote[0], wrote[1]]
     assert mean == pytest.approx(np.mean(per_run), abs=1e-4)
     assert std == pytest.approx(np.std(per_run, ddof=1), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- damaged histories
+
+
+def _train_row(step, **extra):
+    return {"step": step, "loss": 1.0 / (step + 1), "reward/mean": 0.05 * step, **extra}
+
+
+def _write_rows(d, rows, name="full", seed=0):
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"name": name, "seed": seed}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d)
+
+
+def test_two_jobs_on_one_workdir_are_refused_not_merged(tmp_path, capsys):
+    # a second job started from scratch while the first, at step 10, kept going: lines alternate
+    rows = [r for s in range(4) for r in (_train_row(10 + s), _train_row(s))]
+    d = _write_rows(tmp_path / "full_seed0", rows)
+    with pytest.raises(ValueError) as err:
+        analyze.run_analyze([d], str(tmp_path / "out"))
+    msg = str(err.value)
+    assert "metrics.jsonl is not the record of one job" in msg
+    assert "metrics.jsonl:2: step goes back from 10 (line 1) to 0" in msg
+    assert "... and 1 more" in msg and "two jobs" in msg and "--keep-last" in msg
+    assert not (tmp_path / "out" / "report.md").exists()
+    assert analyze.main([d]) == 1
+    assert "step goes back from 10" in capsys.readouterr().err
+    # two jobs started together: never backwards, but every training step twice
+    rows = [r for s in range(3) for r in (_train_row(s), _train_row(s, loss=5.0))]
+    d = _write_rows(tmp_path / "twins", rows)
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: training step 0 recorded again \(first at line 1\)"):
+        analyze.run_analyze([d], str(tmp_path / "out"))
+
+
+def test_keep_last_analyses_a_resume_that_did_not_cut_the_file(tmp_path):
+    """Steps 0..5 (eval at 4), killed; resumed from the checkpoint of step 4 by a version that
+    appended: 4 (eval again), 5, 6 follow. --keep-last takes each step's last record."""
+    first = [_train_row(s, **({"eval/accuracy": 0.2} if s == 4 else {})) for s in range(6)]
+    again = [_train_row(4, **{"eval/accuracy": 0.6, "reward/mean": 0.9}), _train_row(5, **{"reward/mean": 0.8}),
+             _train_row(6)]
+    d = _write_rows(tmp_path / "full_seed0", first + again)
+    with pytest.raises(ValueError, match="resumed by a version that did not cut metrics.jsonl"):
+        analyze.run_analyze([d], str(tmp_path / "out"))
+    with pytest.warns(UserWarning, match="3 history problem"):
+        summary = analyze.run_analyze([d], str(tmp_path / "out"), keep_last=True)
+    with pytest.warns(UserWarning, match="keeps its last record"):
+        run = analyze.load_run(d, keep_last=True)
+    steps, reward = analyze.series(run, "reward/mean")
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_allclose(reward, [0.0, 0.05, 0.1, 0.15, 0.9, 0.8, 0.3])
+    assert summary["variants"]["full"]["final"]["eval/accuracy"]["values"] == [0.6]
+    (entry,) = summary["runs"]
+    assert entry["history_problems"][0].endswith("metrics.jsonl:7: step goes back from 5 (line 6) to 4")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "### History problems" in report and "step goes back from 5" in report
+
+
+# ----------------------------------------------------------------------------- gs://
+
+
+def test_analyze_reads_and_writes_a_bucket(tmp_path, fake_gcs):
+    from jaxrl_entropy import fileio
+
+    local = tmp_path / "exp"
+    local.mkdir()
+    finals = {}
+    seeds = SEEDS[:2]  # few, small plots: the numbers are checked in depth on local runs above
+    for v in VARIANTS:
+        for s in seeds:
+            d, finals[v, s], _ = _write_run(str(local), v, s, truncated=False, geometry=False)
+            for name in ("metrics.jsonl", "config.json"):
+                fileio.write_text(f"gs://b/exp/{v}-{s}/{name}", (local / f"{v}-{s}" / name).read_text())
+    summary = analyze.run_analyze(["gs://b/exp"])
+    assert summary["out_dir"] == "gs://b/exp/analysis"  # the runs' parent, as for local runs
+    assert {r["path"] for r in summary["runs"]} == {f"gs://b/exp/{v}-{s}" for v in VARIANTS for s in seeds}
+    for v in VARIANTS:
+        vals = [finals[v, s]["eval/accuracy"] for s in seeds]
+        got = summary["variants"][v]["final"]["eval/accuracy"]
+        assert got["mean"] == pytest.approx(np.mean(vals), rel=1e-12)
+        assert got["std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-12)
+    written = {k.removeprefix("b/exp/analysis/") for k in fake_gcs if k.startswith("b/exp/analysis/")}
+    assert written == {"reward.png", "eval_benchmarks.png", "training.png", "entropy_thresholds.png",
+                       "report.md", "summary.json"}
+    _assert_drawn(fake_gcs["b/exp/analysis/reward.png"].getvalue())
+    assert json.loads(fake_gcs["b/exp/analysis/summary.json"].getvalue()) == summary
+    assert "## Final evaluation" in fake_gcs["b/exp/analysis/report.md"].getvalue().decode()

@@ -1,20 +1,23 @@
 """Tests for jaxrl_entropy.stats and jaxrl_entropy.rl.entropy_stats.
 
-Oracles: brute-force enumeration (pass@k), exact rational arithmetic, hand computations,
-scipy.stats (spearmanr, ttest_rel, wilcoxon), numpy lstsq residuals, the closed-form
-first-order partial correlation, and np.quantile on the masked values.
+Oracles (`tests/oracles.py`), none of them the scipy call the code makes: brute-force
+enumeration (pass@k, the exact Wilcoxon distribution), exact rational arithmetic, ranks by
+counting, textbook Pearson, the partial correlation from the inverse correlation matrix and in
+closed form for one covariate, the t distribution's closed-form series (Abramowitz & Stegun
+26.7.3/4), and np.quantile on the masked values.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
 import pytest
-import scipy.stats
 
+import oracles
 from jaxrl_entropy import stats
 from jaxrl_entropy.rl import entropy_stats
 
@@ -28,11 +31,11 @@ def _pass_at_k_brute(n: int, c: int, k: int) -> float:
     return sum(any(i < c for i in s) for s in subsets) / len(subsets)
 
 
-def _lstsq_partial(x, y, z) -> float:
-    design = np.column_stack([np.ones(len(x)), z])
-    rx = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
-    ry = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
-    return float(np.corrcoef(rx, ry)[0, 1])
+def _closed_form_partial(x, y, z) -> float:
+    """First-order partial correlation (r_xy − r_xz r_yz) / sqrt((1 − r_xz²)(1 − r_yz²))."""
+    r = np.corrcoef(np.vstack([x, y, z]))
+    rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
+    return (rxy - rxz * ryz) / math.sqrt((1 - rxz**2) * (1 - ryz**2))
 
 
 # ----------------------------------------------------------------------------- pass@k, mean@k
@@ -68,55 +71,53 @@ def test_mean_at_k_by_hand():
         stats.mean_at_k(np.ones(4))
 
 
-def test_pass_at_k_table_averages_problems():
-    correct = np.array([[1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=bool)
-    table = stats.pass_at_k_table(correct, [1, 2, 5])
-    for k in (1, 2, 5):
-        expected = np.mean([_pass_at_k_brute(5, c, k) for c in (1, 2, 0)])
-        assert table[k] == pytest.approx(expected, abs=1e-12)
-    assert table[1] == pytest.approx(np.mean(correct))  # pass@1 is the plain accuracy
-
-
 # ----------------------------------------------------------------------------- correlations
 
 
-def test_spearman_matches_scipy_with_ties_and_nans():
+def test_spearman_matches_ranks_by_counting_with_ties_and_nans():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 6, 200).astype(float)  # many ties
     y = x + rng.normal(size=200)
-    assert stats.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert stats.spearman(x, y) == pytest.approx(oracles.spearman(x, y), abs=1e-12)
     x_nan, y_nan = x.copy(), y.copy()
     x_nan[[3, 10]] = np.nan
     y_nan[50] = np.nan
     keep = np.isfinite(x_nan) & np.isfinite(y_nan)
-    expected = scipy.stats.spearmanr(x[keep], y[keep]).statistic
-    assert stats.spearman(x_nan, y_nan) == pytest.approx(expected, abs=1e-12)
+    assert stats.spearman(x_nan, y_nan) == pytest.approx(oracles.spearman(x[keep], y[keep]), abs=1e-12)
     # 2-D inputs are flattened.
     assert stats.spearman(x.reshape(20, 10), y.reshape(20, 10)) == pytest.approx(
-        scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+        oracles.spearman(x, y), abs=1e-12)
 
 
-def test_spearman_undefined_cases_are_nan():
-    assert math.isnan(stats.spearman([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]))
-    assert math.isnan(stats.spearman([1.0, 2.0], [2.0, 1.0]))
-    assert math.isnan(stats.spearman([np.nan] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]))
+def test_spearman_undefined_cases_are_nan_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy warns on constant input; the NaN policy is ours
+        assert math.isnan(stats.spearman([1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0]))
+        assert math.isnan(stats.spearman([1.0, 2.0], [2.0, 1.0]))
+        assert math.isnan(stats.spearman([np.nan] * 5, [1.0, 2.0, 3.0, 4.0, 5.0]))
+        assert math.isnan(stats.pearson([2.0, 2.0, 2.0, 2.0], [1.0, 2.0, 3.0, 4.0]))
+    # Ranks see order only: values 1e-15 apart are distinct, and perfectly ordered.
+    assert stats.spearman([1.0, 1.0 + 1e-15, 1.0 + 2e-15], [3.0, 5.0, 9.0]) == pytest.approx(1.0)
     assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
 
 
-def test_pearson_matches_numpy():
+def test_pearson_matches_the_textbook_formula():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=100), rng.normal(size=100)
-    assert stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert stats.pearson(x, y) == pytest.approx(oracles.pearson(x, y), abs=1e-12)
+    x[5] = np.nan
+    keep = np.isfinite(x)
+    assert stats.pearson(x, y) == pytest.approx(oracles.pearson(x[keep], y[keep]), abs=1e-12)
 
 
-def test_partial_correlation_matches_lstsq_residuals():
+def test_partial_correlation_matches_the_inverse_correlation_matrix():
     rng = np.random.default_rng(2)
     n = 400
     z = np.column_stack([rng.integers(0, 3000, n), rng.random(n), rng.normal(size=n) * 50])
     x = 0.001 * z[:, 0] + rng.normal(size=n)
     y = 0.5 * x + 2 * z[:, 1] + rng.normal(size=n)
-    assert stats.partial_correlation(x, y, z) == pytest.approx(_lstsq_partial(x, y, z), abs=1e-10)
+    assert stats.partial_correlation(x, y, z) == pytest.approx(oracles.partial_by_precision(x, y, z), abs=1e-10)
 
 
 def test_partial_correlation_one_covariate_closed_form():
@@ -124,9 +125,7 @@ def test_partial_correlation_one_covariate_closed_form():
     z = rng.normal(size=300)
     x = z + rng.normal(size=300)
     y = 0.3 * x - z + rng.normal(size=300)
-    r = np.corrcoef(np.vstack([x, y, z]))
-    rxy, rxz, ryz = r[0, 1], r[0, 2], r[1, 2]
-    expected = (rxy - rxz * ryz) / math.sqrt((1 - rxz**2) * (1 - ryz**2))
+    expected = _closed_form_partial(x, y, z)
     assert stats.partial_correlation(x, y, z) == pytest.approx(expected, abs=1e-10)
     assert stats.partial_correlation(x, y, z[:, None]) == pytest.approx(expected, abs=1e-10)
 
@@ -145,7 +144,7 @@ def test_partial_correlation_collinear_and_constant_covariates():
     rng = np.random.default_rng(5)
     z = rng.normal(size=200)
     x, y = z + rng.normal(size=200), z + rng.normal(size=200)
-    single = _lstsq_partial(x, y, z)
+    single = _closed_form_partial(x, y, z)
     degenerate = np.column_stack([z, 2 * z + 1, np.full(200, 7.0)])  # duplicate + constant
     assert stats.partial_correlation(x, y, degenerate) == pytest.approx(single, abs=1e-10)
     assert math.isnan(stats.partial_correlation(z, y, z))  # x fully explained: zero residual
@@ -154,7 +153,7 @@ def test_partial_correlation_collinear_and_constant_covariates():
 def test_partial_correlation_with_no_covariates_is_pearson():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=50), rng.normal(size=50)
-    assert stats.partial_correlation(x, y, np.zeros((50, 0))) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert stats.partial_correlation(x, y, np.zeros((50, 0))) == pytest.approx(oracles.pearson(x, y))
 
 
 # ----------------------------------------------------------------------------- matched subsets
@@ -212,28 +211,33 @@ def test_matched_subsets_ties_nan_and_errors():
 # ----------------------------------------------------------------------------- paired test, summary
 
 
-def test_paired_test_matches_scipy():
+def test_paired_test_matches_hand_t_and_enumerated_wilcoxon():
     rng = np.random.default_rng(8)
     a = rng.normal(0.45, 0.05, 8)
     b = a - 0.02 + rng.normal(0, 0.01, 8)
     res = stats.paired_test(a, b)
-    ref = scipy.stats.ttest_rel(a, b)
+    t, p = oracles.paired_t(a, b)
     assert res["n"] == 8
     assert res["mean_diff"] == pytest.approx(float(np.mean(a - b)))
-    assert res["t"] == pytest.approx(ref.statistic, rel=1e-10)
-    assert res["p_t"] == pytest.approx(ref.pvalue, rel=1e-8)
-    assert res["p_wilcoxon"] == pytest.approx(scipy.stats.wilcoxon(a, b).pvalue, rel=1e-10)
+    assert res["t"] == pytest.approx(t, rel=1e-10)
+    assert res["p_t"] == pytest.approx(p, rel=1e-8)
+    assert res["p_wilcoxon"] == pytest.approx(oracles.wilcoxon_exact_p(a - b), rel=1e-12)
 
 
 def test_paired_test_small_and_degenerate():
     res = stats.paired_test([0.5, 0.6, 0.7], [0.4, 0.6, 0.5])
-    ref = scipy.stats.ttest_rel([0.5, 0.6, 0.7], [0.4, 0.6, 0.5])
-    assert res["t"] == pytest.approx(ref.statistic) and res["p_t"] == pytest.approx(ref.pvalue)
+    # d = (0.1, 0, 0.2): mean 0.1, sd 0.1, t = 0.1 / (0.1 / sqrt 3) = sqrt 3; df = 2: p = 1 − t / sqrt(2 + t²)
+    assert res["t"] == pytest.approx(math.sqrt(3)) and res["p_t"] == pytest.approx(1 - math.sqrt(3) / math.sqrt(5))
     assert math.isnan(res["p_wilcoxon"])  # n < 6
     res = stats.paired_test([1.0, np.nan, 2.0], [0.0, 5.0, 1.5])
     assert res["n"] == 2 and res["mean_diff"] == pytest.approx(0.75)
     same = stats.paired_test([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])
     assert same["mean_diff"] == 0 and math.isnan(same["t"]) and math.isnan(same["p_wilcoxon"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # a constant shift (up to rounding): zero variance, so no t (scipy would say ±inf)
+        shift = stats.paired_test([1.1, 2.1, 3.1, 4.1], [1.0, 2.0, 3.0, 4.0])
+    assert shift["mean_diff"] == pytest.approx(0.1) and math.isnan(shift["t"]) and math.isnan(shift["p_t"])
     with pytest.raises(ValueError, match="pair"):
         stats.paired_test([1, 2], [1, 2, 3])
 
@@ -273,13 +277,13 @@ def test_entropy_dynamics_matches_numpy_on_masked_values():
     assert out["entropy/anchor_threshold"] == pytest.approx(np.quantile(h, 0.2), abs=1e-12)
     assert out["entropy/explorer_threshold"] == pytest.approx(np.quantile(h, 0.8), abs=1e-12)
     assert out["entropy/mean"] == pytest.approx(h.mean())
-    assert out["entropy/spearman_pred"] == pytest.approx(scipy.stats.spearmanr(h, p).statistic, abs=1e-12)
-    assert out["entropy/spearman_pos"] == pytest.approx(scipy.stats.spearmanr(h, s).statistic, abs=1e-12)
-    assert out["entropy/spearman_len"] == pytest.approx(scipy.stats.spearmanr(h, ln).statistic, abs=1e-12)
+    assert out["entropy/spearman_pred"] == pytest.approx(oracles.spearman(h, p), abs=1e-12)
+    assert out["entropy/spearman_pos"] == pytest.approx(oracles.spearman(h, s), abs=1e-12)
+    assert out["entropy/spearman_len"] == pytest.approx(oracles.spearman(h, ln), abs=1e-12)
     assert out["controls/partial_corr_pred"] == pytest.approx(
-        _lstsq_partial(h, p, np.column_stack([s, ln])), abs=1e-10)
+        oracles.partial_by_precision(h, p, np.column_stack([s, ln])), abs=1e-10)
     assert out["controls/partial_corr_pos"] == pytest.approx(
-        _lstsq_partial(h, s, np.column_stack([p, ln])), abs=1e-10)
+        oracles.partial_by_precision(h, s, np.column_stack([p, ln])), abs=1e-10)
     lo, hi = np.quantile(h, [0.2, 0.8])
     assert out["entropy/anchor_pred_entropy"] == pytest.approx(p[h <= lo].mean())
     assert out["entropy/explorer_position"] == pytest.approx(s[h >= hi].mean())
@@ -327,10 +331,10 @@ def test_control_correlations_separate_confounded_and_real_links():
     out = entropy_stats.control_correlations(hnorm, real, pos, pred, lens, mask=mask, prefix="ga/")
     h, y = hnorm[mask], real[mask]
     z = np.column_stack([pos[mask], pred[mask], np.broadcast_to(lens[:, None], mask.shape)[mask]])
-    assert out["ga/partial_corr"] == pytest.approx(_lstsq_partial(h, y, z), abs=1e-10)
-    assert out["ga/raw_corr"] == pytest.approx(np.corrcoef(h, y)[0, 1], abs=1e-12)
-    assert out["ga/raw_spearman"] == pytest.approx(scipy.stats.spearmanr(h, y).statistic, abs=1e-12)
-    rz = np.column_stack([scipy.stats.rankdata(c) for c in z.T])
+    assert out["ga/partial_corr"] == pytest.approx(oracles.partial_by_precision(h, y, z), abs=1e-10)
+    assert out["ga/raw_corr"] == pytest.approx(oracles.pearson(h, y), abs=1e-12)
+    assert out["ga/raw_spearman"] == pytest.approx(oracles.spearman(h, y), abs=1e-12)
+    rz = np.column_stack([oracles.average_ranks(c) for c in z.T])
     assert out["ga/partial_spearman"] == pytest.approx(
-        _lstsq_partial(scipy.stats.rankdata(h), scipy.stats.rankdata(y), rz), abs=1e-10)
+        oracles.partial_by_precision(oracles.average_ranks(h), oracles.average_ranks(y), rz), abs=1e-10)
     assert out["ga/partial_corr"] > 0.4

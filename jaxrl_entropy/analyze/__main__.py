@@ -1,0 +1,3 @@
+from jaxrl_entropy.analyze.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Which metrics a set of runs holds and in what order tables and plots show them."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from jaxrl_entropy.analyze.runs import Run
+
+BASELINE = "full"
+#: Variants listed first, in this order; other names follow in order of appearance.
+VARIANT_ORDER = ("full", "random", "anchor", "explorer", "soft")
+SUBSET_ORDER = ("anchor", "explorer", "random", "full")
+GEOMETRY_METRICS = ("cos_full", "norm", "cos_prev")
+#: Pairs of token subsets compared within each run (the paper's anchor vs explorer claims).
+SUBSET_CONTRASTS = (("anchor", "explorer"), ("anchor", "random"), ("explorer", "random"))
+TRAIN_TAIL_METRICS = ("reward/mean", "accuracy", "response_len/mean", "grad_norm", "clip_frac")
+TRAINING_PLOT_METRICS = ("response_len/mean", "grad_norm", "clip_frac", "loss", "accuracy")
+THRESHOLD_METRICS = ("entropy/anchor_threshold", "entropy/explorer_threshold")
+ENTROPY_QUANTILES = (10, 25, 50, 75, 90)
+ENTROPY_TABLE_METRICS = (
+    "entropy/spearman_pred",
+    "entropy/spearman_pos",
+    "controls/partial_corr_pred",
+    "controls/partial_corr_pos",
+)
+#: Controls logged with the gradient geometry: is a token's gradient alignment with the full-token
+#: update explained by its attention entropy beyond position, predictive entropy and length?
+CONTROL_TABLE_METRICS = (
+    "controls/align_raw_corr",
+    "controls/align_partial_corr",
+    "controls/align_partial_spearman",
+    "controls/matched_anchor_align",
+    "controls/matched_explorer_align",
+)
+#: Training metrics are summarised over this many last logged steps (single steps are noisy).
+TAIL_STEPS = 10
+
+_MEAN_AT_K = re.compile(r"^eval/(?P<bench>.+)/mean@(?P<k>\d+)$")
+_PASS_AT_K = re.compile(r"^eval/(?P<bench>.+)/pass@(?P<k>\d+)$")
+_GEOMETRY = re.compile(r"^geometry/(?P<subset>[^/]+)/(?P<metric>[^/]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The runs grouped by variant, and the metric columns they hold, in display order."""
+
+    variants: list[str]
+    groups: dict[str, list[Run]]  # variant → its runs, by seed
+    keys: list[str]  # every numeric metric in any run
+    main_cols: list[str]  # eval/accuracy, then eval/<bench>/mean@k
+    pass_cols: list[str]  # eval/<bench>/pass@k
+    other_eval: list[str]  # any other eval/... metric
+    subsets: list[str]  # token subsets with geometry/<subset>/<metric>
+    geo_metrics: list[str]  # the <metric>s of those
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def canonical(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """`names` with those in `order` first (in that order), the rest after, as they came."""
+    return [x for x in order if x in names] + [x for x in names if x not in order]
+
+
+def _keys(runs: Sequence[Run]) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in runs:
+        for rec in r.records:
+            for k, v in rec.items():
+                if is_number(v):
+                    seen.setdefault(k, None)
+    return list(seen)
+
+
+def _eval_columns(keys: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """(accuracy + mean@k columns, pass@k columns, other eval keys), in a stable order."""
+    def by_bench(pat: re.Pattern) -> list[str]:
+        hits = [(m.group("bench"), int(m.group("k")), k) for k in keys if (m := pat.match(k))]
+        return [k for *_, k in sorted(hits)]
+
+    mean_k, pass_k = by_bench(_MEAN_AT_K), by_bench(_PASS_AT_K)
+    main_cols = (["eval/accuracy"] if "eval/accuracy" in keys else []) + mean_k
+    other = sorted(k for k in keys if k.startswith("eval/") and k not in main_cols and k not in pass_k)
+    return main_cols, pass_k, other
+
+
+def _geometry_layout(keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    matches = [m for k in keys if (m := _GEOMETRY.match(k))]
+    subsets = list(dict.fromkeys(m.group("subset") for m in matches))
+    metrics = list(dict.fromkeys(m.group("metric") for m in matches))
+    return canonical(subsets, SUBSET_ORDER), canonical(metrics, GEOMETRY_METRICS)
+
+
+def layout_of(runs: Sequence[Run]) -> Layout:
+    variants = canonical(list(dict.fromkeys(r.name for r in runs)), VARIANT_ORDER)
+    groups = {v: sorted((r for r in runs if r.name == v), key=lambda r: (r.seed, r.path)) for v in variants}
+    keys = _keys(runs)
+    main_cols, pass_cols, other_eval = _eval_columns(keys)
+    subsets, geo_metrics = _geometry_layout(keys)
+    return Layout(variants, groups, keys, main_cols, pass_cols, other_eval, subsets, geo_metrics)

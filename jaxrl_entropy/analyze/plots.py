@@ -1,0 +1,157 @@
+"""The PNGs: metrics over steps, one line (mean ± std across seeds) per variant or token subset.
+
+Each plot function returns the path it wrote, or None when no run holds its metrics.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from jaxrl_entropy import fileio
+from jaxrl_entropy.analyze.aggregate import aggregate, series
+from jaxrl_entropy.analyze.layout import ENTROPY_QUANTILES, THRESHOLD_METRICS, TRAINING_PLOT_METRICS, Layout
+
+#: Series with at most this many points get markers, so a sparse eval curve stays visible.
+_MARKER_MAX_POINTS = 30
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _band(ax, steps, mean, std, label, color, linestyle="-") -> None:
+    marker = "o" if steps.size <= _MARKER_MAX_POINTS else None
+    ax.plot(steps, mean, label=label, color=color, linestyle=linestyle, linewidth=1.5,
+            marker=marker, markersize=3)
+    ok = np.isfinite(std) & np.isfinite(mean)
+    if ok.any():
+        ax.fill_between(steps, mean - std, mean + std, where=ok, color=color, alpha=0.2, linewidth=0)
+
+
+def _save(fig: Figure, path: str) -> str:
+    """Writes `fig` as a PNG to `path` (local or remote)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    data = buf.getvalue()
+    try:  # a 256-colour palette: line plots look the same at a third of the size
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        buf = io.BytesIO()
+        small.save(buf, format="png", optimize=True)
+        data = buf.getvalue()
+    except ImportError:
+        pass
+    fileio.write_bytes(path, data)
+    return path
+
+
+def _any_data(lay: Layout, variant: str, keys: Sequence[str]) -> bool:
+    return any(series(r, k)[0].size for r in lay.groups[variant] for k in keys)
+
+
+def metric_panels(lay: Layout, keys: Sequence[str], title: str, path: str, ncols: int = 3) -> str | None:
+    """One panel per metric, one line (mean ± std across seeds) per variant."""
+    keys = [k for k in keys if any(_any_data(lay, v, [k]) for v in lay.variants)]
+    if not keys:
+        return None
+    ncols = min(ncols, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    colors = dict(zip(lay.variants, _colors(len(lay.variants))))
+    for ax, key in zip(axes.flat, keys):
+        for v in lay.variants:
+            steps, mean, std = aggregate(lay.groups[v], key)
+            if steps.size:
+                _band(ax, steps, mean, std, f"{v} (n={len(lay.groups[v])})", colors[v])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def entropy_plot(lay: Layout, path: str) -> str | None:
+    """One panel per variant: q10–q90 and q25–q75 bands, median, anchor/explorer thresholds."""
+    keys = [*THRESHOLD_METRICS, *(f"entropy/q{q}" for q in ENTROPY_QUANTILES)]
+    with_data = [v for v in lay.variants if _any_data(lay, v, keys)]
+    if not with_data:
+        return None
+    fig = Figure(figsize=(5.0 * len(with_data), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(with_data), squeeze=False, sharey=True)[0]
+    for ax, v in zip(axes, with_data):
+        agg = {k: aggregate(lay.groups[v], k) for k in keys}
+        for lo, hi, alpha in (("q10", "q90", 0.15), ("q25", "q75", 0.3)):
+            s_lo, m_lo, _ = agg[f"entropy/{lo}"]
+            s_hi, m_hi, _ = agg[f"entropy/{hi}"]
+            if s_lo.size and np.array_equal(s_lo, s_hi):
+                ax.fill_between(s_lo, m_lo, m_hi, color="gray", alpha=alpha, linewidth=0, label=f"{lo}–{hi}")
+        s, m, _ = agg["entropy/q50"]
+        if s.size:
+            ax.plot(s, m, color="black", linewidth=1.2, label="median")
+        for key, color, label in zip(THRESHOLD_METRICS, ("tab:blue", "tab:red"),
+                                     ("anchor threshold", "explorer threshold")):
+            s, m, sd = agg[key]
+            if s.size:
+                _band(ax, s, m, sd, label, color, linestyle="--")
+        ax.set_title(f"{v} (n={len(lay.groups[v])})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("normalised attention entropy")
+    fig.suptitle("Attention-entropy distribution over training (mean across seeds)")
+    return _save(fig, path)
+
+
+def geometry_plot(lay: Layout, path: str) -> str | None:
+    """Rows: geometry metrics; columns: variants; one line per token subset."""
+    keys = [f"geometry/{s}/{m}" for s in lay.subsets for m in lay.geo_metrics]
+    with_data = [v for v in lay.variants if _any_data(lay, v, keys)]
+    if not with_data:
+        return None
+    metrics = lay.geo_metrics
+    fig = Figure(figsize=(5.0 * len(with_data), 3.2 * len(metrics)), layout="constrained")
+    axes = fig.subplots(len(metrics), len(with_data), squeeze=False, sharex="col")
+    colors = dict(zip(lay.subsets, _colors(len(lay.subsets))))
+    for j, v in enumerate(with_data):
+        for i, m in enumerate(metrics):
+            ax = axes[i, j]
+            for s in lay.subsets:
+                steps, mean, std = aggregate(lay.groups[v], f"geometry/{s}/{m}")
+                if steps.size:
+                    _band(ax, steps, mean, std, s, colors[s])
+            ax.set_title(f"{v}: {m}")
+            ax.grid(alpha=0.3)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("step")
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle("Gradient geometry per token subset (mean ± std across seeds)")
+    return _save(fig, path)
+
+
+def plot_all(lay: Layout, out_dir: str) -> list[str]:
+    """Every plot whose metrics exist, written to `out_dir`; returns their paths."""
+    specs: list[tuple[str, Callable[[str], str | None]]] = [
+        ("reward.png", lambda p: metric_panels(lay, ["reward/mean", "eval/accuracy"],
+                                               "Reward and accuracy (mean ± std across seeds)", p, ncols=2)),
+        ("eval_benchmarks.png", lambda p: metric_panels(lay, [k for k in lay.main_cols if k != "eval/accuracy"],
+                                                        "Per-benchmark eval accuracy (mean ± std across seeds)", p)),
+        ("training.png", lambda p: metric_panels(lay, list(TRAINING_PLOT_METRICS),
+                                                 "Training health (mean ± std across seeds)", p)),
+        ("entropy_thresholds.png", lambda p: entropy_plot(lay, p)),
+        ("gradient_geometry.png", lambda p: geometry_plot(lay, p)),
+    ]
+    return [p for name, make in specs if (p := make(fileio.join(out_dir, name)))]
