@@ -93,6 +93,13 @@ def base_config() -> ml_collections.ConfigDict:
         steps=200, log_every=1, checkpoint_every=20, keep_checkpoints=3, geometry_every=0,
         sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_target_accuracy=0.0, sft_check_every=25,
         progress=True))
+    # a damaged newest checkpoint: "fail" (stop, naming the step and file) or "fallback" (log it, move
+    # it aside to <step>.corrupt, resume from the newest intact step). "fail" by default: damage means
+    # the storage lost data, which a person should see before more compute is spent on it.
+    c.train.on_corrupt_checkpoint = "fail"
+    # stop with an error after this many consecutive steps in which every update was skipped as
+    # non-finite (0: never stop)
+    c.train.max_skipped_steps = 3
 
     c.eval = ml_collections.ConfigDict(dict(
         every=10, k=8, temperature=1.0, top_p=0.7, max_new_tokens=0, max_problems=0,
@@ -166,6 +173,9 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(cfg.model.probe_attention, "model.probe_attention", PROBE_IMPLS)
     _choice(cfg.model.kernel_backend, "model.kernel_backend", ("", "xla", "tpu", "gpu", "interpret_tpu", "interpret_gpu"))
     _choice(cfg.data.kind, "data.kind", ("synthetic", "files"))
+    _choice(cfg.train.on_corrupt_checkpoint, "train.on_corrupt_checkpoint", ("fail", "fallback"))
+    if cfg.train.max_skipped_steps < 0:
+        raise ConfigError(f"config.train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 0 (0: never stop)")
     _choice(cfg.entropy.aggregation, "entropy.aggregation", ("head_mixture", "head_mean"))
     _choice(cfg.weights.mode, "weights.mode", WEIGHT_MODES)
     _choice(cfg.weights.normalization, "weights.normalization", ("selected", "all"))
