@@ -67,12 +67,19 @@ class Checkpointer:
         if read_only and not fileio.exists(self.directory):
             raise FileNotFoundError(f"{self.directory}: no checkpoint directory")
         self._health: dict[int, bool] = {}
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only,
-                                                 enable_async_checkpointing=False),
-            item_names=("state", "meta"),
-        )
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        if read_only:  # orbax warns that the directory it was asked to open read-only is read-only
+            absl_log.setLevel(max(level, logging.ERROR))
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not read_only, read_only=read_only,
+                                                     enable_async_checkpointing=False),
+                item_names=("state", "meta"),
+            )
+        finally:
+            absl_log.setLevel(level)
 
     # ------------------------------------------------------------------ listing
     def all_steps(self) -> list[int]:
@@ -372,6 +379,14 @@ def _is_disk_full(e: BaseException) -> bool:
                or "os_error_code='28'" in str(c) for c in _causes(e))
 
 
+class _DropUnretrieved(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_DROP_UNRETRIEVED = _DropUnretrieved()
+
+
 @contextlib.contextmanager
 def _orbax_errors_collected():
     """Orbax's writer threads and asyncio tasks each log their own copy of one failure (a full disk
@@ -401,6 +416,9 @@ def _orbax_errors_collected():
             logger.removeFilter(hold)
         if failed:
             log.debug("%d error record(s) from orbax's threads held back", len(held))
+            # the failed operation's remaining asyncio futures report their (same) exception when
+            # they are finalized, possibly only at interpreter exit: drop those reports from now on
+            logging.getLogger("asyncio").addFilter(_DROP_UNRETRIEVED)
         else:
             for record in held:
                 logging.getLogger(record.name).handle(record)

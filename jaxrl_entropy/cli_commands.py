@@ -5,6 +5,7 @@ be called repeatedly in one process (tests, notebooks) and a bad flag never leav
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -177,6 +178,13 @@ def run(command: str, argv: list[str]) -> int:
               "are listed in jaxrl_entropy/config.py)", file=sys.stderr)
         return 2
     except _user_errors() as e:
-        print(f"jaxrl-entropy {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and "disk is full" not in str(e):
+            hint = " (the disk is full: free space, then run the same command again to resume from the last checkpoint)"
+        print(f"jaxrl-entropy {command}: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up (nothing to save yet)
+        print(f"jaxrl-entropy {command}: aborted by Ctrl-C; nothing was saved since the last checkpoint",
+              file=sys.stderr)
+        return 130
     return code or 0

@@ -121,7 +121,8 @@ def open_binary(path: str):
 def check_writable(directory: str, what: str) -> None:
     """Create `directory` if needed and write, then delete, a probe file in it: a read-only or
     full run directory is found before the first step, not at the first save. Raises StorageError."""
-    probe = join(directory, f".write-test-{os.getpid()}")
+    import socket
+    probe = join(directory, f".write-test-{socket.gethostname()}-{os.getpid()}")  # one per process of a pod
     try:
         makedirs(directory)
         write_text(probe, "ok")

@@ -140,7 +140,7 @@ def check_new_workdir(workdir: str) -> None:
 
 
 def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str, *, dtype=None,
-                     overwrite: bool = False, should_stop=None) -> None:
+                     overwrite: bool = False, should_stop=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """The latest checkpoint of a run → a HF directory (weights, config, tokenizer).
 
     Written into `<out_dir>.partial` and renamed into place when complete, so `out_dir` holds
@@ -159,7 +159,8 @@ def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out
             fileio.rmtree(leftover)
     _barrier("jaxrl_export_start")
     try:
-        qwen3.save_pretrained(policy.module(), staging, dtype=dtype, tokenizer=tokenizer, should_stop=should_stop)
+        qwen3.save_pretrained(policy.module(), staging, dtype=dtype, tokenizer=tokenizer, should_stop=should_stop,
+                              max_shard_bytes=max_shard_bytes)
     except BaseException:
         if writer:
             fileio.rmtree(staging)

@@ -304,6 +304,8 @@ class Trainer:
         last: dict[str, float] = {}
         if not self.sft_done:
             if not self.sft_warmup():
+                log.warning("stopped in the warm-up on request; its progress is saved: run the same command "
+                            "again to continue it")
                 return last
             self._pending = dict(self.sft_report)  # goes into the first RL metrics line
             self.save()
@@ -364,7 +366,7 @@ class Trainer:
         raise TrainingDivergedError(
             f"steps {self.step - n}..{self.step - 1}: every update of {n} consecutive steps was skipped because its "
             f"loss, gradient or update was not finite, so the parameters stopped changing; stopping "
-            f"(config.train.max_skipped_steps={limit}). Nothing was saved after them; {kept}. Look at loss and "
+            f"(config.train.max_skipped_steps={limit}) without saving; {kept}. Look at loss and "
             f"grad_norm in metrics.jsonl for those steps (a learning rate or grad_clip that gives NaN, non-finite "
             f"rewards, damaged weights), fix the cause and run again, or raise --config.train.max_skipped_steps.")
 

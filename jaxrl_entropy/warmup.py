@@ -77,8 +77,15 @@ def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 def init_opt_state(cfg: ml_collections.ConfigDict, params) -> Any:
-    """The warm-up optimiser's initial state (also the structure a saved one is restored into)."""
-    return jax.jit(optimizer(cfg).init)(params)
+    """The warm-up optimiser's initial state, sharded like the parameters (moments) and replicated
+    (counts): also the target a saved one is restored into, so it must say where every leaf lives."""
+    tx = optimizer(cfg)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    if not isinstance(first, jax.sharding.NamedSharding):
+        return jax.jit(tx.init)(params)
+    out = parallel.opt_state_shardings(jax.eval_shape(tx.init, params), shardings, first.mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)
 
 
 def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, records, tokenizer,
