@@ -117,7 +117,8 @@ def _convert(fv):
     from jaxrl_entropy import model_io
     from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
     if fv.overwrite and not fv.to_hf:
-        raise UsageError("--overwrite applies to --to_hf only (an orbax workdir is never overwritten: choose a new one)")
+        raise UsageError("--overwrite applies to --to_hf only (an orbax workdir is never overwritten: choose a "
+                         "new one)")
     if fv.checkpoint and fv.to_hf:
         cfg = _explicit_config(fv)
         model_io.check_hf_target(fv.to_hf, overwrite=fv.overwrite, source=fv.checkpoint)  # before loading anything

@@ -19,7 +19,7 @@ import ml_collections
 
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import fileio, model_setup
-from jaxrl_entropy.checkpoint import Checkpointer
+from jaxrl_entropy.checkpoint import CheckpointCorruptError, Checkpointer
 from jaxrl_entropy.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 
@@ -61,7 +61,14 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str):
         tokenizer = _tokenizer(cfg)
         mesh = model_setup.build_mesh(cfg)
         policy = model_setup.abstract_policy(cfg, mesh, model_setup.architecture(cfg, tokenizer))
-        policy.params, _ = checkpointer.restore_params(step, policy.params)
+        try:
+            policy.params, _ = checkpointer.restore_params(step, policy.params)
+        except CheckpointCorruptError as e:
+            older = [s for s in checkpointer.all_steps() if s < step]
+            raise CheckpointCorruptError(
+                f"{e} Older steps: {older}. Running `jaxrl-entropy train` on this workdir with "
+                "--config.train.on_corrupt_checkpoint=fallback moves the damaged step aside (then eval and "
+                "convert read the newest intact step); or put back the damaged file from a copy.") from None
     finally:
         checkpointer.close()
     return cfg, policy, step, tokenizer

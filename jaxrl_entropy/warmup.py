@@ -117,7 +117,8 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
     report = {"sft/steps": 0, "sft/accuracy": float("nan")}
     start = 0
     if resume is not None:
-        start, estimates, next_check, report = resume.step, list(resume.estimates), resume.next_check, dict(resume.report)
+        start, next_check = resume.step, resume.next_check
+        estimates, report = list(resume.estimates), dict(resume.report)
         for _ in range(start):  # the same batches as an uninterrupted warm-up from here on
             rng.integers(0, len(records), t.sft_batch_size)
         progress.update(start)

@@ -8,10 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
-from jaxrl_entropy import checkpoint as ck
 from jaxrl_entropy.checkpoint import (MANIFEST, Checkpointer, CheckpointCorruptError, CheckpointWriteError)
 
 
