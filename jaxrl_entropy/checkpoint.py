@@ -387,6 +387,42 @@ class _DropUnretrieved(logging.Filter):
 _DROP_UNRETRIEVED = _DropUnretrieved()
 
 
+class _LoopClosedLeftovers:
+    """When an orbax operation fails, orbax closes its event loop while tensorstore threads still
+    complete I/O; each then fails to call back into the closed loop and tensorstore prints that
+    `RuntimeError: Event loop is closed` through `sys.excepthook` (dozens of tracebacks, before and
+    after the real error). While an orbax operation runs — and for good once one failed — those
+    are dropped; every other exception goes to the hooks that were there before."""
+
+    def __init__(self):
+        self.active = 0
+        self.sticky = False
+        self._installed = False
+
+    def _leftover(self, exc) -> bool:
+        return (self.active or self.sticky) and isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        import sys
+        previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+        def excepthook(kind, value, tb):
+            if not self._leftover(value):
+                previous_except(kind, value, tb)
+
+        def unraisablehook(info):
+            if not self._leftover(info.exc_value):
+                previous_unraisable(info)
+
+        sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+        self._installed = True
+
+
+_LEFTOVERS = _LoopClosedLeftovers()
+
+
 @contextlib.contextmanager
 def _orbax_errors_collected():
     """Orbax's writer threads and asyncio tasks each log their own copy of one failure (a full disk
@@ -405,6 +441,8 @@ def _orbax_errors_collected():
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     for logger in loggers:
         logger.addFilter(hold)
+    _LEFTOVERS.install()
+    _LEFTOVERS.active += 1
     failed = True
     try:
         yield
@@ -414,11 +452,14 @@ def _orbax_errors_collected():
             gc.collect()  # asyncio reports a task's unretrieved exception when the task is collected
         for logger in loggers:
             logger.removeFilter(hold)
+        _LEFTOVERS.active -= 1
         if failed:
             log.debug("%d error record(s) from orbax's threads held back", len(held))
-            # the failed operation's remaining asyncio futures report their (same) exception when
-            # they are finalized, possibly only at interpreter exit: drop those reports from now on
+            # the failed operation's remaining asyncio futures and tensorstore callbacks report the
+            # same failure again when they finish or are finalized, possibly only at interpreter
+            # exit: drop those reports from now on
             logging.getLogger("asyncio").addFilter(_DROP_UNRETRIEVED)
+            _LEFTOVERS.sticky = True
         else:
             for record in held:
                 logging.getLogger(record.name).handle(record)
