@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 COMMANDS = ("train", "eval", "convert", "analyze", "reproduce")

@@ -5,6 +5,7 @@ be called repeatedly in one process (tests, notebooks) and a bad flag never leav
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -31,8 +32,15 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("to_hf", None, "convert: write a HF checkpoint directory here", flag_values=fv)
     flags.DEFINE_string("to_orbax", None, "convert: write an orbax checkpoint (a workdir) here", flag_values=fv)
     flags.DEFINE_string("out", None, "eval: also write the metrics as JSON to this file", flag_values=fv)
-    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU)",
-                      flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "convert --to_hf: replace a non-empty HF directory (its old files are "
+                      "removed, not mixed with the new ones)", flag_values=fv)
+    flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU, several "
+                      "CPU processes); without the three flags below JAX detects the cluster itself", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "--multihost: HOST:PORT of process 0's coordination service",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "--multihost: the number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "--multihost: this process's index in [0, num_processes)",
+                         flag_values=fv)
 
 
 class UsageError(Exception):
@@ -48,9 +56,16 @@ def _setup(fv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    explicit = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")
+                if fv[k].value is not None}
+    if explicit and not fv.multihost:
+        raise UsageError(f"--{'/--'.join(explicit)} only apply with --multihost")
     if fv.multihost:
         import jax
-        jax.distributed.initialize()
+        # collectives between CPU processes (the CPU test of a pod, CPU-only clusters); the
+        # setting only concerns the CPU backend, so it is harmless next to TPUs or GPUs
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**explicit)
 
 
 def _train(fv):
@@ -64,8 +79,10 @@ def _train(fv):
     from jaxrl_entropy.trainer import Trainer
     workdir = fv.workdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, workdir)
-    last = trainer.run()
-    trainer.close()
+    try:
+        last = trainer.run()
+    finally:
+        trainer.close()  # releases the workdir, also after an error
     if last:
         print(json.dumps({k: v for k, v in last.items() if k.startswith(("step", "eval/", "reward", "accuracy"))},
                          indent=1))
@@ -104,27 +121,46 @@ def _eval(fv):
 
 def _convert(fv):
     from jaxrl_entropy import model_io
+    from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
+    if fv.overwrite and not fv.to_hf:
+        raise UsageError("--overwrite applies to --to_hf only (an orbax workdir is never overwritten: choose a "
+                         "new one)")
     if fv.checkpoint and fv.to_hf:
         cfg = _explicit_config(fv)
+        model_io.check_hf_target(fv.to_hf, overwrite=fv.overwrite, source=fv.checkpoint)  # before loading anything
         _setup(fv)
-        model_io.checkpoint_to_hf(cfg, fv.checkpoint, fv.to_hf)
+        guard = PreemptionGuard()
+        try:
+            with guard:
+                model_io.checkpoint_to_hf(cfg, fv.checkpoint, fv.to_hf, overwrite=fv.overwrite,
+                                          should_stop=guard.should_stop)
+        except StopRequested as e:
+            print(f"jaxrl-entropy convert: {e}; nothing was written to {fv.to_hf} (the partial export was "
+                  "removed): run the command again", file=sys.stderr)
+            return 128 + (e.signum or 15)  # the shell's code for "ended by this signal"
         print(f"wrote HF checkpoint to {fv.to_hf}")
     elif fv.hf and fv.to_orbax:
         cfg = _config(fv)
+        model_io.check_new_workdir(fv.to_orbax)
         _setup(fv)
         model_io.hf_to_checkpoint(cfg, fv.hf, fv.to_orbax)
         print(f"wrote orbax checkpoint to {fv.to_orbax}")
     else:
         raise UsageError("convert needs --checkpoint=WORKDIR --to_hf=DIR, or --hf=DIR --to_orbax=WORKDIR")
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed without a traceback."""
+    from jaxrl_entropy.checkpoint import CheckpointCorruptError, CheckpointMismatchError
     from jaxrl_entropy.config import ConfigError
     from jaxrl_entropy.data.sources import DataError
+    from jaxrl_entropy.locking import WorkdirBusyError
     from jaxrl_entropy.models.config import CheckpointError
     from jaxrl_entropy.rl.advantages import DynamicSamplingError
-    return UsageError, ConfigError, DataError, CheckpointError, DynamicSamplingError, OSError
+    from jaxrl_entropy.trainer import TrainingDivergedError
+    return (UsageError, ConfigError, DataError, CheckpointError, DynamicSamplingError, OSError, WorkdirBusyError,
+            CheckpointCorruptError, CheckpointMismatchError, TrainingDivergedError)
 
 
 def run(command: str, argv: list[str]) -> int:
@@ -143,12 +179,19 @@ def run(command: str, argv: list[str]) -> int:
         rest = fv(argv)
         if len(rest) > 1:
             raise UsageError(f"unexpected arguments {rest[1:]}; flags take the form --name=value")
-        fn(fv)
+        code = fn(fv)
     except flags.Error as e:
         print(f"jaxrl-entropy {command}: {e}\n(run `jaxrl-entropy {command} --help` for the flags; config keys "
               "are listed in jaxrl_entropy/config.py)", file=sys.stderr)
         return 2
     except _user_errors() as e:
-        print(f"jaxrl-entropy {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and "disk is full" not in str(e):
+            hint = " (the disk is full: free space, then run the same command again to resume from the last checkpoint)"
+        print(f"jaxrl-entropy {command}: {type(e).__name__}: {e}{hint}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up (nothing to save yet)
+        print(f"jaxrl-entropy {command}: aborted by Ctrl-C; nothing was saved since the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return code or 0

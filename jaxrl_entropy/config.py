@@ -110,6 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
         steps=200, log_every=1, checkpoint_every=20, keep_checkpoints=3, geometry_every=0,
         sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_target_accuracy=0.0, sft_check_every=25,
         progress=True))
+    # a damaged newest checkpoint: "fail" (stop, naming the step and file) or "fallback" (log it, move
+    # it aside to <step>.corrupt, resume from the newest intact step). "fail" by default: damage means
+    # the storage lost data, which a person should see before more compute is spent on it.
+    c.train.on_corrupt_checkpoint = "fail"
+    # stop with an error after this many consecutive steps in which every update was skipped as
+    # non-finite (0: never stop)
+    c.train.max_skipped_steps = 3
 
     c.eval = ml_collections.ConfigDict(dict(
         every=10, k=8, temperature=1.0, top_p=0.7, max_new_tokens=0, max_problems=0,
@@ -248,6 +255,9 @@ RULES: dict[str, Range | Choice] = {
     "train.sft_batch_size": _POSITIVE_INT,
     "train.sft_target_accuracy": Range("[0, 1]", why="0 = run all train.sft_steps"),
     "train.sft_check_every": _POSITIVE_INT,
+    "train.max_skipped_steps": Range("[0, inf)", why="0 = never stop on skipped updates"),
+    "train.on_corrupt_checkpoint": Choice(("fail", "fallback"),
+                                          why="fallback = resume from the newest intact checkpoint"),
     "eval.every": Range("[0, inf)", why="0 = no evaluation during training"),
     "eval.k": _POSITIVE_INT,
     "eval.temperature": Range("[0, inf)", why="0 = greedy"),

@@ -29,11 +29,14 @@ def decode_responses(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -
 
 
 def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tokenizer,
-                       records: Sequence[dict], spec: EvalSpec, *, verifier=None, progress=None) -> dict:
+                       records: Sequence[dict], spec: EvalSpec, *, verifier=None, progress=None,
+                       should_stop: Callable[[], bool] | None = None) -> dict:
     """Score k samples of every problem; returns mean@k, pass@k (unbiased, k samples) and counts.
 
     `sample(prompt_ids [B, P], prompt_mask [B, P], call_index)` returns an object with `tokens`
     and `lengths` (the sampler's output); rows are each prompt repeated k times.
+    `should_stop()` is asked between batches (a collective on several processes); True raises
+    `preemption.StopRequested` (a partial evaluation is no result).
     """
     records = list(records)[: spec.max_problems or None]
     if not records:
@@ -47,6 +50,9 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
                             seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     correct = np.zeros((len(padded), spec.k), bool)
     for call, b in enumerate(batcher):
+        if call and should_stop is not None and should_stop():
+            from jaxrl_entropy.preemption import StopRequested
+            raise StopRequested()
         ids = np.repeat(b["input_ids"], spec.k, axis=0)
         mask = np.repeat(b["attention_mask"], spec.k, axis=0)
         out = sample(ids, mask, call)
@@ -67,13 +73,17 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
 
 
 def evaluate(sample, tokenizer, benchmarks: dict[str, Sequence[dict]], spec: EvalSpec, *, verifier=None,
-             progress=None) -> dict[str, float]:
+             progress=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """All benchmarks → flat metrics `eval/<name>/mean@k`, `eval/<name>/pass@k`, and
     `eval/accuracy` = the unweighted average of the benchmarks' mean@k."""
     metrics: dict[str, float] = {}
     means = []
     for name, records in benchmarks.items():
-        res = evaluate_benchmark(sample, tokenizer, records, spec, verifier=verifier, progress=progress)
+        if means and should_stop is not None and should_stop():
+            from jaxrl_entropy.preemption import StopRequested
+            raise StopRequested()
+        res = evaluate_benchmark(sample, tokenizer, records, spec, verifier=verifier, progress=progress,
+                                 should_stop=should_stop)
         metrics[f"eval/{name}/mean@{spec.k}"] = res[f"mean@{spec.k}"]
         metrics[f"eval/{name}/pass@{spec.k}"] = res[f"pass@{spec.k}"]
         means.append(res[f"mean@{spec.k}"])
@@ -104,9 +114,10 @@ def num_problems(benchmarks: dict[str, Sequence[dict]], spec: EvalSpec) -> int:
 
 def evaluate_policy(cfg: ml_collections.ConfigDict, sample_policy, params, step: int, tokenizer,
                     benchmarks: dict[str, Sequence[dict]], mesh, eos_ids: tuple[int, ...], *, verifier=None,
-                    progress=None) -> dict[str, float]:
+                    progress=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """`evaluate` for the policy `params`: `sample_policy(params, ids, mask, key, sampling_params)`
-    (a `rollout.PolicySampler`), with the run's evaluation stream of `step`."""
+    (a `rollout.PolicySampler`), with the run's evaluation stream of `step`; `should_stop`: see
+    `evaluate_benchmark`."""
     import jax
 
     from jaxrl_entropy import rng
@@ -114,7 +125,7 @@ def evaluate_policy(cfg: ml_collections.ConfigDict, sample_policy, params, step:
     sp = sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
     base = rng.step_key(cfg.seed, step, rng.EVAL)
     return evaluate(lambda ids, m, i: sample_policy(params, ids, m, jax.random.fold_in(base, i), sp),
-                    tokenizer, benchmarks, spec, verifier=verifier, progress=progress)
+                    tokenizer, benchmarks, spec, verifier=verifier, progress=progress, should_stop=should_stop)
 
 
 def format_table(metrics: dict[str, float], k: int) -> str:

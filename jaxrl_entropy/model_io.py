@@ -5,14 +5,21 @@ compilation or verifier pool): evaluate a run or a HF directory, convert orbax �
     metrics = model_io.evaluate(cfg, policy, step)
     model_io.checkpoint_to_hf(None, "runs/demo", "/tmp/hf")
     model_io.hf_to_checkpoint(cfg, "/ckpt/Qwen3-8B-Base", "runs/from_hf")
+
+Reading never changes a run: its checkpoints are opened read-only and verified against their
+checksum manifests. Writing never mixes old and new files: an HF export is written into a staging
+directory and swapped in whole; a new orbax workdir must be new (or empty).
 """
 from __future__ import annotations
+
+import os
+import re
 
 import ml_collections
 
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import fileio, model_setup
-from jaxrl_entropy.checkpoint import Checkpointer
+from jaxrl_entropy.checkpoint import CheckpointCorruptError, Checkpointer
 from jaxrl_entropy.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 
@@ -51,7 +58,7 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str):
     """(config, policy with the latest checkpoint's parameters, its step, tokenizer) of a train run."""
     workdir = run_dir_of(checkpoint)
     cfg = _validated(config_for_run(cfg, workdir))
-    checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), read_only=True)
     try:
         step = checkpointer.latest_step()
         if step is None:
@@ -59,7 +66,14 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str):
         tokenizer = _tokenizer(cfg)
         mesh = model_setup.build_mesh(cfg)
         policy = model_setup.abstract_policy(cfg, mesh, model_setup.architecture(cfg, tokenizer))
-        policy.params, _ = checkpointer.restore_params(step, policy.params)
+        try:
+            policy.params, _ = checkpointer.restore_params(step, policy.params)
+        except CheckpointCorruptError as e:
+            older = [s for s in checkpointer.all_steps() if s < step]
+            raise CheckpointCorruptError(
+                f"{e} Older steps: {older}. Running `jaxrl-entropy train` on this workdir with "
+                "--config.train.on_corrupt_checkpoint=fallback moves the damaged step aside (then eval and "
+                "convert read the newest intact step); or put back the damaged file from a copy.") from None
     finally:
         checkpointer.close()
     return cfg, policy, step, tokenizer
@@ -100,10 +114,84 @@ def evaluate(cfg: ml_collections.ConfigDict, policy: Policy, step: int, tokenize
             verifier.close()
 
 
-def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str, *, dtype=None) -> None:
-    """The latest checkpoint of a run → a HF directory (weights, config, tokenizer)."""
+# what an HF model directory holds (weights, index, configs, tokenizer): all `--overwrite` may remove
+_HF_FILES = re.compile(r"^(config\.json|generation_config\.json|model.*\.safetensors|model\.safetensors\.index\.json|"
+                       r"tokenizer.*|special_tokens_map\.json|vocab\.(json|txt)|merges\.txt|added_tokens\.json|"
+                       r"chat_template\.(jinja|json))$")
+
+
+def check_hf_target(out_dir: str, *, overwrite: bool, source: str = "") -> None:
+    """Refuse (FileExistsError) a non-empty export directory unless `overwrite`; and, even then, one
+    that holds anything an HF export does not (a run directory, other data): `--overwrite` replaces
+    an old export, it does not delete arbitrary files."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"--to_hf={out_dir} is a file, not a directory")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+    if not overwrite:
+        raise FileExistsError(
+            f"--to_hf={out_dir} is not empty ({shown}): writing into it would mix the new export with old files "
+            "(an old sharded export's index would still send loaders to its stale weights). Pass --overwrite to "
+            "replace it (the old files are removed), or choose a new directory.")
+    foreign = [e for e in entries if not _HF_FILES.match(e) or os.path.isdir(os.path.join(out_dir, e))]
+    if foreign:
+        raise FileExistsError(
+            f"--to_hf={out_dir} holds files that are not part of an HF export ({', '.join(foreign[:6])}); "
+            "--overwrite only replaces an old export: choose another directory, or remove those files yourself.")
+
+
+def check_new_workdir(workdir: str) -> None:
+    """`convert --to_orbax` starts a run: its workdir must be new or empty (two runs never mix)."""
+    if fileio.exists(workdir) and (fileio.is_remote(workdir) or os.listdir(workdir)):
+        raise FileExistsError(f"--to_orbax={workdir} already exists and is not empty (a run?): converting into it "
+                              "would mix two runs. Choose a new directory, or delete it first.")
+
+
+def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str, *, dtype=None,
+                     overwrite: bool = False, should_stop=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """The latest checkpoint of a run → a HF directory (weights, config, tokenizer).
+
+    Written into `<out_dir>.partial` and renamed into place when complete, so `out_dir` holds
+    either its old contents or the whole new export, never a mix; with `overwrite` an old export
+    there is removed. `should_stop()` (a stop request, asked between weight shards) raises
+    `preemption.StopRequested` and removes the partial export."""
+    import jax
+
+    check_hf_target(out_dir, overwrite=overwrite, source=checkpoint)
     _, policy, _, tokenizer = policy_from_run(cfg, checkpoint)
-    qwen3.save_pretrained(policy.module(), out_dir, dtype=dtype, tokenizer=tokenizer)
+    out_dir = os.path.abspath(out_dir).rstrip("/")
+    staging, replaced = f"{out_dir}.partial", f"{out_dir}.replaced"
+    writer = jax.process_index() == 0
+    if writer:
+        for leftover in (staging, replaced):  # of an export that was killed
+            fileio.rmtree(leftover)
+    _barrier("jaxrl_export_start")
+    try:
+        qwen3.save_pretrained(policy.module(), staging, dtype=dtype, tokenizer=tokenizer, should_stop=should_stop,
+                              max_shard_bytes=max_shard_bytes)
+    except BaseException:
+        if writer:
+            fileio.rmtree(staging)
+        raise
+    if writer:
+        if os.path.exists(out_dir):
+            os.rename(out_dir, replaced)
+            os.rename(staging, out_dir)
+            fileio.rmtree(replaced)
+        else:
+            os.rename(staging, out_dir)
+    _barrier("jaxrl_export_done")
+
+
+def _barrier(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def hf_to_checkpoint(cfg: ml_collections.ConfigDict, hf: str, workdir: str) -> None:
@@ -112,14 +200,19 @@ def hf_to_checkpoint(cfg: ml_collections.ConfigDict, hf: str, workdir: str) -> N
     import jax
 
     from jaxrl_entropy import step_programs
+    from jaxrl_entropy.locking import claim_workdir
+    check_new_workdir(workdir)
     cfg, policy, _ = policy_from_hf(cfg, hf)
     tx = step_programs.make_optimizer(cfg)
     opt_state = jax.jit(tx.init, out_shardings=step_programs.opt_state_shardings(tx, policy))(policy.params)
-    fileio.makedirs(workdir)
-    fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(cfg))
+    lock = claim_workdir(workdir)
     checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     try:
+        if jax.process_index() == 0:
+            fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(cfg))
         checkpointer.save(0, {"params": policy.params, "opt_state": opt_state},
                           {"step": 0, "sft_done": True, "skipped_total": 0})
     finally:
         checkpointer.close()
+        if lock is not None:
+            lock.release()

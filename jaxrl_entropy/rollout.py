@@ -20,6 +20,7 @@ from jaxrl_entropy import parallel, rng
 from jaxrl_entropy.evaluate import decode_responses
 from jaxrl_entropy.model_setup import Policy
 from jaxrl_entropy.models import sampler
+from jaxrl_entropy.preemption import StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl.rewards import overlong_penalty, score_responses
 
@@ -85,9 +86,13 @@ class RolloutCollector:
                 "reward": reward.astype(np.float32), "correct": np.array([r.correct for r in results]),
                 "finished": parallel.to_host(out.finished)}
 
-    def collect(self, step: int, sample: SampleFn) -> tuple[dict[str, Any], dict[str, float]]:
+    def collect(self, step: int, sample: SampleFn,
+                should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
         """A full rollout batch; with `rl.dynamic_sampling` only groups whose accuracy varies are kept
-        (more generation batches until `rl.prompts_per_step` groups, at most `rl.max_gen_batches`)."""
+        (more generation batches until `rl.prompts_per_step` groups, at most `rl.max_gen_batches`).
+        `should_stop()` is asked between generation batches (a collective on several processes);
+        True raises `preemption.StopRequested` and the partial rollout is dropped (the caller
+        rewinds the data iterator to the step's start)."""
         cfg = self.cfg
         seen: list[dict] = []
         extra: dict[str, float] = {}
@@ -98,6 +103,8 @@ class RolloutCollector:
             acc = adv_lib.GroupAccumulator(cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.max_gen_batches,
                                            metric_key="correct")
             while not acc.full:
+                if seen and should_stop is not None and should_stop():
+                    raise StopRequested()
                 b = self.generate_and_score(step, len(seen), sample)
                 seen.append(b)
                 acc.add(b)

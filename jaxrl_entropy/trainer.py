@@ -1,8 +1,9 @@
 """The RL loop: sample → reward → old-policy forward (log-probs + probe entropy) → token weights →
 optimiser updates; with evaluation, metrics, checkpoints and resume.
 
-    trainer = Trainer(config, workdir)
-    trainer.run()
+    trainer = Trainer(config, workdir)     # claims the workdir (one writer), resumes if it holds a run
+    trainer.run()                          # SIGTERM / Ctrl-C: stop at the next step boundary, save, return
+    trainer.close()                        # releases the workdir
 
 State lives here (parameters, optimiser state, step, data-iterator position); the maths lives in
 `rl/` (pure functions), the compiled programs in `step_programs`, generation and scoring in
@@ -23,8 +24,9 @@ from jaxrl_entropy import evaluate as eval_lib
 from jaxrl_entropy import fileio, model_setup, parallel, progress, rng, step_programs, warmup
 from jaxrl_entropy.checkpoint import Checkpointer
 from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.locking import claim_workdir
 from jaxrl_entropy.metrics import MetricsWriter
-from jaxrl_entropy.preemption import PreemptionGuard
+from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl import diagnostics, entropy_stats
 from jaxrl_entropy.rl import train_step as ts
@@ -33,6 +35,12 @@ from jaxrl_entropy.rollout import PolicySampler, RolloutCollector
 
 log = logging.getLogger("jaxrl_entropy")
 
+WARMUP_DIR = "warmup"  # a stopped warm-up's progress (removed once the warm-up is done)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Every update of `train.max_skipped_steps` consecutive steps was skipped as non-finite."""
+
 
 class Trainer:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
@@ -40,7 +48,16 @@ class Trainer:
         self.cfg = cfg = config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(),
                                                          num_processes=jax.process_count())
         self.workdir = workdir
-        fileio.makedirs(workdir)
+        self._lock = claim_workdir(workdir)  # first: a second job on this workdir stops here, at once
+        try:
+            self._build(cfg, workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: ml_collections.ConfigDict, workdir: str):
+        self.checkpointer = self._warmup_ck = None
+        self.verifier = None
         self.mesh = model_setup.build_mesh(cfg)
 
         from jaxrl_entropy import data_setup  # local: keeps `import trainer` light for tests
@@ -65,7 +82,10 @@ class Trainer:
         self.step = 0
         self.sft_done = cfg.train.sft_steps == 0
         self.sft_report: dict[str, float] = {}
+        self._pending: dict[str, float] = {}   # the warm-up's report, for the first RL metrics line
+        self._warmup_resume: warmup.WarmupProgress | None = None
         self.skipped_total = 0
+        self.skipped_streak = 0  # consecutive steps in which every update was skipped
         self.preemption = PreemptionGuard()
         self._resume_or_start()
 
@@ -79,30 +99,69 @@ class Trainer:
 
     def save(self):
         meta = {"step": self.step, "data": self.batcher.get_state(), "sft_done": self.sft_done,
-                "skipped_total": self.skipped_total}
-        self.checkpointer.save(self.step, self._state(), meta)
+                "skipped_total": self.skipped_total, "skipped_streak": self.skipped_streak,
+                "sft_report": self._pending}
+        self.checkpointer.save(self.step, self._state(), meta, healthy=self.skipped_streak == 0)
         log.info("saved checkpoint at step %d in %s", self.step, self.checkpointer.directory)
 
     def _resume_or_start(self):
-        latest = self.checkpointer.latest_step()
+        found = self.checkpointer.restore_latest(self._state(), on_corrupt=self.cfg.train.on_corrupt_checkpoint)
         config_path = fileio.join(self.workdir, "config.json")
-        if latest is None or not fileio.exists(config_path):  # new run, or one started from a copied checkpoint
+        if found is None or not fileio.exists(config_path):  # new run, or one started from a copied checkpoint
             if jax.process_index() == 0:
                 fileio.write_text(config_path, config_lib.to_json(self.cfg))
-            if latest is None:
-                return
         else:
             changed = _diff(json.loads(fileio.read_text(config_path)), json.loads(config_lib.to_json(self.cfg)))
             if changed:
                 log.warning("resuming %s with a changed config: %s", self.workdir, ", ".join(changed))
-        state, meta = self.checkpointer.restore(latest, self._state())
+        if found is None:
+            self._resume_warmup()
+            return
+        _, state, meta = found
         self.params, self.opt_state = state["params"], state["opt_state"]
         self.step = int(meta["step"])
         self.sft_done = bool(meta.get("sft_done", True))
         self.skipped_total = int(meta.get("skipped_total", 0))
+        self.skipped_streak = int(meta.get("skipped_streak", 0))
+        if self.step < self.cfg.train.steps:  # stopped before the first RL line carried the warm-up's report
+            self._pending = dict(meta.get("sft_report") or {})
         if "data" in meta:  # absent in a checkpoint converted from HF weights: the stream's start
             self.batcher.set_state(meta["data"])
         log.info("resumed from step %d (%s)", self.step, self.checkpointer.directory)
+
+    # ------------------------------------------------------------------ a stopped warm-up's progress
+    def _warmup_checkpointer(self) -> Checkpointer:
+        if self._warmup_ck is None:
+            self._warmup_ck = Checkpointer(fileio.join(self.workdir, WARMUP_DIR), keep=1)
+        return self._warmup_ck
+
+    def _resume_warmup(self):
+        if self.sft_done or not fileio.exists(fileio.join(self.workdir, WARMUP_DIR)):
+            return
+        target = {"params": self.params, "sft_opt_state": warmup.init_opt_state(self.cfg, self.params)}
+        found = self._warmup_checkpointer().restore_latest(target, on_corrupt=self.cfg.train.on_corrupt_checkpoint)
+        if found is None:
+            return
+        _, state, meta = found
+        self.params = state["params"]
+        self._warmup_resume = warmup.WarmupProgress.from_meta(meta["sft"], state["sft_opt_state"])
+        log.info("resuming the warm-up at its step %d (%s)", self._warmup_resume.step, self._warmup_ck.directory)
+
+    def _save_warmup(self, progress: warmup.WarmupProgress):
+        ck = self._warmup_checkpointer()
+        if ck.latest_step() == progress.step:  # stopped again before doing a step: nothing new
+            return
+        ck.save(progress.step, {"params": self.params, "sft_opt_state": progress.opt_state}, {"sft": progress.meta()})
+        log.info("saved the warm-up's progress at its step %d in %s", progress.step, ck.directory)
+
+    def _drop_warmup_progress(self):
+        """Once the warm-up is done and its result saved as RL step 0, its partial saves are stale."""
+        path = fileio.join(self.workdir, WARMUP_DIR)
+        if self._warmup_ck is not None:
+            self._warmup_ck.close()
+            self._warmup_ck = None
+        if jax.process_index() == 0 and fileio.exists(path):
+            fileio.rmtree(path)
 
     # ------------------------------------------------------------------ one RL step
     def _sample(self, ids, mask, key, sp):
@@ -111,7 +170,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, step, prog = self.cfg, self.step, self.programs
         t0 = time.time()
-        batch, metrics = self.collector.collect(step, self._sample)
+        batch, metrics = self.collector.collect(step, self._sample, should_stop=self.preemption.should_stop)
         t1 = time.time()
         host = ts.build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["response"], batch["lengths"])
         adv = np.asarray(adv_lib.group_advantages(batch["reward"], cfg.rl.group_size,
@@ -148,6 +207,7 @@ class Trainer:
         upd = {k: float(np.mean([parallel.to_host(m[k]) for m in upd_metrics])) for k in upd_metrics[0]}
         skipped = int(sum(int(parallel.to_host(m["skipped"])) for m in upd_metrics))
         self.skipped_total += skipped
+        self.skipped_streak = self.skipped_streak + 1 if skipped == len(upd_metrics) else 0
         if skipped:
             log.warning("step %d: %d update(s) skipped because the loss or gradient was not finite", step, skipped)
         metrics.update({"loss": upd["loss"], "pg_loss": upd["pg_loss"], "grad_norm": upd["grad_norm"],
@@ -187,14 +247,18 @@ class Trainer:
 
         bar = progress.bar(cfg.train.sft_steps, "sft warm-up", cfg.train.progress)
         try:
-            self.params, self.sft_report, finished = warmup.sft_warmup(
+            self.params, self.sft_report, stopped = warmup.sft_warmup(
                 cfg, self.graphdef, self.params, task=self.task, records=self.train_records,
                 tokenizer=self.tokenizer, batch_sharding=self.programs.batch_sharding, accuracy=accuracy,
-                progress=bar, should_stop=lambda: self.preemption.requested)
+                progress=bar, should_stop=self.preemption.should_stop, resume=self._warmup_resume)
         finally:
             bar.close()
-        self.sft_done = finished
-        return finished
+        self._warmup_resume = None
+        if stopped is not None:
+            self._save_warmup(stopped)
+            return False
+        self.sft_done = True
+        return True
 
     def evaluate(self, step: int, *, progress_bar: bool = False) -> dict[str, float]:
         """mean@k / pass@k on every evaluation set (`progress_bar`: a bar over problems, for `eval`)."""
@@ -205,13 +269,20 @@ class Trainer:
                            progress_bar and self.cfg.train.progress)
         try:
             return eval_lib.evaluate_policy(self.cfg, self.sampler, self.params, step, self.tokenizer, self.eval_sets,
-                                            self.mesh, self.eos_ids, verifier=self.verifier, progress=bar.update)
+                                            self.mesh, self.eos_ids, verifier=self.verifier, progress=bar.update,
+                                            should_stop=self.preemption.should_stop)
         finally:
             bar.close()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, float]:
-        writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+        """Train to `train.steps` (warm-up first when configured). A stop request (SIGTERM, Ctrl-C;
+        on any process) is honoured at the next boundary of the running phase — warm-up step,
+        generation batch, evaluation batch, RL step: what there is is saved (a stopped warm-up's
+        progress; the RL state at the last completed step, with the data position of that step's
+        start) and `run` returns normally; running again continues exactly."""
+        # history cut back to what the restored checkpoint covers (a killed run's later lines are re-run)
+        writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
         last: dict[str, float] = {}
         try:
             with self.preemption:
@@ -225,42 +296,86 @@ class Trainer:
     def _loop(self, writer: MetricsWriter) -> dict[str, float]:
         cfg = self.cfg
         last: dict[str, float] = {}
-        pending = {}  # the warm-up's report goes into the first RL metrics line
         if not self.sft_done:
             if not self.sft_warmup():
+                log.warning("stopped in the warm-up on request; its progress is saved: run the same command "
+                            "again to continue it")
                 return last
+            self._pending = dict(self.sft_report)  # goes into the first RL metrics line
             self.save()
-            pending = dict(self.sft_report)
-        if self.step >= cfg.train.steps and not pending:
+            self._drop_warmup_progress()
+        if self.step >= cfg.train.steps and not self._pending:
             log.warning("this run already reached config.train.steps=%d in %s: nothing to do (raise "
                         "--config.train.steps to continue it)", cfg.train.steps, self.workdir)
         bar = progress.bar(cfg.train.steps, "rl", cfg.train.progress, initial=self.step)
-        while self.step < cfg.train.steps and not self.preemption.requested:
-            metrics, pending = dict(pending), {}
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                metrics.update(self.evaluate(self.step))
-            metrics.update(self.train_step())
+        stop = self.preemption.should_stop()
+        while self.step < cfg.train.steps and not stop:
+            data_state = self.batcher.get_state()
+            try:
+                metrics = dict(self._pending)
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    metrics.update(self.evaluate(self.step))
+                metrics.update(self.train_step())
+            except StopRequested:
+                self.batcher.set_state(data_state)  # the step is re-run from its start on resume
+                stop = True
+                break
+            self._pending = {}
             if self.step % cfg.train.log_every == 0 or "eval/accuracy" in metrics:
                 last = writer.write(self.step, metrics)
             self.step += 1
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                             **({"eval": f"{metrics['eval/accuracy']:.3f}"} if "eval/accuracy" in metrics else {}))
-            if self.step % cfg.train.checkpoint_every == 0 or self.preemption.requested:
+            self._check_skipped_streak()
+            stop = self.preemption.should_stop()
+            if self.step % cfg.train.checkpoint_every == 0 or stop:
                 self.save()
                 writer.sync()  # a remote workdir gets the metrics with every checkpoint
         bar.close()
-        if pending:  # a warm-up-only run (train.steps=0) still records its report
-            last = writer.write(self.step, pending)
-        if not self.preemption.requested and self.step >= cfg.train.steps:
+        if not stop:
+            if self._pending:  # a warm-up-only run (train.steps=0) still records its report
+                last = writer.write(self.step, self._pending)
+                self._pending = {}
             if cfg.eval.every and not parallel.process_0_value(writer.has_eval(self.step)):
-                last = writer.write(self.step, self.evaluate(self.step))
-            if self.checkpointer.latest_step() != self.step:
-                self.save()
+                try:
+                    last = writer.write(self.step, self.evaluate(self.step))
+                except StopRequested:
+                    stop = True
+        if self.checkpointer.latest_step() != self.step:
+            self.save()
+            writer.sync()
+        if stop:
+            log.warning("stopped at step %d on request; the run is saved: run the same command again to continue",
+                        self.step)
         return last
 
+    def _check_skipped_streak(self):
+        n, limit = self.skipped_streak, self.cfg.train.max_skipped_steps
+        if not limit or n < limit:
+            return
+        good = self.checkpointer.newest_healthy_step()
+        kept = (f"the newest checkpoint saved before them is step {good} (kept for this reason)" if good is not None
+                else "no checkpoint was saved before them")
+        raise TrainingDivergedError(
+            f"steps {self.step - n}..{self.step - 1}: every update of {n} consecutive steps was skipped because its "
+            f"loss, gradient or update was not finite, so the parameters stopped changing; stopping "
+            f"(config.train.max_skipped_steps={limit}) without saving; {kept}. Look at loss and "
+            f"grad_norm in metrics.jsonl for those steps (a learning rate or grad_clip that gives NaN, non-finite "
+            f"rewards, damaged weights), fix the cause and run again, or raise --config.train.max_skipped_steps.")
+
     def close(self):
-        self.checkpointer.close()
+        """Close the checkpoint managers and release the workdir (idempotent)."""
+        for ck in (getattr(self, "checkpointer", None), getattr(self, "_warmup_ck", None)):
+            if ck is not None:
+                ck.close()
+        self.checkpointer = self._warmup_ck = None
+        if getattr(self, "verifier", None) is not None:
+            self.verifier.close()
+            self.verifier = None
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -11,6 +11,7 @@ it runs (CPU numerics differ across machines, and so does the step at which the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -51,18 +52,57 @@ def reached(target: float, estimates: list[float]) -> bool:
     return bool(estimates) and float(np.mean(estimates[-2:])) >= target
 
 
+@dataclasses.dataclass
+class WarmupProgress:
+    """Where a stopped warm-up was: with the parameters, all that continuing it exactly needs (the
+    data draws of the steps done are replayed from the seed)."""
+    step: int                       # warm-up steps done
+    opt_state: Any                  # the warm-up optimiser's state (not the RL optimiser's)
+    estimates: list[float]          # the sampled-accuracy estimates so far (the stop rule reads them)
+    next_check: int
+    report: dict[str, float]
+
+    def meta(self) -> dict:
+        return {"step": self.step, "estimates": list(self.estimates), "next_check": self.next_check,
+                "report": dict(self.report)}
+
+    @classmethod
+    def from_meta(cls, meta: dict, opt_state) -> "WarmupProgress":
+        return cls(step=int(meta["step"]), opt_state=opt_state, estimates=[float(e) for e in meta["estimates"]],
+                   next_check=int(meta["next_check"]), report=dict(meta["report"]))
+
+
+def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adamw(cfg.train.sft_lr, weight_decay=0.0)
+
+
+def init_opt_state(cfg: ml_collections.ConfigDict, params) -> Any:
+    """The warm-up optimiser's initial state, sharded like the parameters (moments) and replicated
+    (counts): also the target a saved one is restored into, so it must say where every leaf lives."""
+    tx = optimizer(cfg)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    first = jax.tree.leaves(shardings)[0]
+    if not isinstance(first, jax.sharding.NamedSharding):
+        return jax.jit(tx.init)(params)
+    out = parallel.opt_state_shardings(jax.eval_shape(tx.init, params), shardings, first.mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)
+
+
 def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, records, tokenizer,
                batch_sharding, accuracy: Callable[[Any, int], float], progress,
-               should_stop: Callable[[], bool] = lambda: False) -> tuple[Any, dict[str, float], bool]:
-    """Run the warm-up from `params`. `accuracy(params, step)` is the sampled accuracy on training
-    prompts. Returns (params, report {sft/steps, sft/accuracy}, finished); `finished` is False when
-    `should_stop()` ended it early (preemption)."""
+               should_stop: Callable[[], bool] = lambda: False,
+               resume: WarmupProgress | None = None) -> tuple[Any, dict[str, float], WarmupProgress | None]:
+    """Run the warm-up from `params` (continuing `resume`, a stopped warm-up, when given).
+    `accuracy(params, step)` is the sampled accuracy on training prompts; `should_stop()` is asked
+    before every step (a collective on several processes). Returns (params, report {sft/steps,
+    sft/accuracy}, stopped): `stopped` is None when the warm-up finished, else the progress to save
+    and resume from (a stop request ended it early)."""
     if task is None:
         raise ConfigError("config.train.sft_steps > 0 needs the synthetic task (it has reference "
                           "solutions); set train.sft_steps=0 for data.kind='files'")
     t = cfg.train
-    tx = optax.adamw(t.sft_lr, weight_decay=0.0)
-    opt = jax.jit(tx.init)(params)
+    tx = optimizer(cfg)
+    opt = resume.opt_state if resume is not None else init_opt_state(cfg, params)
     P, N = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
 
     @jax.jit
@@ -75,9 +115,16 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
     estimates: list[float] = []
     next_check = t.sft_check_every
     report = {"sft/steps": 0, "sft/accuracy": float("nan")}
-    for i in range(t.sft_steps):
+    start = 0
+    if resume is not None:
+        start, next_check = resume.step, resume.next_check
+        estimates, report = list(resume.estimates), dict(resume.report)
+        for _ in range(start):  # the same batches as an uninterrupted warm-up from here on
+            rng.integers(0, len(records), t.sft_batch_size)
+        progress.update(start)
+    for i in range(start, t.sft_steps):
         if should_stop():
-            return params, report, False
+            return params, report, WarmupProgress(i, opt, estimates, next_check, report)
         if t.sft_target_accuracy and i == next_check:
             estimates.append(accuracy(params, i))
             report = {"sft/steps": i, "sft/accuracy": estimates[-1]}
@@ -95,7 +142,7 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
         progress.update(1)
         progress.set_postfix(loss=f"{float(loss):.3f}")
         report["sft/steps"] = i + 1
-    return params, report, True
+    return params, report, None
 
 
 def sampled_accuracy(cfg: ml_collections.ConfigDict, tokenizer, records, sample, step: int) -> float:

@@ -159,12 +159,15 @@ def _write_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
 
 
 def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
-         max_shard_bytes: int = 5 * 2**30) -> None:
+         max_shard_bytes: int = 5 * 2**30, should_stop=None) -> None:
     """Write `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
 
     `model` needs a `config` with `to_hf_dict` (a `Qwen3Config`). dtype: storage dtype (default:
     the parameters' own). Only process 0 writes on multi-host. Shards are planned from shapes
-    first and gathered one shard at a time, so host memory peaks at one shard.
+    first and gathered one shard at a time, so host memory peaks at one shard. `should_stop()` is
+    asked between shards (a collective on several processes); True raises
+    `preemption.StopRequested`, leaving `out_dir` incomplete (write into a staging directory, as
+    `model_io.checkpoint_to_hf` does).
     """
     os.makedirs(out_dir, exist_ok=True)
     params = flat_params(model)
@@ -181,7 +184,10 @@ def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     writer = jax.process_index() == 0
     weight_map, total = {}, 0
-    for fname, paths in zip(names, plan):
+    for i, (fname, paths) in enumerate(zip(names, plan)):
+        if i and should_stop is not None and should_stop():
+            from jaxrl_entropy.preemption import StopRequested
+            raise StopRequested()
         shard = {hf_name(p): _host_array(params[p], store_dtype, bool(_TRANSPOSED.search(p))) for p in paths}
         if writer:
             _write_safetensors(shard, os.path.join(out_dir, fname))

@@ -1,0 +1,124 @@
+"""`train --multihost` with 2 processes × 4 CPU devices on this machine (a local coordinator, gloo
+collectives): it trains with evaluation at step 0; SIGTERM to one process makes both save the same
+step and exit 0; starting again resumes to exactly what an uninterrupted 2-process run gives."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import jax
+
+from conftest import TINY_CLI_FLAGS, metrics_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+FLAGS = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=100",  # evaluates at step 0 only
+         "--config.train.checkpoint_every=100"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir: str, steps: int, logs: str) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    if jax.config.jax_compilation_cache_dir:  # the three runs compile the same programs
+        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        out = open(f"{logs}.{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jaxrl_entropy.cli", "train", "--multihost",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+             f"--workdir={workdir}", *FLAGS, f"--config.train.steps={steps}"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+    return procs
+
+
+def _wait(procs, timeout=900) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+def _metrics_steps(workdir: str) -> list[int]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(re.search(r'"step": (\d+)', line).group(1)) for line in f if line.endswith("\n")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    straight, stopped = str(base / "straight"), str(base / "stopped")
+    out = {"straight": straight, "stopped": stopped, "logs": str(base / "log")}
+    out["straight_codes"] = _wait(_launch(straight, STEPS, f"{out['logs']}.straight"))
+
+    # SIGTERM to process 1 (not the one that writes metrics) once step 0 is done; a larger
+    # train.steps so that the stop, not the end of the run, ends it wherever the signal lands
+    procs = _launch(stopped, 1000, f"{out['logs']}.stopped")
+    deadline = time.time() + 900
+    while 0 not in _metrics_steps(stopped) and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    out["stopped_codes"] = _wait(procs)
+    out["stopped_logs"] = [open(f"{out['logs']}.stopped.{i}.log").read() for i in range(2)]
+
+    out["resumed_codes"] = _wait(_launch(stopped, STEPS, f"{out['logs']}.resumed"))
+    out["resumed_logs"] = [open(f"{out['logs']}.resumed.{i}.log").read() for i in range(2)]
+    return out
+
+
+def test_two_processes_train_with_evaluation_at_step_0(runs):
+    assert runs["straight_codes"] == [0, 0]
+    rows = metrics_rows(runs["straight"])
+    assert [r["step"] for r in rows if "loss" in r] == list(range(STEPS))
+    assert 0 <= rows[0]["eval/accuracy"] <= 1 and "reward/mean" in rows[0]
+
+
+def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(runs):
+    assert runs["stopped_codes"] == [0, 0], runs["stopped_logs"]
+    saved = [re.findall(r"saved checkpoint at step (\d+)", log) for log in runs["stopped_logs"]]
+    assert saved[0] == saved[1] and len(saved[0]) == 1, saved   # process 0 logs it; so does process 1
+    step = int(saved[0][0])
+    assert 1 <= step < STEPS, f"the stop landed at step {step}; the test needs it before {STEPS}"
+    assert "received signal SIGTERM" in runs["stopped_logs"][1]
+    assert "received signal" not in runs["stopped_logs"][0]
+    assert all(f"stopped at step {step} on request" in log for log in runs["stopped_logs"])
+
+
+def test_the_resumed_run_equals_the_uninterrupted_one(runs):
+    from jaxrl_entropy import model_io
+
+    assert runs["resumed_codes"] == [0, 0], runs["resumed_logs"]
+    straight = {r["step"]: r for r in metrics_rows(runs["straight"]) if "loss" in r}
+    resumed = {r["step"]: r for r in metrics_rows(runs["stopped"]) if "loss" in r}
+    assert sorted(resumed) == list(range(STEPS))
+    for step in range(STEPS):
+        for key in ("loss", "reward/mean", "grad_norm", "entropy/anchor_threshold", "approx_kl"):
+            assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-6, abs=1e-7), (step, key)
+    _, a, step_a, _ = model_io.policy_from_run(None, runs["straight"])
+    _, b, step_b, _ = model_io.policy_from_run(None, runs["stopped"])
+    assert step_a == step_b == STEPS
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
