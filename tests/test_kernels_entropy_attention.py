@@ -255,6 +255,32 @@ def test_a_stopped_entropy_gives_the_plain_flash_gradient():
         assert_close(a, b, 2e-5, f"d{name}")
 
 
+@pytest.mark.parametrize("backend", ["xla", "interpret_gpu"])
+def test_whole_blocks_of_left_padding_are_never_read(backend):
+    """Left padding filling whole blocks is skipped, not masked: NaN in its q, k and v (say, an
+    uninitialised cache) reaches no output and no gradient; the rest equals the oracle computed
+    without the padding."""
+    rng = np.random.default_rng(8)
+    pad, T = 32, 64  # two of four 16-row blocks
+    q, k, v, dout = make_inputs(rng, 1, T, T, 4, 2, 32, F32)
+    seg = np.ones((1, T), np.int32)
+    seg[0, :pad] = 0
+    poison = lambda x: x.at[:, :pad].set(jnp.nan)  # noqa: E731
+
+    def fn(q, k, v):
+        return entropy_attention(q, k, v, causal=True, segment_ids=jnp.asarray(seg), backend=backend,
+                                 block_q=16, block_k=16)
+
+    (out, ent), vjp = jax.vjp(fn, poison(q), poison(k), poison(v))
+    dq, dk, dv = vjp((dout, jnp.ones_like(ent)))
+    o_ref, e_ref, _, dq_ref, dk_ref, dv_ref = oracle(q[:, pad:], k[:, pad:], v[:, pad:], dout[:, pad:],
+                                                     causal=True, seg=None, g_ent=jnp.ones_like(ent[:, pad:]))
+    for name, a, b in (("out", out, o_ref), ("entropy", ent, e_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref),
+                       ("dv", dv, dv_ref)):
+        assert_close(a[:, pad:], b, 2e-5, name)
+        assert np.all(np.asarray(a[:, :pad]) == 0.0), name
+
+
 @pytest.mark.parametrize("backend,D", [("interpret_gpu", 40), ("xla", 40)])
 def test_head_dim_that_is_not_a_power_of_two(backend, D):
     """The GPU shell zero-pads head_dim to a power of two; results must not change."""
