@@ -213,10 +213,10 @@ def test_flash_attention_gradient_equals_entropy_attention_gradient():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["xla", "interpret_gpu"])
-def test_gradients_match_jax_grad_of_float64_reference(backend):
+def test_gradients_match_jax_grad_of_float64_reference(backend="xla"):
     """out and entropy both in the loss: the kernel's custom backward against autodiff of the
-    plain reference, run in float64 (x64 only around the reference; the kernel stays float32)."""
+    plain reference, run in float64 (x64 only around the reference; the kernel stays float32).
+    One shell suffices here: every shell meets the hand-derived float64 oracle above."""
     rng = np.random.default_rng(2)
     q, k, v, dout = make_inputs(rng, 2, 40, 40, 4, 2, 32, F32)
     w_ent = jnp.asarray(rng.standard_normal((2, 40, 4)), F32)
