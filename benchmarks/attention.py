@@ -37,12 +37,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# Import the functions from their modules: `kernels.entropy_attention` is also a submodule name,
-# and once that submodule is imported the package attribute can be the module, not the function.
-from kernels.entropy_attention import entropy_attention, flash_attention
-from kernels.head_mixture import head_mixture_entropy
-from kernels.platform import resolve_backend
-from kernels.reference import reference_attention
+from kernels import (entropy_attention, flash_attention, head_mixture_entropy, reference_attention,
+                     resolve_backend)
 
 
 @dataclasses.dataclass(frozen=True)

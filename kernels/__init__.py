@@ -8,6 +8,8 @@ package (`transformers.utils.import_utils.is_kernels_available()`) keeps answeri
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -41,3 +43,17 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+class _Namespace(types.ModuleType):
+    """`kernels.entropy_attention` is both a submodule and a public function. The import system
+    binds the submodule onto the package when it is first imported (for instance by
+    `from kernels.entropy_attention import entropy_attention`); keep the function there instead."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Namespace

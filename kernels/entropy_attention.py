@@ -2,8 +2,10 @@
 
 `entropy_attention` and `flash_attention` validate their arguments, pick a shell
 (`kernels.platform.resolve_backend`) and wrap it in a `jax.custom_vjp` whose backward is the
-flash backward of the same shell (p recomputed from the saved log-sum-exp, di = Σ o·do in XLA).
-Entropy and lse are measurements: their cotangents are accepted and ignored.
+flash backward of the same shell (p recomputed from the saved log-sum-exp). All three outputs are
+differentiable: the cotangents of the entropy and the lse enter the same backward kernels
+(`kernels.block_update.softmax_grad`); a cotangent that is symbolically zero (the output unused,
+or behind `stop_gradient`) costs nothing.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
+from kernels import block_update as bu
 from kernels.platform import resolve_backend
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -52,22 +56,31 @@ def _attention(cfg: _Config, q, k, v, segment_ids):
 
 
 def _attention_fwd(cfg: _Config, q, k, v, segment_ids):
+    # symbolic_zeros=True: the primals come wrapped, and unused cotangents arrive as SymbolicZero
+    q, k, v, segment_ids = (None if x is None else x.value for x in (q, k, v, segment_ids))
     out, ent, lse = _forward(cfg, q, k, v, segment_ids)
-    return (out, ent, lse), (q, k, v, segment_ids, out, lse)
+    return (out, ent, lse), (q, k, v, segment_ids, out, ent, lse)
+
+
+def _nonzero(ct):
+    return None if ct is None or isinstance(ct, SymbolicZero) else ct
 
 
 def _attention_bwd(cfg: _Config, res, cotangents):
-    q, k, v, segment_ids, out, lse = res
-    dout = cotangents[0]  # entropy / lse cotangents ignored: stop_gradient semantics
-    di = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [B, T, Hq]
+    q, k, v, segment_ids, out, ent, lse = res
+    g_out, g_ent, g_lse = (_nonzero(ct) for ct in cotangents)
+    if g_out is None:  # only entropy / lse are differentiated (e.g. an entropy regulariser)
+        g_out = jnp.zeros_like(out)
+    di = bu.row_delta(out, g_out, ent, g_ent, g_lse)  # [B, T, Hq]
     mod, extra = _shell(cfg.backend)
-    dq, dk, dv = mod.backward(q, k, v, segment_ids, dout, lse, di, causal=cfg.causal,
-                              sm_scale=cfg.sm_scale, block_q=cfg.block_q, block_k=cfg.block_k,
-                              **extra)
+    dq, dk, dv = mod.backward(q, k, v, segment_ids, g_out, lse, di,
+                              None if g_ent is None else g_ent.astype(jnp.float32),
+                              causal=cfg.causal, sm_scale=cfg.sm_scale, block_q=cfg.block_q,
+                              block_k=cfg.block_k, **extra)
     return dq, dk, dv, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -142,11 +155,11 @@ def entropy_attention(q, k, v, *, causal: bool = True, segment_ids=None, sm_scal
       key); lse `[B, T, Hq]` float32 natural-log log-sum-exp of the scaled logits over the visible
       keys; a row that sees no key gets lse = 1e30 (`kernels.block_update.EMPTY_ROW_LSE`), so
       exp(s - lse) is 0 there. Consumers must ignore such rows anyway.
-      Only `out` is differentiable (w.r.t. q, k, v); entropy and lse carry no gradient.
+      All three are differentiable w.r.t. q, k, v (an entropy regulariser gets its true gradient;
+      empty rows contribute none). To use the entropy as a measurement, `stop_gradient` it.
     """
     cfg = _validate(q, k, v, segment_ids, causal, sm_scale, backend, block_q, block_k, entropy=True)
     out, ent, lse = _attention_jit(cfg, q, k, v, segment_ids)
-    ent, lse = jax.lax.stop_gradient(ent), jax.lax.stop_gradient(lse)
     return (out, ent, lse) if return_lse else (out, ent)
 
 

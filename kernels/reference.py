@@ -8,9 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.block_update import MASK_VALUE
 from kernels.masking import visible_mask
 
-NEG_INF = -1e30  # finite: exp(NEG_INF - m) is exactly 0 and 0 * NEG_INF stays finite
+NEG_INF = MASK_VALUE  # the one finite "minus infinity" (`kernels.block_update`), under its old name
 
 
 def reference_attention(
@@ -37,6 +38,8 @@ def reference_attention(
     Returns:
       `(out [B, T, Hq, D] like q, entropy [B, T, Hq] float32)` and, with `return_probs`,
       `probs [B, Hq, T, S]`. Rows with no visible key have out 0, entropy 0, probs 0.
+      Plain jnp throughout, so out, entropy and probs are all differentiable (the oracle for the
+      fused kernel's gradients, entropy included); rows with no visible key get zero gradient.
     """
     B, T, Hq, D = q_BxTxHxD.shape
     S, Hkv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]

@@ -37,6 +37,9 @@ def tpu_devices():
     """Factory: the devices of a real TPU slice (`"v5p:2x2x1"`, `"v5e:2x2"`, ...) from the TPU
     compiler, for `jit(...).trace(abstract).lower().compile()` with no TPU attached."""
     require_libtpu()
+    # libtpu takes a machine-wide lock file: without this, a second process (another xdist
+    # worker) fails with "Internal error when accessing libtpu multi-process lockfile"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     cache = {}

@@ -1,4 +1,5 @@
-"""The shared block maths of the fused kernels, against float64 numpy and `kernels.masking`."""
+"""The shared block maths and tiling of the fused kernels, against float64 numpy and a brute-force
+visibility mask written here."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import block_update as bu
+from kernels import tiling
 from kernels.masking import visible_mask
 
 
@@ -25,9 +27,9 @@ def np_row_attention(s, mask, v):
     return p @ v.astype(np.float64), ent, lse, p
 
 
-def _tiles(R=8, S=3 * 128, D=64, seed=0):
+def _tiles(R=8, S=3 * 128, D=64, seed=0, spread=3.0):
     rng = np.random.default_rng(seed)
-    s = (rng.standard_normal((R, S)) * 3).astype(np.float32)
+    s = (rng.standard_normal((R, S)) * spread).astype(np.float32)
     v = rng.standard_normal((S, D)).astype(np.float32)
     mask = rng.random((R, S)) < 0.6
     mask[0, :200] = False     # first blocks fully masked, visible keys later
@@ -35,7 +37,7 @@ def _tiles(R=8, S=3 * 128, D=64, seed=0):
     mask[2, :] = False
     mask[2, 300] = True       # exactly one visible key: entropy 0
     mask[3, :] = True
-    s[3, :] += 80.0           # large logits: the raw Σp·s accumulator would lose precision
+    s[3, :] += 80.0           # a uniform shift (centring cancels it)
     return s, v, mask
 
 
@@ -48,9 +50,11 @@ def _run_blocks(s, v, mask, bk, width, lo=0, hi=None):
     return state
 
 
-@pytest.mark.parametrize("width", [1, 128])  # [R, 1] (GPU / XLA) and lane-replicated (TPU)
-def test_online_blocks_match_direct_softmax(width):
-    s, v, mask = _tiles()
+# spread 60: logits spread over hundreds of nats, rows nearly one-hot, the running max jumping
+# from block to block (the case where a raw Σ p·s accumulator loses all precision)
+@pytest.mark.parametrize("width,spread", [(1, 3.0), (128, 3.0), (1, 60.0)])  # [R, 1] (GPU / XLA), (R, 128) (TPU)
+def test_online_blocks_match_direct_softmax(width, spread):
+    s, v, mask = _tiles(spread=spread)
     state = _run_blocks(s, v, mask, 128, width)
     out, ent, lse = bu.finalize(state)
     o_ref, e_ref, l_ref, _ = np_row_attention(s, mask, v)
@@ -66,18 +70,25 @@ def test_online_blocks_match_direct_softmax(width):
     assert np.all(np.asarray(ent)[2] == 0.0)
 
 
-def test_entropy_switched_off_leaves_out_unchanged():
+@pytest.mark.parametrize("entropy,values", [(False, True), (False, False)])
+def test_entropy_or_values_switched_off(entropy, values):
+    """flash_attention's state (no t) and attention_lse's (no t, no accumulator)."""
     s, v, mask = _tiles(seed=1)
-    state = bu.init_state((s.shape[0],), 1, v.shape[1])
+    state = bu.init_state((s.shape[0],), 1, v.shape[1] if values else None, entropy=entropy)
     for a in range(0, s.shape[1], 128):
         state = bu.online_softmax_step(state, jnp.asarray(s[:, a:a + 128]), jnp.asarray(mask[:, a:a + 128]),
-                                       jnp.asarray(v[a:a + 128]), entropy=False)
-    out, ent, _ = bu.finalize(state, entropy=False)
-    assert ent is None
-    np.testing.assert_allclose(np.asarray(out), np_row_attention(s, mask, v)[0], atol=1e-5)
+                                       jnp.asarray(v[a:a + 128]) if values else None)
+    out, ent, lse = bu.finalize(state)
+    o_ref, _, l_ref, _ = np_row_attention(s, mask, v)
+    assert ent is None and (out is None) == (not values)
+    if values:
+        np.testing.assert_allclose(np.asarray(out), o_ref, atol=1e-5)
+    valid = ~np.isnan(l_ref)
+    np.testing.assert_allclose(np.asarray(lse)[valid, 0], l_ref[valid], rtol=1e-6, atol=1e-5)
 
 
 def test_split_combine_equals_attention_over_all_keys():
+    """combine_splits is the merge step of a split-K decode (KV pages over parallel programs)."""
     s, v, mask = _tiles(seed=2)
     # three uneven key ranges; range 0 is fully masked for row 0 (and row 1 sees nothing anywhere)
     cuts = [(0, 128), (128, 256), (256, 384)]
@@ -107,6 +118,134 @@ def test_recompute_probs_and_softmax_grad():
     np.testing.assert_allclose(ds, p_ref * dp - p_ref * di, atol=1e-5)
 
 
+def _np_entropy_lse(s, mask):
+    """Row entropy and lse of masked float64 logits (the functions whose gradient is checked)."""
+    z = np.where(mask, s, -np.inf)
+    mx = np.max(z, -1, keepdims=True)
+    lse = (mx + np.log(np.sum(np.exp(z - mx), -1, keepdims=True)))[..., 0]
+    p = np.where(mask, np.exp(z - lse[:, None]), 0.0)
+    logp = np.where(mask, s - lse[:, None], 0.0)
+    return -np.sum(p * logp, -1), lse
+
+
+def test_softmax_grad_with_entropy_and_lse_cotangents_matches_finite_differences():
+    """ds = p ⊙ (dp − Δ + g_lse − g_H·(log p + H)) against central differences of H and lse."""
+    rng = np.random.default_rng(4)
+    R, K = 5, 24
+    s = rng.standard_normal((R, K)) * 2.0
+    mask = rng.random((R, K)) < 0.7
+    mask[:, 0] = True
+    g_ent, g_lse = rng.standard_normal(R), rng.standard_normal(R)
+    ent, lse = _np_entropy_lse(s, mask)
+    want = np.zeros_like(s)
+    eps = 1e-6
+    for r in range(R):
+        for c in range(K):
+            if not mask[r, c]:
+                continue
+            sp, sm = s.copy(), s.copy()
+            sp[r, c] += eps
+            sm[r, c] -= eps
+            (ep, lp), (em, lm) = _np_entropy_lse(sp, mask), _np_entropy_lse(sm, mask)
+            want[r, c] = (g_ent[r] * (ep[r] - em[r]) + g_lse[r] * (lp[r] - lm[r])) / (2 * eps)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    log_p = bu.log_probs(f32(s), f32(lse[:, None]), jnp.asarray(mask))
+    p = jnp.exp(log_p)
+    # no output cotangent: dp = 0, Δ = 0; row_delta folds g_lse and g_H·H into di
+    zeros = jnp.zeros((1, R, 1, 1), jnp.float32)
+    di = bu.row_delta(zeros, zeros, f32(ent)[None, :, None], f32(g_ent)[None, :, None],
+                      f32(g_lse)[None, :, None])[0, :, 0][:, None]
+    ds = bu.softmax_grad(p, jnp.zeros_like(p), di, g_ent=f32(g_ent[:, None]), log_p=log_p)
+    np.testing.assert_allclose(np.asarray(ds), want, atol=2e-5)
+    assert np.all(np.asarray(ds)[~mask] == 0.0)
+
+
+def test_mixture_entropy_term():
+    rng = np.random.default_rng(5)
+    H, R, K = 3, 4, 16
+    p = rng.random((H, R, K))
+    p /= p.sum(-1, keepdims=True) * 2.0  # each head's mass on this tile: 1/2
+    p[:, 0, :5] = 0.0                    # keys no head attends: 0·log 0 = 0
+    pbar = p.mean(0)
+    want = -np.sum(np.where(pbar > 0, pbar * np.log(np.where(pbar > 0, pbar, 1.0)), 0.0), -1)
+    got = bu.mixture_entropy_term(jnp.asarray(p.sum(0), jnp.float32), H)
+    np.testing.assert_allclose(np.asarray(got)[:, 0], want, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- tiling
+
+
+def _np_visible(B, T, S, causal, seg):
+    """Brute-force visibility `[B, T, S]` written from the definition."""
+    mask = np.ones((B, T, S), bool)
+    if causal:
+        mask &= (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None]
+    if seg is not None:
+        mask &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    return mask
+
+
+def _layouts():
+    T = 40
+    left = np.ones((2, T), np.int32)
+    left[0, :19] = 0                      # two whole key blocks of padding, then a partial one
+    left[1, :3] = 0
+    packed = np.ones((2, T), np.int32)
+    packed[:, 16:] = 2
+    packed[0, 33:] = 0                    # right padding
+    holes = np.ones((1, T), np.int32)     # id 1 in two separate runs: the same segment
+    holes[0, 8:24] = 2
+    return {"none": None, "left": left, "packed": packed, "holes": holes}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("layout,T,S", [("none", 40, 40), ("none", 24, 40), ("none", 40, 28),
+                                        ("left", 40, 40), ("packed", 40, 40), ("holes", 40, 40)])
+def test_block_kinds_and_visit_ranges_are_sound(layout, causal, T, S):
+    """SKIP blocks hold no visible pair, FULL blocks only visible pairs of real keys; every block
+    with a visible pair is visited, and the unmasked range holds FULL blocks only."""
+    seg = _layouts()[layout]
+    B = 1 if seg is None else seg.shape[0]
+    bq, bk = 8, 8
+    g = tiling.Tiling((B, T, 2, 16), (B, S, 1, 16), causal=causal, has_seg=seg is not None, bq=bq, bk=bk)
+    kinds = np.asarray(g.block_kinds(None if seg is None else jnp.asarray(seg)))
+    vis = np.zeros((B, g.Tp, g.Sp), bool)
+    vis[:, :T, :S] = _np_visible(B, T, S, causal, seg)
+    real_key = np.arange(g.Sp) < S
+    for name, rng, blocks in (("kv", np.asarray(tiling.visit_ranges(jnp.asarray(kinds))), kinds),
+                              ("q", np.asarray(tiling.visit_ranges(jnp.asarray(kinds), transpose=True)),
+                               np.swapaxes(kinds, 1, 2))):
+        for b in range(B):
+            for n in range(blocks.shape[1]):
+                lo, full_lo, full_hi, hi = rng[b, n]
+                assert 0 <= lo <= full_lo <= full_hi <= hi <= blocks.shape[2], (name, rng[b, n])
+                for m in range(blocks.shape[2]):
+                    i, j = (n, m) if name == "kv" else (m, n)
+                    tile = vis[b, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                    rows_real = slice(0, min(bq, T - i * bq))
+                    if tile.any():
+                        assert lo <= m < hi, (name, b, i, j)
+                    if full_lo <= m < full_hi:
+                        assert blocks[b, n, m] == tiling.FULL
+                    if kinds[b, i, j] == tiling.SKIP:
+                        assert not tile.any(), (b, i, j)
+                    if kinds[b, i, j] == tiling.FULL:
+                        assert real_key[j * bk:(j + 1) * bk].all() and tile[rows_real].all(), (b, i, j)
+
+
+def test_visit_ranges_skip_left_padding_and_the_upper_triangle():
+    """Hand-computed ranges: 19 padding tokens then 21 tokens, causal, 8 x 8 blocks."""
+    seg = np.ones((1, 40), np.int32)
+    seg[0, :19] = 0
+    g = tiling.Tiling((1, 40, 1, 16), (1, 40, 1, 16), causal=True, has_seg=True, bq=8, bk=8)
+    rng = np.asarray(tiling.visit_ranges(g.block_kinds(jnp.asarray(seg))))[0]
+    # query blocks 0, 1: padding only -> nothing; block 2 (rows 16-23) straddles the padding edge
+    # and the diagonal; block 3 sees key block 2 (partly padding, masked) and 3 (diagonal);
+    # block 4 sees key block 2 masked, key block 3 unmasked, key block 4 on the diagonal
+    np.testing.assert_array_equal(rng, [[0, 0, 0, 0], [0, 0, 0, 0], [2, 3, 3, 3], [2, 4, 4, 4],
+                                        [2, 3, 4, 5]])
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("S", [21, 29])
 def test_tile_mask_is_the_visible_mask(causal, S):
@@ -125,12 +264,6 @@ def test_tile_mask_is_the_visible_mask(causal, S):
         got = bu.tile_mask(q_pos, k_pos, causal=causal, kv_len=S - 4)  # 4 padded keys at the end
         want = visible_mask(1, T, S, causal=causal, segment_ids=None)[0] & (jnp.arange(S) < S - 4)[None]
     np.testing.assert_array_equal(np.broadcast_to(np.asarray(got), np.asarray(want).shape), np.asarray(want))
-
-
-def test_floordiv_matches_python_floor_division():
-    a = jnp.arange(-40, 40, dtype=jnp.int32)
-    got = np.asarray(bu.floordiv(a, 16, lowest=-40))
-    np.testing.assert_array_equal(got, np.arange(-40, 40) // 16)
 
 
 def test_widen_layouts():

@@ -116,16 +116,16 @@ def test_head_mixture_xla(group, causal, dtype, lse_given):
     _check_entropy(ent, ent_ref, visible, dtype)
 
 
-@pytest.mark.parametrize("backend,group,causal,dtype,lse_given", [
-    ("interpret_gpu", 2, True, jnp.float32, False),
-    ("interpret_gpu", 4, False, jnp.bfloat16, True),
-    ("interpret_gpu", 1, True, jnp.bfloat16, True),
-    ("interpret_tpu", 2, True, jnp.bfloat16, False),
-    ("interpret_tpu", 4, False, jnp.float32, True),
+@pytest.mark.parametrize("backend,group,causal,dtype,lse_given,D", [
+    ("interpret_gpu", 2, True, jnp.float32, False, 16),
+    ("interpret_gpu", 4, False, jnp.bfloat16, True, 128),
+    ("interpret_gpu", 1, True, jnp.bfloat16, True, 16),
+    ("interpret_tpu", 2, True, jnp.bfloat16, False, 128),  # [B, T, H·D] layout: heads as lane slices
+    ("interpret_tpu", 4, False, jnp.float32, True, 16),    # [B, H, T, D] layout
 ])
-def test_head_mixture_pallas_interpret(backend, group, causal, dtype, lse_given):
+def test_head_mixture_pallas_interpret(backend, group, causal, dtype, lse_given, D):
     bq, bk, T = _SHELLS[backend]
-    B, Hkv, D = 2, 2, 16  # Hkv > 1 so a wrong query-head -> key-head map shows
+    B, Hkv = 2, 2  # Hkv > 1 so a wrong query-head -> key-head map shows
     q, k, seg = _inputs(10 + group, B, T, T, Hkv * group, Hkv, D, dtype, left_pad=(0, T // 3))
     _, lse_np, ent_ref, visible = _oracle(q, k, causal=causal, seg=seg)
     lse = _lse_with_garbage(lse_np, visible) if lse_given else None
@@ -193,6 +193,7 @@ def test_attention_lse(backend):
     assert lse.shape == lse_ref.shape
     vis = np.broadcast_to(visible[..., None], lse.shape)
     np.testing.assert_allclose(lse[vis], lse_ref[vis], atol=2e-5, rtol=2e-5)
+    assert np.all(lse[~vis] == 1e30)  # the fused forward's convention for rows that see no key
 
 
 @pytest.mark.parametrize("backend,causal,lse_given", [
@@ -204,7 +205,7 @@ def test_attention_lse(backend):
 def test_attention_probs(backend, causal, lse_given):
     bq, bk, T = _SHELLS[backend]
     if backend == "interpret_tpu":
-        T, bq = 140, 64  # 3 Q blocks, 2 K blocks of 128: keeps the slow TPU interpreter short
+        T = 140  # 2 x 2 blocks of 128: keeps the slow TPU interpreter short
     q, k, seg = _inputs(8, 2, T, T, 4, 2, 16, jnp.bfloat16, left_pad=(3, 0))
     probs_ref, lse_np, _, visible = _oracle(q, k, causal=causal, seg=seg)
     lse = _lse_with_garbage(lse_np, visible) if lse_given else None
@@ -215,6 +216,44 @@ def test_attention_probs(backend, causal, lse_given):
     # Rows sum to 1 where a key is visible, 0 elsewhere.
     np.testing.assert_allclose(probs.sum(-1), np.broadcast_to(visible[:, None], probs.shape[:3]),
                                atol=1e-5)
+
+
+def _kernels_outside_shard_map(jaxpr, inside=False, found=None):
+    """Names of the pallas_calls of a jaxpr that do not run inside a shard_map."""
+    found = [] if found is None else found
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "pallas_call" and not inside:
+            found.append(eqn.params.get("name_and_src_info", name))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns") and name != "pallas_call":
+                    _kernels_outside_shard_map(sub, inside or name == "shard_map", found)
+    return found
+
+
+def test_probe_attention_probs_run_per_shard_under_a_mesh():
+    """The model's analysis path under an 8-device mesh: XLA cannot partition a kernel, so every
+    kernel (probabilities included) must run inside shard_map; the numbers equal the oracle."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    from jaxrl_entropy import parallel
+    from jaxrl_entropy.models import attention
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    q, k, seg = _inputs(12, 4, 24, 24, 4, 2, 16, jnp.float32, left_pad=(0, 5, 0, 23))
+    probs_ref, _, ent_ref, visible = _oracle(q, k, causal=True, seg=seg)
+
+    def run(q, k, seg):
+        res = attention.probe_attention(q, k, k, seg, impl="kernel", kernel_backend="interpret_gpu",
+                                        sm_scale=16 ** -0.5, return_probs=True, mesh=mesh)
+        return res.probs_BxHxTxS, res.mixture_BxT
+
+    assert _kernels_outside_shard_map(jax.make_jaxpr(run)(q, k, seg).jaxpr) == []
+    probs, mix = jax.jit(run)(*(jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)) for x in (q, k, seg)))
+    np.testing.assert_allclose(np.asarray(probs), probs_ref, atol=2e-6)
+    _check_entropy(mix, ent_ref, visible, jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,7 +296,7 @@ def test_errors_name_the_problem():
         hm.head_mixture_entropy(q, k, lse=jnp.zeros((1, 8, 2)), backend="xla")
     with pytest.raises(ValueError, match="segment_ids must be"):
         hm.head_mixture_entropy(q, k, segment_ids=jnp.ones((1, 7), jnp.int32), backend="xla")
-    with pytest.raises(ValueError, match="block_k % 128"):
+    with pytest.raises(ValueError, match="multiples of 128"):
         hm.head_mixture_entropy(q, jnp.zeros((1, 300, 2, 16)), causal=False, backend="interpret_tpu",
                                 block_k=64)
     with pytest.raises(ValueError, match="power of two"):

@@ -102,9 +102,10 @@ def probe_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
                 q_, k_, causal=True, segment_ids=s_, sm_scale=sm_scale, lse=l_, backend=kernel_backend)
             mix = _on_mesh(mix_fn, mesh, (q, k, segment_ids, lse), heads_split=False, n_head_outputs=0,
                            n_row_outputs=1)
-        if return_probs:
-            probs = kernels.attention_probs(q, k, causal=True, segment_ids=segment_ids, sm_scale=sm_scale,
-                                            lse=lse, backend=kernel_backend)
+        if return_probs:  # [B, Hq, T, S]: batch-sharded like q's leading dim
+            probs_fn = lambda q_, k_, s_, l_: kernels.attention_probs(
+                q_, k_, causal=True, segment_ids=s_, sm_scale=sm_scale, lse=l_, backend=kernel_backend)
+            probs = _on_mesh(probs_fn, mesh, (q, k, segment_ids, lse), heads_split=False, n_head_outputs=1)
         return ProbeResult(out, ent, mix, probs)
     raise ValueError(f"unknown probe attention impl {impl!r}; choose one of {PROBE_IMPLS}")
 
