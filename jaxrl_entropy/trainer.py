@@ -74,11 +74,7 @@ class Trainer:
         return self.policy.graphdef
 
     def _check_batch_divisibility(self):
-        cfg, d = self.cfg, parallel.batch_divisor(self.mesh)
-        if cfg.rl.micro_batch_size % d:
-            raise config_lib.ConfigError(
-                f"config.rl.micro_batch_size={cfg.rl.micro_batch_size} must be a multiple of the data-parallel "
-                f"size {d} (mesh data × fsdp = {dict(self.mesh.shape)})")
+        step_programs.check_batch(self.cfg, self.mesh)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self):
