@@ -2,7 +2,7 @@
 (no TPU, no weights, no data) and say, per chip, whether each fits, how much work it is and how long
 a step should take.
 
-    jaxrl-entropy dryrun --config=configs/qwen3_8b_dapo.py:v5p-64 --topology=v5p-64 \\
+    jaxrl-entropy dryrun --config=configs/qwen3_8b_dapo.py --topology=v5p-64 \\
         --config.model.hf_dir=configs/arch/qwen3-8b [--programs=update,rollout_stats] [--out=report.json]
 
     report = dryrun.run(cfg, "v5p-64")            # a `Report`; report.ok, report.programs[i].total_bytes
@@ -165,8 +165,9 @@ class Report:
 # ----------------------------------------------------------------------------- compile and measure
 def _hbm_error(msg: str) -> tuple[float | None, list[str]]:
     """The TPU compiler's out-of-memory message → (bytes it needed, its largest allocations)."""
-    used = re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", msg)
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    used = (re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", msg) or
+            re.search(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM", msg))
     need = float(used.group(1)) * scale[used.group(2)] if used else None
     lines = [ln.strip() for ln in msg.splitlines()]
     big = []
@@ -200,6 +201,16 @@ def _largest_buffers(text: str, n: int = 6) -> list[str]:
     return [f"{b / GiB:.2f} GiB {k}" for b, k in top]
 
 
+def _largest_lowered(lowered) -> list[str]:
+    """Largest arrays of the program before partitioning (global shapes): where the compiler gives
+    no list of its own."""
+    try:
+        text = lowered.compiler_ir("hlo").as_hlo_text()
+    except Exception:  # noqa: BLE001
+        return []
+    return [b.replace(" GiB ", " GiB global ") for b in _largest_buffers(text)]
+
+
 def compile_program(program: aot.Program, topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
     """Trace, lower and compile one program for the mesh its arguments live on; measure it."""
     chip = topo.chip
@@ -208,15 +219,17 @@ def compile_program(program: aot.Program, topo: chips.Topology, headroom: float 
                         resident_bytes=float(program.resident_bytes), capacity_bytes=cap,
                         kernel_flops=float(program.kernel_flops))
     t0 = time.time()
+    lowered = None
     try:
-        compiled = program.fn.trace(*program.args).lower().compile()
+        lowered = program.fn.trace(*program.args).lower()
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 — the compiler's own words are the report
         rep.compile_s = time.time() - t0
         msg = str(e)
         need, big = _hbm_error(msg)
         if need is not None:
             rep.total_bytes = need + rep.resident_bytes
-            rep.largest_buffers = big
+            rep.largest_buffers = big or _largest_lowered(lowered)
             rep.error = "out of HBM at compile time: " + msg.splitlines()[0][:300]
         else:
             rep.error = f"{type(e).__name__}: {msg[:2000]}"

@@ -151,20 +151,48 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest[:end])
 
 
-def _trip_count(cond: list[_Instr]) -> int | None:
-    """`i < N` (or `i <= N`) against a constant in a loop condition."""
-    consts = {}
-    for ins in cond:
+def _constants(instrs: list[_Instr]) -> dict[str, int]:
+    out = {}
+    for ins in instrs:
         if ins.opcode == "constant":
             m = re.match(r"\s*(-?\d+)\s*\)", ins.rest)
             if m:
-                consts[ins.name] = int(m.group(1))
+                out[ins.name] = int(m.group(1))
+    return out
+
+
+def _bound(compare: _Instr, values: dict[str, int]) -> int | None:
+    d = re.search(r"direction=(\w+)", compare.rest)
+    ops = _operands(compare.rest)
+    if d and len(ops) == 2 and ops[1] in values and d.group(1) in ("LT", "LE"):
+        return values[ops[1]] + (d.group(1) == "LE")
+    return None
+
+
+def _trip_count(cond: list[_Instr], comps: dict[str, list[_Instr]]) -> int | None:
+    """`i < N` (or `i <= N`) against a constant in a loop condition, the compare written out or
+    wrapped in a fusion (as the CPU compiler does)."""
+    consts = _constants(cond)
     for ins in cond:
         if ins.opcode == "compare":
-            d = re.search(r"direction=(\w+)", ins.rest)
-            ops = _operands(ins.rest)
-            if d and len(ops) == 2 and ops[1] in consts and d.group(1) in ("LT", "LE"):
-                return consts[ops[1]] + (d.group(1) == "LE")
+            n = _bound(ins, consts)
+            if n is not None:
+                return n
+        elif ins.opcode == "fusion":
+            callees = _callees(ins)
+            body = comps.get(callees[0], []) if callees else []
+            outer = _operands(ins.rest)
+            values = dict(_constants(body))
+            for p in body:  # a fusion parameter fed by a constant of the condition
+                if p.opcode == "parameter":
+                    k = int(re.match(r"\s*(\d+)", p.rest).group(1))
+                    if k < len(outer) and outer[k] in consts:
+                        values[p.name] = consts[outer[k]]
+            for c in body:
+                if c.opcode == "compare":
+                    n = _bound(c, values)
+                    if n is not None:
+                        return n
     return None
 
 
@@ -198,7 +226,7 @@ def analyze(text: str) -> HloStats:
             if ins.opcode == "while":
                 body = re.search(r"body=%?([\w.\-]+)", ins.rest).group(1)
                 cond = re.search(r"condition=%?([\w.\-]+)", ins.rest).group(1)
-                trips = _trip_count(comps.get(cond, []))
+                trips = _trip_count(comps.get(cond, []), comps)
                 if trips is None:
                     unknown += 1
                     trips = 1

@@ -47,13 +47,37 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     return apply_variant(c, variant)
 
 
+# TPU slices the 8B preset is sized for (checked by `jaxrl-entropy dryrun`, docs/scaling.md). Each
+# micro-batch puts one 9216-token sequence on every chip: micro_batch_size = the data-parallel size.
+SLICES: dict[str, dict] = {
+    "v5p-64": dict(micro_batch_size=32),   # 32 chips, FSDP over all of them (the default)
+    "v5p-8": dict(micro_batch_size=4),     # one host, 4 chips
+}
+DEFAULT_SLICE = "v5p-64"
+
+
+def _split_variant(variant: str) -> tuple[str, str]:
+    """"anchor,v5p-8" → ("anchor", "v5p-8"); either part may be left out."""
+    parts = [p.strip() for p in (variant or "").split(",") if p.strip()]
+    slices = [p for p in parts if p in SLICES]
+    rest = [p for p in parts if p not in SLICES]
+    if len(slices) > 1 or len(rest) > 1:
+        raise ValueError(f"variant {variant!r}: give at most one paper variant {PAPER_VARIANTS} and one slice "
+                         f"{tuple(SLICES)}, comma-separated (e.g. 'anchor,v5p-8')")
+    return (rest[0] if rest else "full"), (slices[0] if slices else DEFAULT_SLICE)
+
+
 def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
-    """The paper's setting: Qwen3-8B-Base, DAPO, probe layer 20, on a TPU pod (data/fsdp mesh)."""
+    """The paper's setting: Qwen3-8B-Base, DAPO, probe layer 20, on a TPU pod (FSDP mesh).
+
+    `variant` = a paper variant and/or a slice of `SLICES`, comma-separated ("anchor,v5p-8");
+    the slice defaults to v5p-64."""
+    variant, slice_name = _split_variant(variant)
     c = base_config()
     c.model.hf_dir = "/path/to/Qwen3-8B-Base"          # a local HF directory
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
-    c.model.attention = "kernel"
+    c.model.attention = "auto"          # splash on TPU, cuDNN on GPU
     c.model.probe_attention = "kernel"
     c.model.remat = True
     c.data.kind = "files"
@@ -73,6 +97,7 @@ def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
                                   "amc23=/path/to/amc23.parquet,math500=/path/to/math500.parquet,"
                                   "minerva=/path/to/minerva.parquet,olympiadbench=/path/to/olympiadbench.parquet"))
     c.parallel.update(dict(data=1, fsdp=-1, tensor=1))
+    c.rl.update(SLICES[slice_name])
     apply_variant(c, variant)
     return c
 

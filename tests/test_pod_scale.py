@@ -238,3 +238,15 @@ def test_auto_attention_by_platform():
     assert attn_lib.resolve_plain("auto", "gpu") == "cudnn"
     assert attn_lib.resolve_plain("auto", "xla") == "kernel"
     assert attn_lib.resolve_plain("xla", "tpu") == "xla"
+
+
+def test_tpu_mesh_follows_physical_links(tpu_devices):
+    """On a v5p-64 (a 2×4×4 torus of chips), each group of 4 tensor-parallel chips is a line of
+    ICI neighbours (one hop apart). The devices' listed order puts 2×2 squares there instead."""
+    from jaxrl_entropy import chips
+
+    devices = chips.resolve("v5p-64").tpu_devices()
+    hops = lambda grid: [sum(abs(a - b) for a, b in zip(g[i].coords, g[i + 1].coords))
+                         for g in np.asarray(grid).reshape(-1, 4) for i in range(3)]
+    assert max(hops(parallel.make_mesh(1, 8, 4, devices=devices).devices)) == 1
+    assert max(hops(np.asarray(devices, dtype=object).reshape(1, 8, 4))) == 2  # the control
