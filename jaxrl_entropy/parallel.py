@@ -164,6 +164,30 @@ def cast_sharded(params: Any, dtype, mesh: Mesh | None, *, keep: str = r"embed_t
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def use_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """Where a parameter is used: its stored sharding without the data-parallel mesh axes (FSDP
+    gathers it whole along them; tensor-parallel splits stay)."""
+    batch = set(LOGICAL_RULES["batch"])
+    spec = []
+    for entry in spec_for(logical_axes(path, len(shape)), shape, mesh):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and n not in batch)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return NamedSharding(mesh, P(*spec))
+
+
+def gather_for_use(params: Any, mesh: Mesh | None) -> Any:
+    """Parameters (a pure dict, or a module's sub-dict: `PARAM_AXES` match path suffixes) laid out
+    for use (`use_sharding`). Called where a layer starts, inside its remat boundary: each layer's
+    weights are gathered just before it runs (again in its backward pass), their gradients come
+    back reduce-scattered to the shards, and the partitioner never has to guess (left alone it may
+    rotate activation-sized partial sums around the ring instead of gathering the weight)."""
+    if mesh is None or mesh.size == 1:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(x, use_sharding(_path_name(path), x.shape, mesh)), params)
+
+
 def param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
 

@@ -265,9 +265,11 @@ class Qwen3(nnx.Module):
         return parallel.constrain(x, ("batch", "act_seq", "act_embed"), self.options.kernel_mesh)
 
     def head_kernel_DxV(self):
+        """The output projection `[D, V]`, gathered for use (`parallel.gather_for_use`)."""
+        mesh = self.options.kernel_mesh
         if self.lm_head is None:
-            return self.embed_tokens[...].T
-        return self.lm_head.kernel[...]
+            return parallel.gather_for_use({"embed_tokens": self.embed_tokens[...]}, mesh)["embed_tokens"].T
+        return parallel.gather_for_use({"lm_head": {"kernel": self.lm_head.kernel[...]}}, mesh)["lm_head"]["kernel"]
 
     def logits(self, hidden_BxTxD):
         dt = self.options.dtype
@@ -310,18 +312,19 @@ class Qwen3(nnx.Module):
     def _layer(self, layer: DecoderLayer, x, positions, segment_ids, **flags):
         """One decoder layer; with `options.remat` only its input is saved for the backward pass.
 
-        The layer runs as a pure function of its own state (`jax.checkpoint` over split/merge), so
-        the static flags (`probe`, ...) stay Python values and the probe layer's `ProbeResult`
-        (a pytree) comes out of the checkpoint like any other output.
+        The layer runs as a pure function of its own weights (split/merge), so the static flags
+        (`probe`, ...) stay Python values and the probe layer's `ProbeResult` (a pytree) leaves
+        `jax.checkpoint` like any other output. Its weights are gathered for use where it starts
+        (`parallel.gather_for_use`), inside the remat boundary.
         """
-        if not self.options.remat:
-            return layer(x, positions, segment_ids, **flags)
         graphdef, state = nnx.split(layer)
+        mesh = self.options.kernel_mesh
 
-        def run(state, x, positions, segment_ids):
-            return nnx.merge(graphdef, state)(x, positions, segment_ids, **flags)
+        def run(weights, x, positions, segment_ids):
+            return nnx.merge(graphdef, parallel.gather_for_use(weights, mesh))(x, positions, segment_ids, **flags)
 
-        return jax.checkpoint(run)(state, x, positions, segment_ids)
+        run = jax.checkpoint(run) if self.options.remat else run
+        return run(nnx.to_pure_dict(state), x, positions, segment_ids)
 
     def token_logprobs(self, hidden_BxTxD, targets_BxT, *, temperature: float = 1.0):
         """log π(target) and the predictive entropy, both `[B, T]` float32.
