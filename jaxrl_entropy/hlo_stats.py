@@ -9,7 +9,8 @@ count of the loops around it (read from the loop condition's `counter < constant
 - collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute): count and
   bytes of the per-device result (reduce-scatter: of its input);
 - HBM traffic estimate: operand + result bytes of every op outside a fusion (a fusion reads its
-  inputs and writes its outputs once), the same model XLA's cost analysis uses;
+  inputs and writes its outputs once), the same model XLA's cost analysis uses; a slice reads only
+  the slice and an in-place update writes only the update (loop bodies index big buffers);
 - Pallas/Mosaic custom calls (their FLOPs are invisible here; callers add them analytically).
 
     stats = hlo_stats.analyze(compiled.as_text())
@@ -264,11 +265,47 @@ def analyze(text: str) -> HloStats:
                 coll[base].bytes += m * size
                 largest[(base, shape)] = largest.get((base, shape), 0.0) + m
             if name not in fused and op not in _NO_TRAFFIC:
-                operand_bytes = sum(array_bytes(types.get(o, "")) for o in _operands(ins.rest))
-                traffic += m * (array_bytes(ins.type) + operand_bytes)
+                traffic += m * _traffic(ins, types, comps)
     big = sorted(largest.items(), key=lambda kv: -_shape_bytes(kv[0][1]) * kv[1])[:8]
     return HloStats(flops=flops, bytes=traffic, collectives=coll, custom_calls=custom, unknown_trip_loops=unknown,
                     largest_collectives=[(k, s, n) for (k, s), n in big])
+
+
+def _traffic(ins: _Instr, types: dict[str, str], comps: dict[str, list[_Instr]]) -> float:
+    """Bytes an unfused op moves to and from HBM."""
+    operands = _operands(ins.rest)
+    sizes = [array_bytes(types.get(o, "")) for o in operands]
+    if ins.opcode == "dynamic-slice":
+        return 2.0 * array_bytes(ins.type)
+    if ins.opcode == "dynamic-update-slice":
+        return 2.0 * (sizes[1] if len(sizes) > 1 else 0.0)
+    if ins.opcode != "fusion":
+        return array_bytes(ins.type) + sum(sizes)
+    callees = _callees(ins)
+    body = comps.get(callees[0], []) if callees else []
+    if not body:
+        return array_bytes(ins.type) + sum(sizes)
+    local = {i.name: i for i in body}
+    users: dict[str, list[_Instr]] = {}
+    for i in body:
+        for o in _operands(i.rest):
+            users.setdefault(o, []).append(i)
+    params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name for i in body if i.opcode == "parameter"}
+    reads = 0.0
+    for k, size in enumerate(sizes):
+        uses = users.get(params.get(k, ""), [])
+        if uses and all(u.opcode == "dynamic-slice" for u in uses):
+            reads += sum(array_bytes(u.type) for u in uses)          # reads only its slices
+        elif uses and all(u.opcode == "dynamic-update-slice" and _operands(u.rest)[0] == params[k] for u in uses):
+            continue                                                  # updated in place: not read
+        else:
+            reads += size
+    root = body[-1]  # the ROOT is printed last
+    writes = array_bytes(ins.type)
+    if root.opcode == "dynamic-update-slice":
+        upd = _operands(root.rest)
+        writes = array_bytes(local[upd[1]].type) if len(upd) > 1 and upd[1] in local else writes
+    return reads + writes
 
 
 def _shape_bytes(shape: str) -> float:
