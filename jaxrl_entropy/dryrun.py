@@ -454,3 +454,13 @@ def failure_message(report: Report) -> str:
 
 def as_dict(report: Report) -> dict[str, Any]:
     return json.loads(report.to_json())
+
+
+def load(path: str) -> Report:
+    """A report written by `--out=FILE`, back as a `Report` (for `format_report`: docs tables)."""
+    with open(path) as f:
+        d = json.load(f)
+    fields = {f.name for f in dataclasses.fields(ProgramReport)}
+    programs = [ProgramReport(**{k: v for k, v in p.items() if k in fields}) for p in d.pop("programs")]
+    keep = {f.name for f in dataclasses.fields(Report)}
+    return Report(programs=programs, **{k: v for k, v in d.items() if k in keep})

@@ -188,6 +188,13 @@ def gather_for_use(params: Any, mesh: Mesh | None) -> Any:
         lambda path, x: jax.lax.with_sharding_constraint(x, use_sharding(_path_name(path), x.shape, mesh)), params)
 
 
+def constrain_params(tree: Any, mesh: Mesh | None) -> Any:
+    """A parameter-shaped tree (gradients, updates) laid out as the parameters are stored."""
+    if mesh is None or mesh.size == 1:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, param_shardings(tree, mesh))
+
+
 def param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(logical_axes(path, len(shape)), shape, mesh))
 

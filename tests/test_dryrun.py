@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_entropy import chips, cli, hlo_stats, model_setup, presets
+from jaxrl_entropy import chips, cli, dryrun, hlo_stats, model_setup, presets
 
 # Qwen3-8B's config.json, as published with the model (the values that change the maths)
 QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, intermediate_size=12288,
@@ -131,6 +131,8 @@ def test_dryrun_compiles_the_step_for_a_small_tpu_slice(tpu_devices, tmp_path, c
     assert update["argument_bytes"] >= 3 * 4 * n_params / 4
     assert update["hlo_flops"] > 0 and update["kernel_flops"] > 0 and update["compile_s"] > 0
     assert "| update |" in stdout and "tokens per RL step: 4,096" in stdout
+    table = [ln for ln in stdout.splitlines() if ln.startswith("| update |")]
+    assert table and table[0] in dryrun.format_report(dryrun.load(str(out)))  # docs regenerate from JSON
 
 
 def test_dryrun_fails_naming_program_topology_and_buffers(tpu_devices, tmp_path, capsys, in_repo):

@@ -212,7 +212,8 @@ def _qkv(B=2, T=256, H=4, K=2, D=128, seed=0):
     k = jnp.asarray(r.randn(B, T, K, D), jnp.float32)
     v = jnp.asarray(r.randn(B, T, K, D), jnp.float32)
     seg = np.ones((B, T), np.int32)
-    seg[0, :37], seg[0, 200:], seg[1, 250:] = 0, 0, 0   # left + right padding, and right padding only
+    seg[0, :37], seg[0, T - 56:] = 0, 0                 # left + right padding
+    seg[B - 1, T - 6:] = 0                              # right padding only (B = 1: both on one row)
     return q, k, v, jnp.asarray(seg)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import kernels
 from jaxrl_entropy import parallel
@@ -126,10 +127,13 @@ def minibatch_loss(graphdef, params, micro: dict[str, jax.Array], spec: StepSpec
 def accumulate_grads(graphdef, params, minibatch: dict[str, jax.Array], spec: StepSpec, denom, token_denom):
     """Sum of micro-batch gradients (leading axis of `minibatch`) = the mini-batch gradient."""
     grad_fn = jax.grad(lambda p, m: minibatch_loss(graphdef, p, m, spec, denom, token_denom), has_aux=True)
+    mesh = nnx.merge(graphdef, params).options.kernel_mesh
 
     def body(carry, micro):
         g_acc, m_acc = carry
         g, m = grad_fn(params, micro)
+        # each micro-batch's gradient lands on the parameters' shards (a reduce-scatter), never whole
+        g = parallel.constrain_params(g, mesh)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
     first = jax.tree.map(lambda x: x[0], minibatch)
