@@ -18,3 +18,6 @@ class Program:
     args: tuple[Any, ...]        # abstract positional arguments (pytrees of ShapeDtypeStruct)
     calls_per_step: float = 1.0  # how many times one RL step runs it (for the step-time estimate)
     note: str = ""               # shapes worth printing (e.g. "micro 16 × 9216 tokens")
+    kernel_flops: float = 0.0    # per device, per call: FLOPs inside custom kernels (Pallas) that the
+                                 # compiler's cost model cannot see, counted analytically
+    resident_bytes: int = 0      # per device: other arrays the caller keeps alive while it runs

@@ -1,9 +1,10 @@
-"""`jaxrl-entropy` console script: train | eval | convert | analyze | reproduce.
+"""`jaxrl-entropy` console script: train | eval | convert | dryrun | analyze | reproduce.
 
     jaxrl-entropy train [--config=configs/demo.py[:variant]] [--workdir=runs/demo] [--config.a.b=v ...]
     jaxrl-entropy eval --config=... (--checkpoint=WORKDIR | --hf=HF_DIR) [--out=metrics.json]
     jaxrl-entropy convert --config=... --checkpoint=WORKDIR --to_hf=OUT_DIR
     jaxrl-entropy convert --hf=HF_DIR --to_orbax=WORKDIR [--config=...]
+    jaxrl-entropy dryrun --config=... --topology=v5p-64 [--programs=update,rollout_stats] [--out=report.json]
     jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out=DIR]
     jaxrl-entropy reproduce [--out=runs/repro] [--seeds 0 1 2] [--variants full random ...] [--jobs=2]
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("train", "eval", "convert", "analyze", "reproduce")
+COMMANDS = ("train", "eval", "convert", "dryrun", "analyze", "reproduce")
 
 
 def _usage() -> str:

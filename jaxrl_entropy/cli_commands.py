@@ -1,4 +1,4 @@
-"""Entry points behind `jaxrl-entropy train | eval | convert`.
+"""Entry points behind `jaxrl-entropy train | eval | convert | dryrun`.
 
 Each call parses its own `absl.flags.FlagValues` (not the process-global FLAGS), so the commands can
 be called repeatedly in one process (tests, notebooks) and a bad flag never leaves state behind.
@@ -31,7 +31,8 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("hf", None, "a local HF Qwen3 checkpoint directory", flag_values=fv)
     flags.DEFINE_string("to_hf", None, "convert: write a HF checkpoint directory here", flag_values=fv)
     flags.DEFINE_string("to_orbax", None, "convert: write an orbax checkpoint (a workdir) here", flag_values=fv)
-    flags.DEFINE_string("out", None, "eval: also write the metrics as JSON to this file", flag_values=fv)
+    flags.DEFINE_string("out", None, "eval: also write the metrics as JSON to this file; dryrun: the report as JSON",
+                        flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "convert --to_hf: replace a non-empty HF directory (its old files are "
                       "removed, not mixed with the new ones)", flag_values=fv)
     flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (TPU pods, multi-node GPU, several "
@@ -41,6 +42,12 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer("num_processes", None, "--multihost: the number of processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "--multihost: this process's index in [0, num_processes)",
                          flag_values=fv)
+    flags.DEFINE_string("topology", None, "dryrun: a TPU slice (v5p-64, v4-32, v5e-256, v6e-8, v5p:2x4x4) or a GPU "
+                        "host (h100x8, h200x8, a100x8)", flag_values=fv)
+    flags.DEFINE_list("programs", [], "dryrun: compile only these programs (default: all), e.g. update,rollout_stats",
+                      flag_values=fv)
+    flags.DEFINE_float("headroom", 0.10, "dryrun: a program fits when it needs at most (1 - headroom) of a chip's HBM",
+                       flag_values=fv)
 
 
 class UsageError(Exception):
@@ -150,6 +157,38 @@ def _convert(fv):
     return 0
 
 
+class DoesNotFit(Exception):
+    """dryrun: a program needs more memory than the topology has (exit status 1)."""
+
+
+def _dryrun(fv):
+    if not fv.topology:
+        raise UsageError("dryrun needs --topology=NAME (e.g. v5p-64, v6e-8, v5p:2x4x4, h100x8)")
+    from jaxrl_entropy import chips
+    try:
+        topo = chips.resolve(fv.topology)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if "jax" not in sys.modules:  # before the first jax import: where the programs are laid out
+        if topo.platform == "tpu":
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu serves as the compiler only
+        elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            # CPU stand-ins carry the shardings of the GPU estimate when no GPU is attached
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={topo.num_chips}").strip()
+    cfg = _config(fv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from jaxrl_entropy import dryrun
+    report = dryrun.run(cfg, fv.topology, programs=fv.programs, headroom=fv.headroom,
+                        log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(dryrun.format_report(report))
+    if fv.out:
+        with open(fv.out, "w") as f:
+            f.write(report.to_json())
+    if not report.ok:
+        raise DoesNotFit(dryrun.failure_message(report))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed without a traceback."""
     from jaxrl_entropy.checkpoint import CheckpointCorruptError, CheckpointMismatchError
@@ -160,11 +199,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrl_entropy.rl.advantages import DynamicSamplingError
     from jaxrl_entropy.trainer import TrainingDivergedError
     return (UsageError, ConfigError, DataError, CheckpointError, DynamicSamplingError, OSError, WorkdirBusyError,
-            CheckpointCorruptError, CheckpointMismatchError, TrainingDivergedError)
+            CheckpointCorruptError, CheckpointMismatchError, TrainingDivergedError, DoesNotFit)
 
 
 def run(command: str, argv: list[str]) -> int:
-    fn = {"train": _train, "eval": _eval, "convert": _convert}[command]
+    fn = {"train": _train, "eval": _eval, "convert": _convert, "dryrun": _dryrun}[command]
     fv = flags.FlagValues()
     try:
         _define(fv, argv)  # loads the default config and applies --config.* overrides

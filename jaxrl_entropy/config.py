@@ -412,6 +412,27 @@ def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, in
     return sizes
 
 
+def check_micro_batch(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+    """Every micro-batch (and the old-policy forward's chunks) must split evenly over the
+    data-parallel devices (`parallel.data` × `parallel.fsdp`, `sizes` = the mesh's axis sizes);
+    otherwise a `ConfigError` that says what to set."""
+    d = sizes.get("data", 1) * sizes.get("fsdp", 1)  # the batch axes of parallel.LOGICAL_RULES
+    micro = cfg.rl.micro_batch_size
+    if micro % d == 0:
+        return
+    mini = cfg.rl.mini_batch_prompts * cfg.rl.group_size
+    good = [m for m in range(d, mini + 1, d) if mini % m == 0]
+    fix = (f"set --config.rl.micro_batch_size={good[0]}" if good else
+           f"raise rl.mini_batch_prompts × rl.group_size ({mini}) to a multiple of {d}")
+    k, tensor = d // math.gcd(d, micro), sizes.get("tensor", 1)
+    alt = (f"; or move a factor {k} to tensor parallelism: --config.parallel.tensor={tensor * k} "
+           f"(data-parallel size {d // k})")
+    raise ConfigError(
+        f"config.rl.micro_batch_size={micro} must be a multiple of the data-parallel size {d} "
+        f"(config.parallel.data × config.parallel.fsdp, mesh {sizes}: every device takes "
+        f"micro_batch_size / {d} rows); {fix}{alt}")
+
+
 def validate_for_runtime(cfg: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
                          num_layers: int | None = None) -> ml_collections.ConfigDict:
     """`validate` plus the checks that need the model's depth and the devices, all before any
@@ -422,11 +443,8 @@ def validate_for_runtime(cfg: ml_collections.ConfigDict, *, num_devices: int, nu
     """
     validate(cfg)
     sizes = mesh_sizes(cfg, num_devices)
+    check_micro_batch(cfg, sizes)
     data_parallel = sizes["data"] * sizes["fsdp"]  # the batch is split over both (parallel.LOGICAL_RULES)
-    if cfg.rl.micro_batch_size % data_parallel:
-        raise ConfigError(f"config.rl.micro_batch_size={cfg.rl.micro_batch_size} must be a multiple of the "
-                          f"data-parallel size {data_parallel} (config.parallel.data × config.parallel.fsdp, "
-                          f"mesh {sizes})")
     if cfg.train.sft_steps and cfg.train.sft_batch_size % data_parallel:
         raise ConfigError(f"config.train.sft_batch_size={cfg.train.sft_batch_size} must be a multiple of the "
                           f"data-parallel size {data_parallel} (config.parallel.data × config.parallel.fsdp)")

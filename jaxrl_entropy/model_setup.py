@@ -42,11 +42,19 @@ def build_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mes
     return parallel.make_mesh(p.data, p.fsdp, p.tensor, devices=devices)
 
 
+def kernel_backend(cfg: ml_collections.ConfigDict, mesh) -> str | None:
+    """`model.kernel_backend`, or the shell for the mesh's platform: the mesh decides, not the host,
+    so `dryrun` on a CPU host builds Mosaic kernels for a TPU mesh (None = the kernels' own choice)."""
+    if cfg.model.kernel_backend:
+        return cfg.model.kernel_backend
+    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(mesh.devices.flat[0].platform)
+
+
 def runtime_options(cfg: ml_collections.ConfigDict, mesh) -> qwen3.RuntimeOptions:
     m = cfg.model
     return qwen3.RuntimeOptions(
         dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], attention=m.attention,
-        probe_attention=m.probe_attention, kernel_backend=m.kernel_backend or None, remat=m.remat,
+        probe_attention=m.probe_attention, kernel_backend=kernel_backend(cfg, mesh), remat=m.remat,
         logits_chunk=m.logits_chunk,
         kernel_mesh=mesh)  # read only by the kernel paths (any name of them)
 
@@ -97,6 +105,14 @@ def abstract_policy(cfg: ml_collections.ConfigDict, mesh, arch: qwen3.Qwen3Confi
     shardings = parallel.param_shardings(shapes, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     return Policy(graphdef, params, shardings, arch, mesh)
+
+
+def graphdef_with(policy: Policy, **options) -> Any:
+    """The policy's module structure with other runtime options (e.g. `attention="blockwise"` for a
+    forward-mode pass); the parameters fit it unchanged."""
+    opts = dataclasses.replace(policy.module().options, **options)  # merge: no copy, any leaves
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(policy.arch, opts, rngs=nnx.Rngs(0))))
+    return graphdef
 
 
 def eos_ids(tokenizer, arch: qwen3.Qwen3Config) -> tuple[int, ...]:

@@ -1,7 +1,8 @@
 """The one place for device meshes and sharding rules.
 
-A parameter's path names its logical axes (`PARAM_AXES`); logical axes map to mesh axes
-(`LOGICAL_RULES`). Everything else asks this module for a `NamedSharding`.
+A parameter's path names its logical axes (`PARAM_AXES`); an activation names its own
+(`constrain(x, ("batch", "act_seq", "act_embed"), mesh)`); both map to mesh axes through the one
+table `LOGICAL_RULES`. Everything else asks this module for a `NamedSharding`.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimiser state
 sharded over it), `tensor` (heads / MLP / vocab split).
@@ -14,6 +15,7 @@ import re
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -21,13 +23,22 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    # parameters: FSDP shards the model dimension, tensor parallelism heads / MLP / vocabulary
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    # activations: rows over every data-parallel axis (fsdp included: FSDP gathers weights, never
+    # activations), the model dimension whole, heads / MLP / vocabulary as their weights
+    "batch": ("data", "fsdp"),
     "seq": None,
+    "act_seq": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv": None,
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
 
 # parameter path (dot-joined, as `nnx.to_flat_state` gives it) -> logical axes
@@ -46,7 +57,12 @@ log = logging.getLogger(__name__)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A `Mesh(('data', 'fsdp', 'tensor'))` over all (or the given) devices; -1 fills the rest."""
+    """A `Mesh(('data', 'fsdp', 'tensor'))` over all (or the given) devices; -1 fills the rest.
+
+    On TPUs the devices are laid out by their physical coordinates
+    (`jax.experimental.mesh_utils.create_device_mesh`), so the innermost mesh axes (tensor, then
+    fsdp: the ones with the most traffic) run over neighbouring chips on the ICI torus.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     fill = [k for k, v in sizes.items() if v == -1]
@@ -61,8 +77,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence 
         raise ValueError(
             f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
             "set parallel.data/fsdp/tensor so their product is the device count (or use -1 for one of them)")
-    grid = np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
-    return Mesh(grid, MESH_AXES)
+    shape = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    return Mesh(_device_grid(shape, devices), MESH_AXES)
+
+
+def _device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    if devices and getattr(devices[0], "platform", "") == "tpu" and hasattr(devices[0], "coords"):
+        from jax.experimental import mesh_utils
+        try:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError) as e:  # an unusual slice: keep the given order
+            log.warning("mesh %s: no physical layout (%s); devices kept in their listed order", shape, e)
+    return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
@@ -89,6 +115,84 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
                 mesh_ax = None
         out.append(mesh_ax)
     return P(*out)
+
+
+def activation_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec of an activation from logical axes. A dim the mesh axes do not divide is left
+    to the compiler (`P.UNCONSTRAINED`): forcing it replicated would gather it."""
+    out = []
+    for ax, dim in zip(axes, shape):
+        mesh_ax = LOGICAL_RULES[ax] if ax else None
+        if mesh_ax is not None:
+            names = mesh_ax if isinstance(mesh_ax, tuple) else (mesh_ax,)
+            size = math.prod(mesh.shape[n] for n in names)
+            if size == 1:
+                mesh_ax = None
+            elif dim % size:
+                mesh_ax = P.UNCONSTRAINED
+        out.append(mesh_ax)
+    return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:
+    """`x` laid out by its logical axes (`LOGICAL_RULES`); a no-op without a mesh or on one device.
+
+    Inside a jitted program this keeps activations where the rules say (rows over data × fsdp):
+    without it the partitioner may follow an FSDP-sharded weight and gather whole micro-batches.
+    """
+    if mesh is None or mesh.size == 1:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(axes, x.shape, mesh)))
+
+
+def cast_sharded(params: Any, dtype, mesh: Mesh | None, *, keep: str = r"embed_tokens$|norm\.weight$") -> Any:
+    """Floating parameters in `dtype`, each cast where its shard lies, so the all-gathers of FSDP move
+    `dtype` (bf16: half the bytes of f32). Leaves whose path matches `keep` stay as they are
+    (the embedding is gathered by rows, never whole; norms are tiny)."""
+
+    def one(path, x):
+        name = _path_name(path)
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype or re.search(keep, name):
+            return x
+        y = x.astype(dtype)
+        if mesh is None or mesh.size == 1:
+            return y
+        return jax.lax.with_sharding_constraint(y, param_sharding(name, x.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def use_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """Where a parameter is used: its stored sharding without the data-parallel mesh axes (FSDP
+    gathers it whole along them; tensor-parallel splits stay)."""
+    batch = set(LOGICAL_RULES["batch"])
+    spec = []
+    for entry in spec_for(logical_axes(path, len(shape)), shape, mesh):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and n not in batch)
+        spec.append(kept[0] if len(kept) == 1 else (kept or None))
+    return NamedSharding(mesh, P(*spec))
+
+
+def gather_for_use(params: Any, mesh: Mesh | None) -> Any:
+    """Parameters (a pure dict, or a module's sub-dict: `PARAM_AXES` match path suffixes) laid out
+    for use (`use_sharding`). Called where a layer starts, inside its remat boundary: each layer's
+    weights are gathered just before it runs (again in its backward pass), their gradients come
+    back reduce-scattered to the shards, and the partitioner never has to guess (left alone it may
+    rotate activation-sized partial sums around the ring instead of gathering the weight)."""
+    if mesh is None or mesh.size == 1:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.with_sharding_constraint(x, use_sharding(_path_name(path), x.shape, mesh)), params)
+
+
+def constrain_params(tree: Any, mesh: Mesh | None) -> Any:
+    """A parameter-shaped tree (gradients, updates) laid out as the parameters are stored."""
+    if mesh is None or mesh.size == 1:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, param_shardings(tree, mesh))
 
 
 def param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:

@@ -45,26 +45,50 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     return apply_variant(c, variant)
 
 
+# TPU slices the 8B preset is sized for (checked by `jaxrl-entropy dryrun`, docs/scaling.md). Each
+# micro-batch puts one 9216-token sequence on every chip: micro_batch_size = the data-parallel size.
+SLICES: dict[str, dict] = {
+    "v5p-64": dict(micro_batch_size=32),   # 32 chips, FSDP over all of them (the default)
+    "v5p-8": dict(micro_batch_size=4),     # one host, 4 chips
+}
+DEFAULT_SLICE = "v5p-64"
+
+
+def _split_variant(variant: str) -> tuple[str, str]:
+    """"anchor,v5p-8" → ("anchor", "v5p-8"); either part may be left out."""
+    parts = [p.strip() for p in (variant or "").split(",") if p.strip()]
+    slices = [p for p in parts if p in SLICES]
+    rest = [p for p in parts if p not in SLICES]
+    if len(slices) > 1 or len(rest) > 1:
+        raise ValueError(f"variant {variant!r}: give at most one paper variant {PAPER_VARIANTS} and one slice "
+                         f"{tuple(SLICES)}, comma-separated (e.g. 'anchor,v5p-8')")
+    return (rest[0] if rest else "full"), (slices[0] if slices else DEFAULT_SLICE)
+
+
 def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
-    """The paper's setting: Qwen3-8B-Base, DAPO, probe layer 20, on a TPU pod (data/fsdp mesh).
+    """The paper's setting: Qwen3-8B-Base, DAPO, probe layer 20, on a TPU pod (FSDP mesh).
 
     The DAPO hyperparameters (group 16, 512 prompts per step in mini-batches of 32, clip
     0.2 / 0.28, dual clip 10, lr 1e-6, 10 warm-up steps, weight decay 0.1, overlong buffer 2048,
     dynamic sampling, prompts ≤ 1024 and responses ≤ 8192 tokens, eval mean@8 at top-p 0.7) are
-    `base_config()`'s defaults; this sets the model, the data, the probe layer and the mesh.
+    `base_config()`'s defaults; this sets the model, the data, the probe layer, the mesh and the
+    micro-batch of the slice. `variant` = a paper variant and/or a slice of `SLICES`,
+    comma-separated ("anchor,v5p-8"); the slice defaults to v5p-64.
     """
+    variant, slice_name = _split_variant(variant)
     c = base_config()
     c.model.update(dict(hf_dir="/path/to/Qwen3-8B-Base",       # a local HF directory
-                        dtype="bfloat16", attention="kernel", probe_attention="kernel", remat=True))
+                        dtype="bfloat16", attention="auto",     # splash on TPU, cuDNN on GPU
+                        probe_attention="kernel", remat=True))
     c.data.kind = "files"
     c.data.train_files = "/path/to/dapo-math-17k.parquet"
-    c.rl.micro_batch_size = 16
     c.entropy.layers = (20,)
     c.train.update(dict(steps=120, checkpoint_every=10, geometry_every=10))
     c.eval.benchmarks = ("aime24=/path/to/aime24.parquet,aime25=/path/to/aime25.parquet,"
                          "amc23=/path/to/amc23.parquet,math500=/path/to/math500.parquet,"
                          "minerva=/path/to/minerva.parquet,olympiadbench=/path/to/olympiadbench.parquet")
     c.parallel.update(dict(data=1, fsdp=-1))
+    c.rl.update(SLICES[slice_name])
     return apply_variant(c, variant)
 
 

@@ -7,22 +7,26 @@ them once; `dryrun` compiles the same programs ahead of time from abstract argum
     params, opt_state, metrics = programs.update(params, opt_state, minibatch)   # [n_micro, micro, ...]
     metrics, sketches, align = programs.geometry(params, micro, subsets)         # train.geometry_every
 
+    step_programs.check_batch(cfg, mesh)                 # micro-batches split evenly over the mesh
+    aot_programs(cfg, policy)                            # the same programs, for `dryrun`
+
 The maths is in `rl/` (pure functions); this module only decides what is compiled and how it is laid
 out over the mesh.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_entropy import parallel
+from jaxrl_entropy import aot, config, model_setup, parallel
+from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rl import diagnostics
@@ -34,10 +38,17 @@ ROLLOUT_KEYS = ("input_ids", "attention_mask", "response")
 UPDATE_KEYS = ("input_ids", "attention_mask", "response", "response_mask", "old_logp", "advantage", "weights")
 
 
+def probe_layers(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> tuple[int, ...]:
+    try:
+        return qwen3.resolve_probe_layers(cfg.entropy.layers, arch.num_hidden_layers)
+    except ValueError as e:
+        raise ConfigError(f"config.entropy.layers={cfg.entropy.layers!r}: {e}") from None
+
+
 def step_spec(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> ts.StepSpec:
     return ts.StepSpec(
         prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens,
-        probe_layers=qwen3.resolve_probe_layers(cfg.entropy.layers, arch.num_hidden_layers),
+        probe_layers=probe_layers(cfg, arch),
         aggregation=cfg.entropy.aggregation, temperature=cfg.rollout.temperature,
         eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, clip_c=cfg.rl.clip_c,
         kl_coef=cfg.rl.kl_coef, entropy_coef=cfg.rl.entropy_coef)
@@ -68,16 +79,20 @@ class StepPrograms:
     init_opt_state: Callable
 
 
-def geometry_fn(graphdef, spec: ts.StepSpec, sketch) -> Callable:
+def geometry_fn(graphdef, spec: ts.StepSpec, sketch, jvp_graphdef=None) -> Callable:
     """(params, micro-batch, subsets) → (geometry metrics, gradient sketches, per-token alignment
     `[B, N]`): each token subset's gradient against the full-token gradient, and every token's own
-    gradient projected on the full-token update (the target of the controls)."""
+    gradient projected on the full-token update (the target of the controls).
+
+    `jvp_graphdef`: the module for the forward-mode pass of the projections (attention kernels with
+    a custom VJP have no JVP; `model_setup.graphdef_with(policy, attention="blockwise")` does)."""
+    jvp_graphdef = jvp_graphdef or graphdef
 
     def geometry(params, part, subsets):
         mask = part["response_mask"]
 
         def logp_fn(p):
-            return ts.policy_forward(nnx.merge(graphdef, p), part, spec, probe=False)[0]
+            return ts.policy_forward(qwen3.merge_for_compute(graphdef, p), part, spec, probe=False)[0]
 
         loss_fn = diagnostics.policy_subset_loss(logp_fn, old_logp=part["old_logp"], adv=part["advantage"],
                                                  mask=mask, eps_low=spec.eps_low, eps_high=spec.eps_high,
@@ -87,7 +102,8 @@ def geometry_fn(graphdef, spec: ts.StepSpec, sketch) -> Callable:
                                                               sketch=sketch, full_grad=g_full)
 
         def per_token(p):  # each token's own clipped loss
-            loss, _ = loss_lib.ppo_token_loss(logp_fn(p), part["old_logp"], part["advantage"],
+            logp = ts.policy_forward(qwen3.merge_for_compute(jvp_graphdef, p), part, spec, probe=False)[0]
+            loss, _ = loss_lib.ppo_token_loss(logp, part["old_logp"], part["advantage"],
                                               eps_low=spec.eps_low, eps_high=spec.eps_high, clip_c=spec.clip_c)
             return jnp.where(mask, loss, 0.0)
 
@@ -107,10 +123,11 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
     batch_sh = parallel.batch_sharding(mesh, 2)
     micro_sh = NamedSharding(mesh, PartitionSpec(None, parallel.LOGICAL_RULES["batch"]))
     chunk = cfg.rl.micro_batch_size
-    rollout_stats = jax.jit(lambda p, b: ts.rollout_stats(graphdef, p, b, spec, chunk),
+    rollout_stats = jax.jit(lambda p, b: ts.rollout_stats(graphdef, p, b, spec, chunk, mesh),
                             in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
-    # donation halves the state's footprint; the CPU backend ignores it with a warning
-    donate = (0, 1) if jax.default_backend() != "cpu" else ()
+    # donation halves the state's footprint; the CPU backend ignores it with a warning. The mesh's
+    # platform, not the host's, decides: `dryrun` compiles for TPUs on a CPU host.
+    donate = (0, 1) if platform(mesh) != "cpu" else ()
     normalization = cfg.weights.normalization
     update = jax.jit(lambda p, o, mb: ts.update(graphdef, p, o, mb, spec, tx, normalization),
                      in_shardings=(params_sh, opt_sh, micro_sh), out_shardings=(params_sh, opt_sh, None),
@@ -120,8 +137,152 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
     weights = jax.jit(lambda mask, h, pred, rng, step: token_weights(
         mode, mask_BxT=mask, attn_entropy_BxT=h, pred_entropy_BxT=pred, fraction=fraction, rng=rng,
         step=step, soft=soft))
-    geometry = jax.jit(geometry_fn(graphdef, spec, sketch)) if sketch is not None else None
+    geometry = None
+    if sketch is not None:
+        jvp_graphdef = (graphdef if cfg.model.attention in ("xla", "blockwise") else
+                        model_setup.graphdef_with(policy, attention="blockwise"))
+        geometry = jax.jit(geometry_fn(graphdef, spec, sketch, jvp_graphdef))
     init_opt = jax.jit(tx.init, out_shardings=opt_sh)
     return StepPrograms(spec=spec, tx=tx, opt_shardings=opt_sh, batch_sharding=batch_sh,
                         micro_sharding=micro_sh, rollout_stats=rollout_stats, update=update,
                         token_weights=weights, geometry=geometry, init_opt_state=init_opt)
+
+
+def platform(mesh) -> str:
+    """"tpu", "gpu" or "cpu": the platform of the mesh's devices."""
+    return mesh.devices.flat[0].platform
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """The array sizes of one RL step: M rollout rows of T = P + N tokens, mini-batches of `mini`
+    rows, each `n_micro` micro-batches of `micro` rows."""
+    rows: int
+    prompt_len: int
+    response_len: int
+    mini: int
+    micro: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.response_len
+
+    @property
+    def n_micro(self) -> int:
+        return self.mini // self.micro
+
+    @property
+    def updates(self) -> int:
+        return self.rows // self.mini
+
+
+def step_shapes(cfg: ml_collections.ConfigDict) -> StepShapes:
+    r = cfg.rl
+    return StepShapes(rows=r.prompts_per_step * r.group_size, prompt_len=cfg.data.max_prompt_len,
+                      response_len=cfg.rollout.max_new_tokens, mini=r.mini_batch_prompts * r.group_size,
+                      micro=r.micro_batch_size)
+
+
+def check_batch(cfg: ml_collections.ConfigDict, mesh) -> None:
+    """`config.check_micro_batch` on this mesh's axis sizes."""
+    config.check_micro_batch(cfg, dict(mesh.shape))
+
+
+def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s (or arrays)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+UPDATE_DTYPES = {"input_ids": jnp.int32, "attention_mask": jnp.int32, "response": jnp.int32,
+                 "response_mask": jnp.bool_, "old_logp": jnp.float32, "advantage": jnp.float32,
+                 "weights": jnp.float32}
+
+
+def _rollout_arrays(sh: StepShapes, sharding, lead=()) -> dict[str, jax.ShapeDtypeStruct]:
+    widths = {"input_ids": sh.seq_len, "attention_mask": sh.seq_len}
+    return {k: _abstract((*lead, widths.get(k, sh.response_len)), dt, sharding) for k, dt in UPDATE_DTYPES.items()}
+
+
+def attention_flops(arch: qwen3.Qwen3Config, rows: int, seq_len: int, units: float) -> float:
+    """Matmul FLOPs of causal attention inside kernels the compiler cannot see into (Pallas), in
+    units of one causal QKᵀ (or PV) product over `rows` sequences: B·H·T²·D multiply-adds × 2 / 2.
+    A flash forward is 2 units, its backward 5, a head-mixture pass 1."""
+    return units * rows * arch.num_attention_heads * seq_len ** 2 * arch.head_dim
+
+
+def _kernel_units(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, *, backward: bool, probe: bool) -> float:
+    """Attention work (units of `attention_flops`) that runs inside Pallas kernels, per pass of the
+    model: 0 for layers the compiler sees (`xla`)."""
+    n_layers = arch.num_hidden_layers
+    n_probe = len(probe_layers(cfg, arch)) if probe else 0
+    plain_in_kernel = cfg.model.attention != "xla"
+    probe_in_kernel = cfg.model.probe_attention != "xla"
+    per_layer = 2.0 + (7.0 if cfg.model.remat else 5.0) * backward   # forward (+ remat forward + backward)
+    units = per_layer * ((n_layers - n_probe) * plain_in_kernel + n_probe * probe_in_kernel)
+    if probe and probe_in_kernel and cfg.entropy.aggregation == "head_mixture":
+        units += n_probe
+    return units
+
+
+def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTransformation | None = None,
+                 programs: StepPrograms | None = None) -> list[aot.Program]:
+    """The step's programs (`build`) with abstract arguments of the config's shapes: what `dryrun`
+    compiles. `resident_bytes`: per device, the trainer's other live arrays while each runs
+    (the optimiser state during the forward passes, the rollout's arrays during the updates)."""
+    tx = tx or make_optimizer(cfg)
+    sketch = None
+    if cfg.train.geometry_every:
+        sketch = diagnostics.GradientSketch()
+    programs = programs or build(cfg, policy, tx, sketch=sketch)
+    check_batch(cfg, policy.mesh)
+    mesh, arch, sh = policy.mesh, policy.arch, step_shapes(cfg)
+    n_dev = mesh.size
+    params = policy.params
+    opt = jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), jax.eval_shape(tx.init, params),
+                       programs.opt_shardings)
+    rows_sh = programs.batch_sharding
+    rollout = _rollout_arrays(sh, rows_sh, (sh.rows,))
+    rollout_all = dict(rollout, hnorm=rollout["old_logp"], pred_entropy=rollout["old_logp"])
+    stats_in = {k: rollout[k] for k in ROLLOUT_KEYS}
+    minibatch = _rollout_arrays(sh, programs.micro_sharding, (sh.n_micro, sh.micro))
+    opt_bytes, rollout_bytes = per_device_bytes(opt), per_device_bytes(rollout_all)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = _abstract(key.shape, key.dtype, parallel.replicated(mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, weak_type=True, sharding=parallel.replicated(mesh))
+    f32_rows = _abstract((sh.rows, sh.response_len), jnp.float32, rows_sh)
+    T = sh.seq_len
+    out = [
+        aot.Program("rollout_stats", programs.rollout_stats, (params, stats_in), calls_per_step=1.0,
+                    note=f"old-policy forward + probe entropy: {sh.rows} rows × {T} tokens, chunks of {sh.micro}",
+                    kernel_flops=attention_flops(arch, sh.rows, T, _kernel_units(cfg, arch, backward=False,
+                                                                                   probe=True)) / n_dev,
+                    resident_bytes=opt_bytes),
+        aot.Program("update", programs.update, (params, opt, minibatch), calls_per_step=float(sh.updates),
+                    note=f"{sh.n_micro} micro-batches × {sh.micro} rows × {T} tokens, AdamW",
+                    kernel_flops=attention_flops(arch, sh.mini, T, _kernel_units(cfg, arch, backward=True,
+                                                                                   probe=False)) / n_dev,
+                    resident_bytes=rollout_bytes),
+        aot.Program("token_weights", programs.token_weights,
+                    (_abstract((sh.rows, sh.response_len), jnp.bool_, rows_sh), f32_rows, f32_rows, key, step),
+                    calls_per_step=1.0, note=f"global quantiles over {sh.rows} × {sh.response_len} tokens",
+                    resident_bytes=per_device_bytes(params) + opt_bytes + rollout_bytes),
+    ]
+    if programs.geometry is not None:
+        part = _rollout_arrays(sh, rows_sh, (sh.micro,))
+        subsets = {k: _abstract((sh.micro, sh.response_len), jnp.float32, rows_sh)
+                   for k in ("full", "anchor", "explorer", "random")}
+        units = 4 * _kernel_units(cfg, arch, backward=True, probe=False)  # 4 gradients (the JVP is plain XLA)
+        out.append(aot.Program("geometry", programs.geometry, (params, part, subsets),
+                               calls_per_step=1.0 / cfg.train.geometry_every,
+                               note=f"4 subset gradients + per-token JVP on {sh.micro} rows",
+                               kernel_flops=attention_flops(arch, sh.micro, T, units) / n_dev,
+                               resident_bytes=opt_bytes + rollout_bytes))
+    return out

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxrl_entropy import parallel
 from jaxrl_entropy.models import attention as attn_lib
 from jaxrl_entropy.models import hf_io
 from jaxrl_entropy.models.config import CheckpointError, Qwen3Config, read_hf_config
@@ -27,7 +28,7 @@ from jaxrl_entropy.models.config import CheckpointError, Qwen3Config, read_hf_co
 __all__ = [
     "Qwen3Config", "RuntimeOptions", "Qwen3", "Qwen3Output", "KVCache", "CheckpointError",
     "from_pretrained", "save_pretrained", "init_random", "positions_from_segments",
-    "resolve_probe_layers",
+    "resolve_probe_layers", "merge_for_compute",
 ]
 
 
@@ -40,8 +41,10 @@ class RuntimeOptions:
     probe_attention: implementation of the probe layers ("xla", "kernel" (alias "pallas")).
     kernel_backend: shell of the Pallas kernels (None = by platform, or "xla", "tpu", "gpu", ...).
     logits_chunk: sequence chunk for `token_logprobs` (never materialises [B, T, V] in f32).
-    remat: rematerialise each decoder layer in the backward pass (memory for long sequences).
-    kernel_mesh: the device mesh; Pallas kernels then run per shard inside `shard_map`.
+    remat: rematerialise each decoder layer in the backward pass (memory for long sequences): only
+      each layer's input is kept for the backward pass, everything inside is recomputed.
+    kernel_mesh: the device mesh. Pallas kernels then run per shard inside `shard_map`, and
+      activations are constrained to the layout of `parallel.LOGICAL_RULES` (rows over data × fsdp).
     """
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -178,9 +181,10 @@ class Attention(nnx.Module):
 
     def _qkv(self, x_BxTxD, positions_BxT):
         B, T, _ = x_BxTxD.shape
-        q = self.q_norm(self.q_proj(x_BxTxD).reshape(B, T, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x_BxTxD).reshape(B, T, self.kv_heads, self.head_dim))
-        v = self.v_proj(x_BxTxD).reshape(B, T, self.kv_heads, self.head_dim)
+        c = lambda a: parallel.constrain(a, ("batch", "act_seq", "act_heads", "act_kv"), self.opts.kernel_mesh)
+        q = self.q_norm(c(self.q_proj(x_BxTxD).reshape(B, T, self.heads, self.head_dim)))
+        k = self.k_norm(c(self.k_proj(x_BxTxD).reshape(B, T, self.kv_heads, self.head_dim)))
+        v = c(self.v_proj(x_BxTxD).reshape(B, T, self.kv_heads, self.head_dim))
         return rope(q, positions_BxT, self.theta), rope(k, positions_BxT, self.theta), v
 
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, *, probe: bool, mixture: bool,
@@ -216,9 +220,11 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, opts=opts, rngs=rngs)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, opts=opts, rngs=rngs)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, opts=opts, rngs=rngs)
+        self.mesh = opts.kernel_mesh
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x_BxTxD):
+        c = lambda a: parallel.constrain(a, ("batch", "act_seq", "act_mlp"), self.mesh)
+        return self.down_proj(c(jax.nn.silu(c(self.gate_proj(x_BxTxD))) * c(self.up_proj(x_BxTxD))))
 
 
 class DecoderLayer(nnx.Module):
@@ -227,12 +233,14 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, opts, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, opts=opts)
         self.mlp = MLP(cfg, opts, rngs)
+        self.mesh = opts.kernel_mesh
 
     def __call__(self, x, positions, segment_ids, *, probe=False, mixture=True, return_probs=False):
+        c = lambda a: parallel.constrain(a, ("batch", "act_seq", "act_embed"), self.mesh)
         h, extra = self.self_attn(self.input_layernorm(x), positions, segment_ids, probe=probe,
                                   mixture=mixture, return_probs=return_probs)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), extra
+        x = c(x + c(h))
+        return c(x + c(self.mlp(self.post_attention_layernorm(x)))), extra
 
     def decode(self, x, positions, k_cache, v_cache, index, mask):
         h, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), positions, k_cache, v_cache,
@@ -254,12 +262,15 @@ class Qwen3(nnx.Module):
 
     # -------------------------------------------------------------- pieces shared by all entry points
     def embed(self, input_ids_BxT):
-        return jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.options.dtype)
+        x = jnp.take(self.embed_tokens[...], input_ids_BxT, axis=0).astype(self.options.dtype)
+        return parallel.constrain(x, ("batch", "act_seq", "act_embed"), self.options.kernel_mesh)
 
     def head_kernel_DxV(self):
+        """The output projection `[D, V]`, gathered for use (`parallel.gather_for_use`)."""
+        mesh = self.options.kernel_mesh
         if self.lm_head is None:
-            return self.embed_tokens[...].T
-        return self.lm_head.kernel[...]
+            return parallel.gather_for_use({"embed_tokens": self.embed_tokens[...]}, mesh)["embed_tokens"].T
+        return parallel.gather_for_use({"lm_head": {"kernel": self.lm_head.kernel[...]}}, mesh)["lm_head"]["kernel"]
 
     def logits(self, hidden_BxTxD):
         dt = self.options.dtype
@@ -286,12 +297,8 @@ class Qwen3(nnx.Module):
         x = self.embed(input_ids_BxT)
         entropy, mixture_entropy, probs = {}, {}, {}
         for i, layer in enumerate(self.layers):
-            is_probe = i in probe_set
-            call = (lambda lyr, x_, p=is_probe: lyr(x_, positions, segment_ids, probe=p, mixture=mixture,
-                                                      return_probs=return_probs))
-            if self.options.remat:
-                call = nnx.remat(call)
-            x, extra = call(layer, x)
+            x, extra = self._layer(layer, x, positions, segment_ids, probe=i in probe_set, mixture=mixture,
+                                   return_probs=return_probs)
             if extra is not None:
                 entropy[i] = extra.entropy_BxTxH
                 if extra.mixture_BxT is not None:
@@ -303,6 +310,23 @@ class Qwen3(nnx.Module):
         return Qwen3Output(logits=logits, hidden=hidden, entropy=entropy, mixture_entropy=mixture_entropy,
                            probs=probs)
 
+    def _layer(self, layer: DecoderLayer, x, positions, segment_ids, **flags):
+        """One decoder layer; with `options.remat` only its input is saved for the backward pass.
+
+        The layer runs as a pure function of its own weights (split/merge), so the static flags
+        (`probe`, ...) stay Python values and the probe layer's `ProbeResult` (a pytree) leaves
+        `jax.checkpoint` like any other output. Its weights are gathered for use where it starts
+        (`parallel.gather_for_use`), inside the remat boundary.
+        """
+        graphdef, state = nnx.split(layer)
+        mesh = self.options.kernel_mesh
+
+        def run(weights, x, positions, segment_ids):
+            return nnx.merge(graphdef, parallel.gather_for_use(weights, mesh))(x, positions, segment_ids, **flags)
+
+        run = jax.checkpoint(run) if self.options.remat else run
+        return run(nnx.to_pure_dict(state), x, positions, segment_ids)
+
     def token_logprobs(self, hidden_BxTxD, targets_BxT, *, temperature: float = 1.0):
         """log π(target) and the predictive entropy, both `[B, T]` float32.
 
@@ -313,13 +337,17 @@ class Qwen3(nnx.Module):
         C = min(self.options.logits_chunk, T)
         n = -(-T // C)
         pad = n * C - T
+        mesh = self.options.kernel_mesh
         h = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
+        h = parallel.constrain(h, (None, "batch", "act_seq", "act_embed"), mesh)
         tgt = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
+        tgt = parallel.constrain(tgt, (None, "batch", "act_seq"), mesh)
         w = self.head_kernel_DxV().astype(self.options.dtype)
 
         @jax.checkpoint
         def chunk(h_BxCxD, t_BxC):
             logits = jnp.dot(h_BxCxD.astype(w.dtype), w, preferred_element_type=jnp.float32) / temperature
+            logits = parallel.constrain(logits, ("batch", "act_seq", "act_vocab"), mesh)
             logz = jax.nn.logsumexp(logits, axis=-1)
             logp = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0] - logz
             p = jnp.exp(logits - logz[..., None])
@@ -361,6 +389,17 @@ class Qwen3(nnx.Module):
         hidden = self.norm(x[:, -1:])
         logits = self.logits(hidden)[:, 0].astype(jnp.float32)
         return logits, KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, index=index + T)
+
+
+def merge_for_compute(graphdef, params) -> Qwen3:
+    """The module over `params` (a pure dict) with its matmul weights in the compute dtype, each cast
+    where its shard lies (`parallel.cast_sharded`): FSDP then gathers bf16 weights for bf16
+    compute, not f32 ones. Gradients flow back through the cast to the stored (f32) parameters."""
+    model = nnx.merge(graphdef, params)
+    opts = model.options
+    if jnp.dtype(opts.dtype) == jnp.dtype(opts.param_dtype):
+        return model
+    return nnx.merge(graphdef, parallel.cast_sharded(params, opts.dtype, opts.kernel_mesh))
 
 
 def init_random(cfg: Qwen3Config, opts: RuntimeOptions = RuntimeOptions(), *, seed: int = 0) -> Qwen3:

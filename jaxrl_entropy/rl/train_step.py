@@ -20,6 +20,8 @@ import optax
 from flax import nnx
 
 import kernels
+from jaxrl_entropy import parallel
+from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl.token_weights import normalized_entropy
@@ -78,25 +80,42 @@ def policy_forward(model, batch: dict[str, jax.Array], spec: StepSpec, *, probe:
     return logp, pred_entropy, jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
 
 
-def rollout_stats(graphdef, params, batch: dict[str, jax.Array], spec: StepSpec, chunk: int):
+def strided_chunks(x_MxR, chunk: int, mesh=None):
+    """`[M, ...]` → `[M / chunk, chunk, ...]` where chunk i holds rows i, i + M/chunk, i + 2·M/chunk, …
+
+    Rows sharded in contiguous blocks over the data-parallel devices stay where they are: every
+    chunk takes the same number of rows from every device (a contiguous split would put each
+    chunk on one device and leave the others idle, or gather it)."""
+    M = x_MxR.shape[0]
+    out = x_MxR.reshape(chunk, M // chunk, *x_MxR.shape[1:]).swapaxes(0, 1)
+    return parallel.constrain(out, (None, "batch") + (None,) * (x_MxR.ndim - 1), mesh)
+
+
+def unchunk(x_CxKxR) -> jax.Array:
+    """Inverse of `strided_chunks`: `[M / chunk, chunk, ...]` → `[M, ...]`."""
+    n, chunk = x_CxKxR.shape[:2]
+    return x_CxKxR.swapaxes(0, 1).reshape(n * chunk, *x_CxKxR.shape[2:])
+
+
+def rollout_stats(graphdef, params, batch: dict[str, jax.Array], spec: StepSpec, chunk: int, mesh=None):
     """One forward of the old policy over the rollout, `chunk` sequences at a time: the old
     log-probs, predictive entropy and Hnorm, each `[M, N]`."""
-    model = nnx.merge(graphdef, params)
     M = batch["input_ids"].shape[0]
+    if M % chunk:
+        raise ValueError(f"rollout_stats: {M} rows are not a multiple of the chunk {chunk} (rl.micro_batch_size)")
     keys = ("input_ids", "attention_mask", "response")
-    chunks = {k: batch[k].reshape(M // chunk, chunk, *batch[k].shape[1:]) for k in keys}
+    chunks = {k: strided_chunks(batch[k], chunk, mesh) for k in keys}
 
-    def one(c):
-        return policy_forward(model, c, spec, probe=True)
+    def one(c):  # the module is built inside the loop body: its parameters belong to this trace
+        return policy_forward(qwen3.merge_for_compute(graphdef, params), c, spec, probe=True)
 
     logp, pred, hnorm = jax.lax.map(one, chunks)
-    flat = lambda x: x.reshape(M, -1)
-    return {"old_logp": flat(logp), "pred_entropy": flat(pred), "hnorm": flat(hnorm)}
+    return {"old_logp": unchunk(logp), "pred_entropy": unchunk(pred), "hnorm": unchunk(hnorm)}
 
 
 def minibatch_loss(graphdef, params, micro: dict[str, jax.Array], spec: StepSpec, denom, token_denom):
     """Loss of one micro-batch, normalised by the mini-batch's global denominators."""
-    model = nnx.merge(graphdef, params)
+    model = qwen3.merge_for_compute(graphdef, params)
     logp, pred_entropy, _ = policy_forward(model, micro, spec, probe=False)
     return loss_lib.policy_loss(
         logp, micro["old_logp"], micro["advantage"], micro["response_mask"], micro["weights"],
@@ -108,10 +127,13 @@ def minibatch_loss(graphdef, params, micro: dict[str, jax.Array], spec: StepSpec
 def accumulate_grads(graphdef, params, minibatch: dict[str, jax.Array], spec: StepSpec, denom, token_denom):
     """Sum of micro-batch gradients (leading axis of `minibatch`) = the mini-batch gradient."""
     grad_fn = jax.grad(lambda p, m: minibatch_loss(graphdef, p, m, spec, denom, token_denom), has_aux=True)
+    mesh = nnx.merge(graphdef, params).options.kernel_mesh
 
     def body(carry, micro):
         g_acc, m_acc = carry
         g, m = grad_fn(params, micro)
+        # each micro-batch's gradient lands on the parameters' shards (a reduce-scatter), never whole
+        g = parallel.constrain_params(g, mesh)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
     first = jax.tree.map(lambda x: x[0], minibatch)
@@ -125,8 +147,8 @@ def update(graphdef, params, opt_state, minibatch: dict[str, jax.Array], spec: S
            tx: optax.GradientTransformation, normalization: str):
     """One optimiser update from a mini-batch `[n_micro, micro, ...]`.
 
-    A non-finite loss or gradient skips the update (params and optimiser state unchanged) and
-    reports `skipped = 1`.
+    A non-finite loss, gradient, new parameter or new optimiser state skips the update (params
+    and optimiser state unchanged) and reports `skipped = 1` (see `apply_if_finite`).
     """
     mask = minibatch["response_mask"]
     denom = loss_lib.loss_denominator(minibatch["weights"], mask, normalization)
@@ -135,11 +157,34 @@ def update(graphdef, params, opt_state, minibatch: dict[str, jax.Array], spec: S
     metrics = loss_lib.finalize_metrics(summed)
     grad_norm = diagnostics.tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    metrics.update(grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32))
-    return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+    params, opt_state, applied = apply_if_finite(tx, grads, opt_state, params, finite)
+    metrics.update(grad_norm=grad_norm, skipped=(~applied).astype(jnp.int32))
+    return params, opt_state, metrics
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """True when every floating element of every leaf is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def apply_if_finite(tx: optax.GradientTransformation, grads, opt_state, params, finite: jax.Array):
+    """`tx`'s step applied only when `finite` and the step's results (new parameters, new optimiser
+    state) are finite: a NaN from the optimiser itself (e.g. 0/0 in clipping, a NaN learning rate)
+    is caught too. Returns (params, opt_state, applied).
+
+    The step is computed twice, never held twice: first only to check it (each leaf's finiteness
+    reduces as it is produced), then inside `lax.cond`, whose other branch returns the old state
+    unchanged. A `jnp.where(ok, new, old)` would hold the whole new state next to the old one.
+    """
+
+    def step(grads, opt_state, params):
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    ok = finite & tree_all_finite(step(grads, opt_state, params))
+    new_params, new_opt_state = jax.lax.cond(ok, step, lambda g, o, p: (p, o), grads, opt_state, params)
+    return new_params, new_opt_state, ok
 
 
 def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warmup_steps: int,

@@ -1,0 +1,466 @@
+"""`jaxrl-entropy dryrun`: compile every program of an RL step for a named TPU slice on this machine
+(no TPU, no weights, no data) and say, per chip, whether each fits, how much work it is and how long
+a step should take.
+
+    jaxrl-entropy dryrun --config=configs/qwen3_8b_dapo.py --topology=v5p-64 \\
+        --config.model.hf_dir=configs/arch/qwen3-8b [--programs=update,rollout_stats] [--out=report.json]
+
+    report = dryrun.run(cfg, "v5p-64")            # a `Report`; report.ok, report.programs[i].total_bytes
+    print(dryrun.format_report(report))
+
+TPUs: libtpu (`pip install -e '.[tpu]'`) provides the devices of a real slice
+(`chips.Topology.tpu_devices`) and the real compiler, Mosaic kernels included; per program it gives
+per-chip HBM (`compiled.memory_analysis()`), FLOPs and traffic (`hlo_stats`, loop trips counted;
+XLA's `cost_analysis()` is shown too, which counts loop bodies once), the collectives, and a roofline
+time from the chip's published figures (`chips.CHIPS`). A program fits when its arguments, outputs,
+temporaries and the caller's other live arrays (`aot.Program.resident_bytes`) stay under
+(1 − headroom) of the chip's HBM.
+
+GPUs (`h100x8`, ...) cannot be compiled for without one: where no GPU is attached the report is an
+analytic estimate (`estimate_gpu`), labelled as such; with GPUs attached the programs compile for
+real on them.
+
+Programs come from builders (`BUILDERS`): the RL step's (`step_programs.aot_programs`), generation
+and evaluation (today's `sampler.generate`). A part that owns jitted programs adds its builder there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import re
+import resource
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxrl_entropy import aot, chips, hlo_stats, model_setup, parallel, step_programs
+from jaxrl_entropy.config import ConfigError
+
+GiB = float(1 << 30)
+HEADROOM = 0.10
+
+
+# ----------------------------------------------------------------------------- program builders
+def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy) -> list[aot.Program]:
+    """One rollout generation call as the trainer makes it: `rl.prompts_per_step × rl.group_size`
+    rows, prompt `data.max_prompt_len`, `rollout.max_new_tokens` new tokens (`sampler.generate`:
+    prefill, then a while-loop decode over a dense KV cache)."""
+    from jaxrl_entropy import rollout
+    rows = cfg.rl.prompts_per_step * cfg.rl.group_size
+    sp = rollout.rollout_sampling_params(cfg, _eos(policy), 0)
+    return [_sample_program("generation", cfg, policy, rows, sp, calls_per_step=1.0)]
+
+
+def eval_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy) -> list[aot.Program]:
+    """One evaluation sampling call (`evaluate.spec_for`'s batch, `eval.*` sampling settings)."""
+    if not cfg.eval.every:
+        return []
+    from jaxrl_entropy import evaluate
+    spec = evaluate.spec_for(cfg, policy.mesh)
+    sp = evaluate.sampling_params(cfg, _eos(policy), 0)
+    return [_sample_program("eval", cfg, policy, spec.batch_prompts * spec.k, sp, calls_per_step=0.0)]
+
+
+def _eos(policy) -> tuple[int, ...]:
+    from jaxrl_entropy.models import sampler
+    return sampler.as_tuple(policy.arch.eos_token_id) or (0,)
+
+
+def _sample_program(name, cfg, policy, rows: int, sp, *, calls_per_step: float) -> aot.Program:
+    from jaxrl_entropy.models import sampler
+    graphdef = policy.graphdef
+    row_sh = parallel.batch_sharding(policy.mesh, 2)
+    P = cfg.data.max_prompt_len
+    ids = jax.ShapeDtypeStruct((rows, P), jnp.int32, sharding=row_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(policy.mesh))
+    # the body of `sampler.generate`'s jitted program, with the trainer's graphdef and sampling settings
+    fn = jax.jit(lambda state, i, m, k: sampler._generate(graphdef, state, i, m, k, sp))
+    opt = jax.eval_shape(step_programs.make_optimizer(cfg).init, policy.params)
+    opt_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt)) // policy.mesh.size
+    return aot.Program(name, fn, (policy.params, ids, ids, key), calls_per_step=calls_per_step,
+                       note=f"{rows} rows, prompt {P} + {sp.max_new_tokens} new tokens, dense KV cache",
+                       resident_bytes=opt_bytes)
+
+
+Builder = Callable[[ml_collections.ConfigDict, model_setup.Policy], list[aot.Program]]
+BUILDERS: dict[str, Builder] = {
+    "step": lambda cfg, policy: step_programs.aot_programs(cfg, policy),
+    "generation": generation_programs,
+    "eval": eval_programs,
+}
+
+
+# ----------------------------------------------------------------------------- reports
+@dataclasses.dataclass
+class ProgramReport:
+    name: str
+    note: str
+    calls_per_step: float
+    compiled: bool                    # False: an analytic estimate (GPU without a GPU) or a compile error
+    compile_s: float = 0.0
+    argument_bytes: float = 0.0
+    output_bytes: float = 0.0
+    alias_bytes: float = 0.0
+    temp_bytes: float = 0.0
+    code_bytes: float = 0.0
+    resident_bytes: float = 0.0
+    total_bytes: float = 0.0          # arguments + outputs − aliased + temporaries + code + resident
+    capacity_bytes: float = 0.0
+    fits: bool = False
+    hlo_flops: float = 0.0            # per chip per call, matmuls in the compiled HLO, loop trips counted
+    kernel_flops: float = 0.0         # per chip per call, analytic, inside Pallas kernels
+    xla_cost_flops: float = 0.0       # `cost_analysis()["flops"]` (loop bodies counted once)
+    hbm_traffic_bytes: float = 0.0    # per chip per call (estimate, loop trips counted)
+    collectives: dict = dataclasses.field(default_factory=dict)   # kind -> {"count", "bytes"} per call
+    largest_collectives: list = dataclasses.field(default_factory=list)
+    unknown_trip_loops: int = 0
+    t_compute_s: float = 0.0
+    t_memory_s: float = 0.0
+    t_collective_s: float = 0.0
+    roofline_s: float = 0.0           # per call: max(compute, memory, collectives)
+    largest_buffers: list = dataclasses.field(default_factory=list)
+    error: str = ""
+    estimate: str = ""                # how an analytic (uncompiled) figure was made
+
+    @property
+    def step_s(self) -> float:
+        return self.roofline_s * self.calls_per_step
+
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    description: str
+    chip: dict
+    mesh: dict
+    config: str
+    headroom: float
+    tokens_per_step: int
+    response_tokens_per_step: int
+    programs: list[ProgramReport]
+    peak_host_rss_gib: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+    @property
+    def step_s(self) -> float:
+        return sum(p.step_s for p in self.programs)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["ok"], d["step_s"] = self.ok, self.step_s
+        for p, pr in zip(d["programs"], self.programs):
+            p["step_s"] = pr.step_s
+        return json.dumps(d, indent=1)
+
+
+# ----------------------------------------------------------------------------- compile and measure
+def _hbm_error(msg: str) -> tuple[float | None, list[str]]:
+    """The TPU compiler's out-of-memory message → (bytes it needed, its largest allocations)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    used = (re.search(r"Used ([\d.]+)([KMGT])i?B? of ([\d.]+)([KMGT])i?B? hbm", msg) or
+            re.search(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM", msg))
+    need = float(used.group(1)) * scale[used.group(2)] if used else None
+    lines = [ln.strip() for ln in msg.splitlines()]
+    big = []
+    for i, ln in enumerate(lines):
+        if ln.startswith("Size:"):
+            size = ln.split("Size:")[1].strip()
+            shape = next((x.split("Shape:")[1].strip() for x in lines[i:i + 6] if x.startswith("Shape:")), "")
+            op = next((x for x in lines[i:i + 6] if x.startswith(("Operator:", "op_name"))), "")
+            big.append(f"{size} {shape} {op[:160]}")
+    return need, big[:8]
+
+
+def _largest_buffers(text: str, n: int = 6) -> list[str]:
+    """The largest arrays an unfused op of the compiled program produces (where the memory goes)."""
+    comps, _, fused = hlo_stats.parse(text)
+    seen: dict[str, tuple[float, str]] = {}
+    for name, instrs in comps.items():
+        if name in fused:
+            continue
+        for ins in instrs:
+            if ins.opcode in ("parameter", "tuple", "get-tuple-element", "bitcast", "while", "conditional"):
+                continue
+            for shape in re.findall(r"\b[a-z][a-z0-9]*\[[0-9,]*\]", ins.type):
+                b = hlo_stats.array_bytes(shape)
+                meta = re.search(r'op_name="([^"]+)"', ins.rest)
+                where = meta.group(1)[-90:] if meta else ins.opcode
+                key = f"{shape} ({where})"
+                if b > seen.get(key, (0.0, ""))[0]:
+                    seen[key] = (b, key)
+    top = sorted(seen.values(), key=lambda kv: -kv[0])[:n]
+    return [f"{b / GiB:.2f} GiB {k}" for b, k in top]
+
+
+def _largest_lowered(lowered) -> list[str]:
+    """Largest arrays of the program before partitioning (global shapes): where the compiler gives
+    no list of its own."""
+    try:
+        text = lowered.compiler_ir("hlo").as_hlo_text()
+    except Exception:  # noqa: BLE001
+        return []
+    return [b.replace(" GiB ", " GiB global ") for b in _largest_buffers(text)]
+
+
+def compile_program(program: aot.Program, topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
+    """Trace, lower and compile one program for the mesh its arguments live on; measure it."""
+    chip = topo.chip
+    cap = float(chip.hbm_bytes)
+    rep = ProgramReport(program.name, program.note, program.calls_per_step, compiled=False,
+                        resident_bytes=float(program.resident_bytes), capacity_bytes=cap,
+                        kernel_flops=float(program.kernel_flops))
+    t0 = time.time()
+    lowered = None
+    try:
+        lowered = program.fn.trace(*program.args).lower()
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 — the compiler's own words are the report
+        rep.compile_s = time.time() - t0
+        msg = str(e)
+        need, big = _hbm_error(msg)
+        if need is not None:
+            rep.total_bytes = need + rep.resident_bytes
+            rep.largest_buffers = big or _largest_lowered(lowered)
+            rep.error = "out of HBM at compile time: " + msg.splitlines()[0][:300]
+        else:
+            rep.error = f"{type(e).__name__}: {msg[:2000]}"
+        return rep
+    rep.compile_s = time.time() - t0
+    rep.compiled = True
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        rep.argument_bytes = float(mem.argument_size_in_bytes)
+        rep.output_bytes = float(mem.output_size_in_bytes)
+        rep.alias_bytes = float(mem.alias_size_in_bytes)
+        rep.temp_bytes = float(mem.temp_size_in_bytes)
+        rep.code_bytes = float(mem.generated_code_size_in_bytes)
+    rep.total_bytes = (rep.argument_bytes + rep.output_bytes - rep.alias_bytes + rep.temp_bytes + rep.code_bytes
+                       + rep.resident_bytes)
+    rep.fits = rep.total_bytes <= (1.0 - headroom) * cap
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    rep.xla_cost_flops = float(cost.get("flops", 0.0))
+    text = compiled.as_text()
+    stats = hlo_stats.analyze(text)
+    rep.hlo_flops, rep.hbm_traffic_bytes = stats.flops, stats.bytes
+    rep.collectives = {k: {"count": c.count, "bytes": c.bytes} for k, c in stats.collectives.items() if c.count}
+    rep.largest_collectives = [f"{k} {s} ×{n:g}" for k, s, n in stats.largest_collectives]
+    rep.unknown_trip_loops = stats.unknown_trip_loops
+    _roofline(rep, chip, stats.collective_bytes)
+    if not rep.fits:
+        rep.largest_buffers = _largest_buffers(text)
+    del compiled, text
+    gc.collect()
+    return rep
+
+
+def _roofline(rep: ProgramReport, chip: chips.Chip, collective_bytes: float) -> None:
+    rep.t_compute_s = (rep.hlo_flops + rep.kernel_flops) / chip.bf16_flops
+    rep.t_memory_s = rep.hbm_traffic_bytes / chip.hbm_bw
+    # a chip sends and receives each collective's bytes over its links at once: the bidirectional figure halves
+    rep.t_collective_s = collective_bytes / (chip.ici_bw / 2) if chip.ici_bw else 0.0
+    rep.roofline_s = max(rep.t_compute_s, rep.t_memory_s, rep.t_collective_s)
+
+
+# ----------------------------------------------------------------------------- GPU estimate
+def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, program: aot.Program,
+                 topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
+    """Per-GPU memory and time of a program from formulas (no compiler): parameters, optimiser
+    state and gradients as sharded; activations of one micro-batch (or chunk) of the model with
+    per-layer remat; the dense KV cache for sampling. An ESTIMATE: XLA's buffer assignment and
+    fusion decide the real figure (run `dryrun` on a GPU host for it)."""
+    arch, n = policy.arch, topo.num_chips
+    sh = step_programs.step_shapes(cfg)
+    P_all = sum(math.prod(x.shape) for x in jax.tree.leaves(policy.params))
+    layer = (arch.hidden_size * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
+             + arch.num_attention_heads * arch.head_dim * arch.hidden_size + 3 * arch.hidden_size * arch.intermediate_size)
+    pbytes = 4 if cfg.model.param_dtype == "float32" else 2
+    cbytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    D, I, L, V = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
+    qkv = (arch.num_attention_heads * 2 + 2 * arch.num_key_value_heads) * arch.head_dim
+    C = min(cfg.model.logits_chunk, sh.response_len)
+    T = sh.seq_len
+    params = pbytes * P_all / n
+    gathered = 2 * cbytes * layer                        # this layer's and the next layer's weights, whole
+    def layer_work(rows):  # one layer's live activations in its backward pass (recomputed under remat)
+        return rows * T * cbytes * (4 * D + 2 * qkv + 3 * I) * 2
+    parts: dict[str, float] = {"parameters": params}
+    flops = 0.0
+    if program.name == "update":
+        rows = sh.micro / n
+        parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=gathered,
+                     saved_layer_inputs=L * rows * T * D * cbytes, layer_backward=layer_work(rows),
+                     logits_chunk=3 * rows * C * V * 4)
+        flops = (8 if cfg.model.remat else 6) * P_all * sh.mini * T / n
+    elif program.name in ("rollout_stats", "geometry", "token_weights"):
+        rows = sh.micro / n
+        parts.update(optimiser=2 * 4 * P_all / n, gathered_weights=gathered, layer_forward=layer_work(rows) / 2,
+                     logits_chunk=2 * rows * C * V * 4, outputs=3 * sh.rows * sh.response_len * 4 / n)
+        flops = 2 * P_all * sh.rows * T / n if program.name == "rollout_stats" else 0.0
+    else:  # generation / eval
+        rows = program.args[1].shape[0] / n
+        S = program.args[1].shape[1] + (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+        parts.update(optimiser=2 * 4 * P_all / n, kv_cache=rows * S * L * 2 * arch.num_key_value_heads
+                     * arch.head_dim * cbytes, gathered_weights=gathered, logits=rows * V * 4 * 2)
+        flops = 2 * P_all * rows * S
+    total = sum(parts.values())
+    rep = ProgramReport(program.name, program.note, program.calls_per_step, compiled=False,
+                        total_bytes=total, capacity_bytes=float(topo.chip.hbm_bytes),
+                        fits=total <= (1.0 - headroom) * topo.chip.hbm_bytes, hlo_flops=flops,
+                        kernel_flops=program.kernel_flops)
+    rep.estimate = "ANALYTIC ESTIMATE (no GPU compiler): " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items())
+    rep.t_compute_s = (flops + program.kernel_flops) / topo.chip.bf16_flops
+    rep.roofline_s = rep.t_compute_s
+    return rep
+
+
+# ----------------------------------------------------------------------------- the command
+def select(programs: list[aot.Program], names: Sequence[str] | None) -> list[aot.Program]:
+    if not names:
+        return programs
+    known = [p.name for p in programs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--programs: unknown program(s) {unknown}; this config has {known}")
+    return [p for p in programs if p.name in names]
+
+
+def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str] | None = None,
+        headroom: float = HEADROOM, log: Callable[[str], None] | None = None) -> Report:
+    """Compile (TPU) or estimate (GPU without one) the selected programs of `cfg` on `topology`."""
+    from jaxrl_entropy.config import validate
+    cfg = validate(cfg)
+    topo = chips.resolve(topology)
+    if not cfg.model.hf_dir:
+        raise ConfigError("dryrun reads the architecture from config.json: set --config.model.hf_dir=DIR "
+                          "(a directory holding the model's config.json; Qwen3-8B's is in configs/arch/qwen3-8b)")
+    arch = model_setup.architecture(cfg)
+    gpu_estimate = False
+    if topo.platform == "tpu":
+        devices = topo.tpu_devices()
+    else:
+        attached = [d for d in jax.devices() if d.platform == "gpu"]
+        gpu_estimate = len(attached) < topo.num_chips
+        devices = attached[: topo.num_chips] if not gpu_estimate else jax.devices("cpu")[: topo.num_chips]
+        if len(devices) < topo.num_chips:  # a mesh of CPU stand-ins, for shapes and shardings only
+            devices = _cpu_standins(topo.num_chips)
+    mesh = model_setup.build_mesh(cfg, devices=devices)
+    step_programs.check_batch(cfg, mesh)
+    policy = model_setup.abstract_policy(cfg, mesh, arch)
+    all_programs: list[aot.Program] = []
+    for build in BUILDERS.values():
+        all_programs += build(cfg, policy)
+    chosen = select(all_programs, programs)
+    reports = []
+    for p in chosen:
+        if log:
+            log(f"compiling {p.name} for {topo.describe()} ({p.note}) ...")
+        rep = estimate_gpu(cfg, policy, p, topo, headroom) if gpu_estimate else compile_program(p, topo, headroom)
+        if log:
+            log(f"  {p.name}: {rep.total_bytes / GiB:.1f} GiB per chip of {rep.capacity_bytes / GiB:.0f}"
+                f"{' (estimate)' if rep.estimate else ''}, compile {rep.compile_s:.0f} s")
+        reports.append(rep)
+    sh = step_programs.step_shapes(cfg)
+    return Report(topology=topo.name, description=topo.describe(), chip=dataclasses.asdict(topo.chip),
+                  mesh=dict(mesh.shape), config=cfg.name, headroom=headroom,
+                  tokens_per_step=sh.rows * sh.seq_len, response_tokens_per_step=sh.rows * sh.response_len,
+                  programs=reports, peak_host_rss_gib=peak_rss_gib())
+
+
+def _cpu_standins(n: int) -> list:
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+        raise ConfigError(f"the GPU estimate needs {n} devices to lay out shardings; start with "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (the CLI does this itself)")
+    return cpus[:n]
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident host memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def format_report(report: Report) -> str:
+    """The per-program table (per chip, per call), then the verdicts and the step estimate."""
+    chip = report.chip
+    lines = [f"dryrun: config {report.config!r} on {report.description}, mesh {report.mesh}",
+             f"chip {chip['name']}: {chip['hbm_bytes'] / GiB:.0f} GiB HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+             f"{chip['hbm_bw'] / 1e9:.0f} GB/s HBM" + (f", {chip['ici_bw'] / 1e9:.0f} GB/s ICI" if chip['ici_bw'] else "")
+             + f"; fits = total ≤ {1 - report.headroom:.0%} of HBM",
+             "",
+             "| program | args | out | temp | resident | total GiB | % HBM | fits | TFLOP/call | HBM GB/call | "
+             "collectives GB/call | compile s | roofline s/call | calls/step | s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in report.programs:
+        pct = 100.0 * p.total_bytes / p.capacity_bytes if p.capacity_bytes else 0.0
+        coll = sum(c["bytes"] for c in p.collectives.values()) / 1e9
+        fits = "yes" if p.fits else ("ERROR" if p.error and not p.total_bytes else "NO")
+        est = "~" if p.estimate else ""
+        lines.append(
+            f"| {p.name} | {_gib(p.argument_bytes)} | {_gib(p.output_bytes - p.alias_bytes)} | {_gib(p.temp_bytes)} | "
+            f"{_gib(p.resident_bytes)} | {est}{_gib(p.total_bytes)} | {pct:.0f}% | {fits} | "
+            f"{(p.hlo_flops + p.kernel_flops) / 1e12:.2f} | {p.hbm_traffic_bytes / 1e9:.1f} | {coll:.1f} | "
+            f"{p.compile_s:.0f} | {p.roofline_s:.3g} | {p.calls_per_step:g} | {p.step_s:.3g} |")
+    lines.append("")
+    lines.append(f"tokens per RL step: {report.tokens_per_step:,} ({report.response_tokens_per_step:,} response tokens); "
+                 f"roofline step time (programs above, generation as compiled): {report.step_s:.3g} s; "
+                 f"peak host RSS {report.peak_host_rss_gib:.1f} GiB")
+    for p in report.programs:
+        details = [f"  {p.note}"]
+        if p.kernel_flops:
+            details.append(f"  + {p.kernel_flops / 1e12:.2f} TFLOP/chip analytic attention inside Pallas kernels "
+                           f"(XLA's cost_analysis: {p.xla_cost_flops / 1e12:.2f} TFLOP, loop bodies once)")
+        if p.collectives:
+            details.append("  collectives/call: " + ", ".join(
+                f"{k} ×{c['count']:g} ({c['bytes'] / 1e9:.2f} GB)" for k, c in p.collectives.items()))
+        if p.unknown_trip_loops:
+            details.append(f"  {p.unknown_trip_loops} loop(s) of data-dependent length counted once")
+        if p.estimate:
+            details.append("  " + p.estimate)
+        if not p.fits:
+            details.append(f"  DOES NOT FIT: {p.error or 'over the headroom'}")
+            details += [f"    {b}" for b in p.largest_buffers]
+        elif p.error:
+            details.append(f"  {p.error}")
+        lines.append(f"- {p.name}:")
+        lines += details
+    return "\n".join(lines)
+
+
+def failure_message(report: Report) -> str:
+    """What did not fit, where, and its largest buffers (the non-zero exit's message)."""
+    bad = [p for p in report.programs if not p.fits]
+    out = []
+    for p in bad:
+        what = p.error or (f"needs {p.total_bytes / GiB:.1f} GiB per chip, over {1 - report.headroom:.0%} of "
+                           f"{p.capacity_bytes / GiB:.0f} GiB")
+        out.append(f"program {p.name!r} does not fit on {report.description}: {what}")
+        out += [f"  largest buffer: {b}" for b in p.largest_buffers[:5]]
+    return "\n".join(out)
+
+
+def as_dict(report: Report) -> dict[str, Any]:
+    return json.loads(report.to_json())
+
+
+def load(path: str) -> Report:
+    """A report written by `--out=FILE`, back as a `Report` (for `format_report`: docs tables)."""
+    with open(path) as f:
+        d = json.load(f)
+    fields = {f.name for f in dataclasses.fields(ProgramReport)}
+    programs = [ProgramReport(**{k: v for k, v in p.items() if k in fields}) for p in d.pop("programs")]
+    keep = {f.name for f in dataclasses.fields(Report)}
+    return Report(programs=programs, **{k: v for k, v in d.items() if k in keep})
