@@ -52,7 +52,17 @@ def base_config() -> ml_collections.ConfigDict:
         digits=2, num_terms=2, ops="+", chat=True, train_size=20000, eval_size=200))
 
     c.rollout = ml_collections.ConfigDict(dict(
-        max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0))
+        max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0,
+        # the generation engine: "paged" (continuous batching over a paged KV cache, prompts
+        # prefilled once per group; models/engine.py) or "dense" (models/sampler.py: one dense
+        # cache per call, every row until the longest is done)
+        engine="paged",
+        page_size=32,         # tokens per KV page
+        kv_cache_gib=0.0,     # KV pool per device; 0 = 85% of what is free after the inference weights
+        max_slots=0,          # requests decoded together; 0 = as many as fit at full length (≤ one call's rows)
+        decode_chunk=32,      # decode steps per device call (finished rows are replaced in between)
+        prefill_tokens=8192,  # prompt tokens per prefill call
+        tensor_parallel=0))   # engine devices per host (heads split); 0 = all local accelerators (1 on CPU)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.prompts_per_step = 512
@@ -152,7 +162,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     positive = ["rl.prompts_per_step", "rl.group_size", "rl.mini_batch_prompts", "rl.micro_batch_size",
                 "rl.max_gen_batches", "rollout.max_new_tokens", "data.max_prompt_len",
                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.k",
-                "model.logits_chunk"]
+                "model.logits_chunk", "rollout.page_size", "rollout.decode_chunk", "rollout.prefill_tokens"]
     for key in positive:
         if given[key] <= 0:
             raise ConfigError(f"config.{key}={given[key]} must be positive")
@@ -166,6 +176,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(cfg.model.probe_attention, "model.probe_attention", PROBE_IMPLS)
     _choice(cfg.model.kernel_backend, "model.kernel_backend", ("", "xla", "tpu", "gpu", "interpret_tpu", "interpret_gpu"))
     _choice(cfg.data.kind, "data.kind", ("synthetic", "files"))
+    _choice(cfg.rollout.engine, "rollout.engine", ("paged", "dense"))
+    for key in ("rollout.kv_cache_gib", "rollout.max_slots", "rollout.tensor_parallel"):
+        if given[key] < 0:
+            raise ConfigError(f"config.{key}={given[key]} must be >= 0 (0 = automatic)")
     _choice(cfg.entropy.aggregation, "entropy.aggregation", ("head_mixture", "head_mean"))
     _choice(cfg.weights.mode, "weights.mode", WEIGHT_MODES)
     _choice(cfg.weights.normalization, "weights.normalization", ("selected", "all"))
