@@ -223,47 +223,40 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
 
 
 # ------------------------------------------------------------------------- ahead of time
-def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh) -> list[aot.Program]:
-    """The engine's programs (one host's: prefill at the longest bucket, the decode chunk, the
-    weight reshard) at the config's shapes, as abstract arguments with shardings, for
-    `jaxrl-entropy dryrun`. `policy` may be abstract (`model_setup.abstract_policy`)."""
+def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, training_devices: int | None = None,
+                 hosts: int | None = None) -> list[aot.Program]:
+    """The engine's programs (one host's: prefill at the longest bucket, the decode chunk) at the
+    config's shapes, as abstract arguments with shardings, for `jaxrl-entropy dryrun`. `policy`
+    may be abstract (`model_setup.abstract_policy`). The engine runs on the first host's devices
+    of `mesh`; `training_devices` (default `mesh.size`) shard the training state that shares HBM
+    with the KV pool, and `hosts` (default: the processes of `mesh`) split the rollout's rows."""
     arch = policy.arch
     devices = host_devices(mesh.devices.flat)
     platform = devices[0].platform
     tp = tensor_parallel(cfg, arch, len(devices), platform)
     n_params = param_count(arch)
     # training state per device: parameters + Adam's two moments, FSDP-sharded over the whole mesh
-    training = n_params * (jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + 8) / mesh.size
+    training = n_params * (jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + 8) / (training_devices or mesh.size)
     budget = kv_budget_bytes(cfg, arch, devices, tp, training_bytes_per_device=training)
-    hosts = len({d.process_index for d in mesh.devices.flat})
+    hosts = hosts or len({d.process_index for d in mesh.devices.flat})
     rows = -(-max(cfg.rl.prompts_per_step * cfg.rl.group_size, 1) // hosts)
     spec = plan(cfg, arch, tp=tp, budget_bytes=budget, rows=rows, device=devices[0])
     m = cfg.model
     engine = Engine(arch, spec, engine_mesh(devices, tp), dtype=DTYPES[m.dtype], attention=m.attention,
                     kernel_backend=m.kernel_backend or None)
-    rep = engine._replicated
-    sds = lambda shape, dtype, sh=rep: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sh)
-    params = jax.tree.map(lambda x, sh: sds(x.shape, engine.dtype, sh), engine.param_shapes, engine.param_shardings)
-    cache = paged_cache.abstract(arch, num_pages=spec.num_pages, page_size=spec.page_size, dtype=engine.dtype,
-                                 sharding=engine._kv_sharding)
-    T = spec.buckets()[-1]
-    R = spec.prefill_rows(T)
     from jaxrl_entropy.rollout import rollout_sampling_params
     sp = rollout_sampling_params(cfg, (1,), 0)
-    S, W, C, N = spec.num_slots, spec.table_width(sp.max_new_tokens), spec.decode_chunk, sp.max_new_tokens
-    key = jax.ShapeDtypeStruct((S,), jax.random.key(0).dtype, sharding=rep)
+    args = engine.abstract_args(sp)
+    S, C, N = spec.num_slots, spec.decode_chunk, sp.max_new_tokens
+    R, T = args["prefill"][2].shape
     prompts = -(-cfg.rl.prompts_per_step // hosts)
     kv_gib = spec.num_pages * spec.page_size * paged_cache.bytes_per_token(arch, engine.dtype) / tp / GIB
     note = (f"{S} slots, {spec.num_pages} pages × {spec.page_size} tokens = {kv_gib:.1f} GiB KV per device, "
             f"TP {tp} over {len(devices)} devices of a host")
     return [
-        aot.Program("rollout/prefill", engine.prefill_fn(),
-                    (params, cache, sds((R, T), jnp.int32), sds((R, T), jnp.int32),
-                     sds((R, T // spec.page_size), jnp.int32)),
-                    calls_per_step=-(-prompts // R), note=f"{R} prompts × {T} tokens; {note}"),
-        aot.Program("rollout/decode", engine.decode_fn(sp),
-                    (params, cache, sds((S,), jnp.int32), sds((S,), jnp.int32), sds((S,), jnp.int32),
-                     sds((S,), bool), key, sds((S, W), jnp.int32), sds((S,), jnp.int32), sds((S,), jnp.int32)),
-                    # worst case: every response runs to max_new_tokens
-                    calls_per_step=-(-rows // S) * -(-N // C), note=f"{C} steps × {S} slots; {note}"),
+        aot.Program("rollout/prefill", engine.prefill_fn(), args["prefill"], calls_per_step=-(-prompts // R),
+                    note=f"{R} prompts × {T} tokens; {note}"),
+        # worst case: every response runs to max_new_tokens
+        aot.Program("rollout/decode", engine.decode_fn(sp), args["decode"], calls_per_step=-(-rows // S) * -(-N // C),
+                    note=f"{C} steps × {S} slots; {note}"),
     ]

@@ -96,8 +96,13 @@ class EngineSpec:
         raise ValueError(f"a prompt of {n_tokens + 1} tokens is longer than the engine's max_prompt_len="
                          f"{self.max_prompt_len} (config data.max_prompt_len)")
 
-    def prefill_rows(self, bucket: int) -> int:
-        return max(1, self.prefill_tokens // bucket)
+    def prefill_rows(self, bucket: int, n_prompts: int | None = None) -> int:
+        """Rows of a prefill call at `bucket`: at most `prefill_tokens // bucket`; for fewer
+        prompts, the next power of two (a few compiled shapes, little padding)."""
+        most = max(1, self.prefill_tokens // bucket)
+        if n_prompts is None or n_prompts >= most:
+            return most
+        return min(most, 1 << max(0, n_prompts - 1).bit_length())
 
     def table_width(self, max_new_tokens: int) -> int:
         """Page-table entries per slot: every position a request can write."""
@@ -263,6 +268,22 @@ class Engine:
 
     def _put(self, x):
         return jax.device_put(x, self._replicated)
+
+    def abstract_args(self, sp: SamplingParams) -> dict[str, tuple]:
+        """The arguments of `prefill_fn()` (at the longest bucket) and `decode_fn(sp)` as
+        `jax.ShapeDtypeStruct`s with their shardings (ahead-of-time compilation, memory analysis)."""
+        spec, rep = self.spec, self._replicated
+        sds = lambda shape, dtype, sh=rep: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sh)
+        params = jax.tree.map(lambda x, sh: sds(x.shape, self.dtype, sh), self.param_shapes, self.param_shardings)
+        cache = paged_cache.abstract(self.arch, num_pages=spec.num_pages, page_size=spec.page_size, dtype=self.dtype,
+                                     sharding=self._kv_sharding)
+        T = spec.buckets()[-1]
+        R = spec.prefill_rows(T)
+        S, W = spec.num_slots, spec.table_width(sp.max_new_tokens)
+        i32 = lambda *shape: sds(shape, jnp.int32)
+        key = jax.ShapeDtypeStruct((S,), jax.random.key(0).dtype, sharding=rep)
+        return {"prefill": (params, cache, i32(R, T), i32(R, T), i32(R, T // spec.page_size)),
+                "decode": (params, cache, i32(S), i32(S), i32(S), sds((S,), bool), key, i32(S, W), i32(S), i32(S))}
 
     # ------------------------------------------------------------------ generation
     def generate(self, params, prompt_ids_BxP, prompt_mask_BxP, key: jax.Array, sp: SamplingParams, *,
@@ -465,8 +486,9 @@ class _Run:
         self.to_prefill = []
         fn = self.e.prefill_fn()
         for T, js in sorted(by_bucket.items()):
-            rows, Q = self.spec.prefill_rows(T), T // self.page
-            for lo in range(0, len(js), rows):
+            Q, most = T // self.page, self.spec.prefill_rows(T)
+            for lo in range(0, len(js), most):
+                rows = self.spec.prefill_rows(T, len(js) - lo)
                 ids = np.zeros((rows, T), np.int32)
                 seg = np.zeros((rows, T), np.int32)
                 dest = np.full((rows, Q), NULL_PAGE, np.int32)
