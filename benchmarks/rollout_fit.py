@@ -36,7 +36,7 @@ QWEN3_8B = qwen3.Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_s
                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                              tie_word_embeddings=False)
 BANDWIDTH = {"TPU v5p": 2765e9, "NVIDIA H100": 3350e9}
-HBM = {"TPU v5p": 95.74 * GIB, "NVIDIA H100": 80e9}
+HBM = {"TPU v5p": 95.74 * GIB, "NVIDIA H100": 79.6 * GIB}
 
 
 class _Dev:

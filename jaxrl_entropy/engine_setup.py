@@ -9,10 +9,10 @@ engine's programs for ahead-of-time compilation.
     programs = engine_setup.aot_programs(cfg, abstract_policy, mesh)           # `dryrun`
 
 Sizing (config `rollout.*`): the pool gets `rollout.kv_cache_gib` per device (0 = auto: 85 % of
-the device's free memory after the inference weights; on a CPU at most what the slots need);
-`rollout.max_slots` (0 = auto) is the number of requests that fit at full length (prompt shared by
-its group) — so preemption never happens unless slots are set higher by hand — capped at the rows
-of one generation call.
+the device's free memory after the inference weights; on a CPU only what the slots need);
+`rollout.max_slots` (0 = auto) is, on an accelerator, the number of requests that fit at full
+length (prompt shared by its group) — so preemption never happens unless slots are set higher by
+hand — capped at the rows of one generation call; on a CPU, a quarter of those rows (at least 16).
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ log = logging.getLogger("jaxrl_entropy")
 GIB = 2 ** 30
 # HBM per device by `device_kind` prefix, for sizing where the runtime cannot be asked (ahead-of-
 # time compilation for a topology). A live device reports its own (`memory_stats()`).
-HBM_GIB = {"TPU v5p": 95.74, "TPU v5 lite": 15.75, "TPU v5e": 15.75, "TPU v4": 32.0, "TPU v6 lite": 31.25,
-           "TPU v6e": 31.25, "NVIDIA H100": 79.6, "NVIDIA H200": 139.8, "NVIDIA A100": 79.2}
+# First matching prefix wins ("TPU v5" is how a v5p reports itself, "TPU v5 lite" a v5e).
+HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5e": 15.75, "TPU v5p": 95.74, "TPU v5": 95.74, "TPU v4": 32.0,
+           "TPU v6 lite": 31.25, "TPU v6e": 31.25, "NVIDIA H100": 79.6, "NVIDIA H200": 139.8, "NVIDIA A100": 79.2}
+MEGACORE_KINDS = ("TPU v4", "TPU v5", "TPU v5p")  # two TensorCores behind one device
 AUTO_FRACTION = 0.85     # of the free memory after the inference weights
 CPU_BUDGET_GIB = 1.0     # a CPU has no HBM to fill: only what the slots need, at most this
 
@@ -135,15 +137,25 @@ def plan(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, *, tp: int, bu
         raise ConfigError(f"the KV budget of {budget_bytes / GIB:.2f} GiB per device holds no request of "
                           f"{P} + {N} tokens ({need / GIB:.2f} GiB): raise config.rollout.kv_cache_gib (or "
                           f"rollout.tensor_parallel), or lower rollout.max_new_tokens / data.max_prompt_len")
-    slots = r.max_slots or max(1, min(fit, rows))
+    if r.max_slots:
+        slots = r.max_slots
+    elif device.platform == "cpu":
+        # compute-bound: an idle slot costs a CPU as much as a live one, so a quarter of a call's
+        # rows keeps the tail after the queue empties short while each step still batches enough
+        # rows to amortise its fixed cost
+        slots = max(1, min(fit, rows, max(16, rows // 4)))
+    else:
+        # memory-bound: a step reads the weights once whatever the row count
+        slots = max(1, min(fit, rows))
     # a CPU allocates only what the slots can use; an accelerator's pool takes the whole budget
     num_pages = budget_pages if device.platform != "cpu" else min(budget_pages, 1 + slots * (per_request + per_prompt))
     # v4 / v5p chips are two TensorCores behind one device ("megacore"): the TPU paged kernel
     # splits its rows over both
-    kind = str(device.device_kind)
-    megacore = "batch" if device.platform == "tpu" and ("v5p" in kind or "v4" in kind) and slots % 2 == 0 else None
+    megacore = "batch" if str(device.device_kind) in MEGACORE_KINDS and slots % 2 == 0 else None
     return EngineSpec(num_slots=slots, page_size=page, num_pages=int(num_pages), max_prompt_len=P,
-                      decode_chunk=r.decode_chunk, prefill_tokens=r.prefill_tokens, megacore_mode=megacore)
+                      decode_chunk=r.decode_chunk, prefill_tokens=r.prefill_tokens, megacore_mode=megacore,
+                      # TPU attention kernels (splash) tile sequences by 128
+                      prefill_multiple=128 if device.platform == "tpu" else 0)
 
 
 def engine_mesh(devices: list, tp: int):

@@ -153,3 +153,14 @@ def test_page_pool_accounting():
         pool.free(a[:1])
     pool.free(a[1:])
     assert pool.num_free == pool.capacity == 4
+
+
+def test_prefill_buckets_and_rows_by_hand():
+    spec = eng.EngineSpec(num_slots=4, page_size=32, num_pages=10, max_prompt_len=1024, prefill_tokens=8192)
+    assert spec.buckets() == (32, 64, 128, 256, 512, 1024)
+    assert spec.bucket_for(33) == 64 and spec.bucket_for(1023) == 1024
+    assert [spec.prefill_rows(1024, n) for n in (1, 2, 3, 5, 8, 20)] == [1, 2, 4, 8, 8, 8]
+    tpu = eng.EngineSpec(num_slots=4, page_size=32, num_pages=10, max_prompt_len=1000, prefill_multiple=128)
+    assert tpu.buckets() == (128, 256, 512, 1024)  # splash attention tiles by 128
+    with pytest.raises(ValueError, match="data.max_prompt_len"):
+        spec.bucket_for(2000)

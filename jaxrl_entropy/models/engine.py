@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import sys
 import time
 from typing import Any, Callable
@@ -60,8 +61,10 @@ class EngineSpec:
     num_slots: decode rows run together. page_size: tokens per page. num_pages: pages per layer,
     the null page included. max_prompt_len: longest prompt (tokens) the buckets cover.
     decode_chunk: decode steps per program call (host scheduling in between). prefill_tokens:
-    prompt tokens per prefill call (rows = prefill_tokens // bucket). attention_backend: shell of
-    the paged decode attention (None: by platform). megacore_mode: TPU kernel option.
+    prompt tokens per prefill call (rows = prefill_tokens // bucket). prefill_multiple: bucket
+    lengths are multiples of it (0 = page_size; TPU attention kernels want 128).
+    attention_backend: shell of the paged decode attention (None: by platform). megacore_mode: TPU
+    kernel option.
     """
     num_slots: int
     page_size: int
@@ -69,6 +72,7 @@ class EngineSpec:
     max_prompt_len: int
     decode_chunk: int = 32
     prefill_tokens: int = 8192
+    prefill_multiple: int = 0
     attention_backend: str | None = None
     megacore_mode: str | None = None
 
@@ -80,10 +84,11 @@ class EngineSpec:
             raise ValueError(f"EngineSpec.num_pages={self.num_pages}: the pool needs the null page and at least one more")
 
     def buckets(self) -> tuple[int, ...]:
-        """Prefill lengths (of the n − 1 prefilled tokens): whole pages, doubling, up to the
-        longest prompt."""
-        top = pages_for(max(self.max_prompt_len - 1, 1), self.page_size) * self.page_size
-        out, t = [], self.page_size
+        """Prefill lengths (of the n − 1 prefilled tokens): whole pages (and multiples of
+        `prefill_multiple`), doubling, up to the longest prompt."""
+        unit = math.lcm(self.page_size, self.prefill_multiple or self.page_size)
+        top = -(-max(self.max_prompt_len - 1, 1) // unit) * unit
+        out, t = [], unit
         while t < top:
             out.append(t)
             t *= 2
@@ -231,7 +236,7 @@ class Engine:
 
     # ------------------------------------------------------------------ compiled programs
     def _donate(self) -> tuple[int, ...]:
-        return () if jax.default_backend() == "cpu" else (1,)  # the CPU backend cannot donate
+        return (1,)  # the cache: written in place (jax >= 0.4.3x donates on CPU too)
 
     def prefill_fn(self) -> Callable:
         if "prefill" not in self._programs:
