@@ -197,9 +197,12 @@ def _replica_mesh(engine: Engine, policy_mesh):
 def inference_params(engine: Engine, params, policy_mesh):
     """The training parameters (any dtype, sharded on `policy_mesh`) as the engine's copy: cast to
     its dtype and gathered once into tensor-parallel shards on each host's engine devices."""
-    replica = _replica_mesh(engine, policy_mesh)
-    out_sh = parallel.param_shardings(params, replica)
-    gathered = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(engine.dtype), p), out_shardings=out_sh)(params)
+    key = ("reshard", policy_mesh)
+    if key not in engine._programs:  # one compiled cast-and-gather per engine and training mesh
+        out_sh = parallel.param_shardings(params, _replica_mesh(engine, policy_mesh))
+        engine._programs[key] = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(engine.dtype), p),
+                                        out_shardings=out_sh)
+    gathered = engine._programs[key](params)
 
     def local(x, sharding):
         by_device = {s.device: s.data for s in x.addressable_shards}
