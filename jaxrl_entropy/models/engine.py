@@ -215,6 +215,13 @@ class Engine:
             mesh = parallel.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
         if mesh.shape["data"] * mesh.shape["fsdp"] != 1:
             raise ValueError(f"the engine's mesh must be tensor-parallel only (data = fsdp = 1), got {dict(mesh.shape)}")
+        # kernels follow the engine's devices, not the default backend (ahead-of-time compilation
+        # for a TPU runs on a CPU host)
+        platform = mesh.devices.flat[0].platform
+        if spec.attention_backend is None:
+            spec = dataclasses.replace(spec, attention_backend="tpu" if platform == "tpu" else "xla")
+        if kernel_backend is None and platform in ("tpu", "gpu"):
+            kernel_backend = platform
         self.arch, self.spec, self.mesh = arch, spec, mesh
         self.dtype = jnp.dtype(dtype)
         tp = mesh.shape["tensor"]
