@@ -269,8 +269,11 @@ class Engine:
         return PagedKVCache((self._kv_sharding,) * L, (self._kv_sharding,) * L)
 
     def new_cache(self) -> PagedKVCache:
-        return paged_cache.init(self.arch, num_pages=self.spec.num_pages, page_size=self.spec.page_size,
-                                dtype=self.dtype, sharding=self._kv_sharding)
+        if "init" not in self._programs:
+            self._programs["init"] = paged_cache.init_fn(self.arch, num_pages=self.spec.num_pages,
+                                                         page_size=self.spec.page_size, dtype=self.dtype,
+                                                         sharding=self._kv_sharding)
+        return self._programs["init"]()
 
     def prepare_params(self, params):
         """Parameters in the engine's dtype and layout (host-local arrays on `mesh`). A caller

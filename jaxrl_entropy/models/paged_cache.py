@@ -1,6 +1,6 @@
 """A paged KV cache: fixed-size pages in one pool per layer, a page table per sequence.
 
-    cache = paged_cache.init(arch, num_pages=N, page_size=32, dtype=jnp.bfloat16)
+    cache = paged_cache.init(arch, num_pages=N, page_size=32, dtype=jnp.bfloat16)     # zeros
     cache = paged_cache.write_prompts(cache, k_LxBxTxKxD, v, dest_pages_BxQ)    # prefill
     cache = paged_cache.copy_pages(cache, src_C, dst_C)                          # copy-on-write
     k_l = paged_cache.write_token(cache.k[l], k_SxKxD, page_table_SxM, positions_S, live_S)
@@ -59,13 +59,18 @@ def abstract(arch: Qwen3Config, *, num_pages: int, page_size: int, dtype, shardi
     return PagedKVCache(tuple([leaf] * L), tuple([leaf] * L))
 
 
-def init(arch: Qwen3Config, *, num_pages: int, page_size: int, dtype, sharding=None) -> PagedKVCache:
-    """A zeroed pool (zeros, not garbage: a partly written page is read under a mask, and 0·NaN
-    would still poison p @ v)."""
+def init_fn(arch: Qwen3Config, *, num_pages: int, page_size: int, dtype, sharding=None):
+    """A jitted `() -> PagedKVCache` making a zeroed pool (zeros, not garbage: a partly written
+    page is read under a mask, and 0·NaN would still poison p @ v)."""
     shape, L = layer_shape(arch, num_pages, page_size), arch.num_hidden_layers
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(L))
     out = None if sharding is None else PagedKVCache((sharding,) * L, (sharding,) * L)
-    return jax.jit(lambda: PagedKVCache(zeros(), zeros()), out_shardings=out)()
+    return jax.jit(lambda: PagedKVCache(zeros(), zeros()), out_shardings=out)
+
+
+def init(arch: Qwen3Config, *, num_pages: int, page_size: int, dtype, sharding=None) -> PagedKVCache:
+    """A zeroed pool (see `init_fn`)."""
+    return init_fn(arch, num_pages=num_pages, page_size=page_size, dtype=dtype, sharding=sharding)()
 
 
 def bytes_per_token(arch: Qwen3Config, dtype) -> int:
