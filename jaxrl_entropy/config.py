@@ -69,7 +69,17 @@ def base_config() -> ml_collections.ConfigDict:
         digits=2, num_terms=2, ops="+", chat=True, train_size=20000, eval_size=200))
 
     c.rollout = ml_collections.ConfigDict(dict(
-        max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0))
+        max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0,
+        # the generation engine: "paged" (continuous batching over a paged KV cache, prompts
+        # prefilled once per group; models/engine.py) or "dense" (models/sampler.py: one dense
+        # cache per call, every row until the longest is done)
+        engine="paged",
+        page_size=32,         # tokens per KV page
+        kv_cache_gib=0.0,     # KV pool per device; 0 = 85% of what is free after the inference weights
+        max_slots=0,          # requests decoded together; 0 = as many as fit at full length (≤ one call's rows)
+        decode_chunk=32,      # decode steps per device call (finished rows are replaced in between)
+        prefill_tokens=8192,  # prompt tokens per prefill call
+        tensor_parallel=0))   # engine devices per host (heads split); 0 = all local accelerators (1 on CPU)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.prompts_per_step = 512
@@ -210,6 +220,13 @@ RULES: dict[str, Range | Choice] = {
     "rollout.temperature": Range("(0, inf)", why="the policy's log-probs are taken at this temperature"),
     "rollout.top_p": _TOP_P,
     "rollout.top_k": Range("[0, inf)", why="0 = off"),
+    "rollout.engine": Choice(("paged", "dense")),
+    "rollout.page_size": _POSITIVE_INT,
+    "rollout.decode_chunk": _POSITIVE_INT,
+    "rollout.prefill_tokens": _POSITIVE_INT,
+    "rollout.kv_cache_gib": Range("[0, inf)", why="0 = 85% of the free memory after the inference weights"),
+    "rollout.max_slots": Range("[0, inf)", why="0 = as many requests as fit at full length"),
+    "rollout.tensor_parallel": Range("[0, inf)", why="0 = all local accelerators"),
     "rl.prompts_per_step": _POSITIVE_INT,
     "rl.group_size": Range("[2, inf)", why="GRPO needs at least 2 responses per prompt"),
     "rl.mini_batch_prompts": _POSITIVE_INT,

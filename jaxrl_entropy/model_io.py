@@ -105,7 +105,7 @@ def evaluate(cfg: ml_collections.ConfigDict, policy: Policy, step: int, tokenize
     bar = progress_lib.bar(eval_lib.num_problems(eval_sets, spec), "eval", progress and cfg.train.progress)
     verifier = MathVerifier(timeout_s=cfg.rl.math_verify_timeout_s) if cfg.rl.math_verify else None
     try:
-        return eval_lib.evaluate_policy(cfg, PolicySampler(policy), policy.params, step, tokenizer, eval_sets,
+        return eval_lib.evaluate_policy(cfg, PolicySampler(policy, cfg), policy.params, step, tokenizer, eval_sets,
                                         policy.mesh, model_setup.eos_ids(tokenizer, policy.arch),
                                         verifier=verifier, progress=bar.update)
     finally:

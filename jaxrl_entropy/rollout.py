@@ -1,7 +1,7 @@
 """Rollouts: G sampled responses per prompt, decoded and scored, and DAPO's dynamic sampling that
 keeps generating until the batch holds `rl.prompts_per_step` groups whose accuracy varies.
 
-    sample = PolicySampler(policy)                  # (params, ids, mask, key, sampling params) → SampleOutput
+    sample = PolicySampler(policy, cfg)             # (params, ids, mask, key, sampling params) → SampleOutput
     collector = RolloutCollector(cfg, tokenizer, batcher, records, verifier, eos_ids)
     batch, metrics = collector.collect(step, lambda ids, mask, key, sp: sample(params, ids, mask, key, sp))
 
@@ -28,17 +28,56 @@ SampleFn = Callable[[np.ndarray, np.ndarray, jax.Array, sampler.SamplingParams],
 
 
 class PolicySampler:
-    """Generation from given parameters: host prompt arrays `[B, P]` become global arrays with rows
-    over the mesh's batch axes, then `sampler.generate` (one compiled program per shape)."""
+    """Generation from given parameters; the one place training, evaluation and the warm-up's
+    checks sample from.
 
-    def __init__(self, policy: Policy):
+    With `rollout.engine="paged"` (the default; `cfg` given): the rollout engine of this host
+    (`engine_setup`): the weights are cast and resharded once per parameter set (kept until
+    `release()` or new parameters), every process generates its share of the rows, all rows come
+    back on every process. Without `cfg`, or `"dense"`: host prompt arrays `[B, P]` become global
+    arrays with rows over the mesh's batch axes, then `sampler.generate`.
+    """
+
+    def __init__(self, policy: Policy, cfg: ml_collections.ConfigDict | None = None, *, progress: bool = False):
         self.policy = policy
         self.batch_sharding = parallel.batch_sharding(policy.mesh, 2)
+        self.engine = None
+        self.progress = progress
+        if cfg is not None and cfg.rollout.engine == "paged":
+            from jaxrl_entropy import engine_setup
+            self.engine = engine_setup.build(cfg, policy)
+        self._inference: tuple[Any, Any] | None = None  # (training params, engine copy)
 
     def __call__(self, params, ids_BxP, mask_BxP, key, sp: sampler.SamplingParams) -> sampler.SampleOutput:
+        if self.engine is not None:
+            from jaxrl_entropy import engine_setup
+            return engine_setup.generate(self.engine, self.inference_params(params), ids_BxP, mask_BxP, key, sp,
+                                         progress=self.progress)
         ids = parallel.host_to_global(np.asarray(ids_BxP, np.int32), self.batch_sharding)
         mask = parallel.host_to_global(np.asarray(mask_BxP, np.int32), self.batch_sharding)
         return sampler.generate(self.policy.module(params), ids, mask, key, sp, state=params)
+
+    def inference_params(self, params):
+        """The engine's copy of `params` (made on first use of this parameter set)."""
+        if self._inference is None or self._inference[0] is not params:
+            from jaxrl_entropy import engine_setup
+            self._inference = None  # free the old copy before making the new one
+            self._inference = (params, engine_setup.inference_params(self.engine, params, self.policy.mesh))
+        return self._inference[1]
+
+    def release(self) -> None:
+        """Drop the engine's copy of the weights (before an update needs the memory)."""
+        self._inference = None
+
+
+def logp_diff_metrics(rollout_logp_MxN, old_logp_MxN, mask_MxN) -> dict[str, float]:
+    """|rollout log-prob − old-policy log-prob| over response tokens (max and mean), as verl logs
+    it: a mismatch between the sampler's numerics and the training forward's shows up here."""
+    mask = np.asarray(mask_MxN, bool)
+    if not mask.any():
+        return {"rollout/logp_diff_max": 0.0, "rollout/logp_diff_mean": 0.0}
+    diff = np.abs(np.asarray(rollout_logp_MxN, np.float64) - np.asarray(old_logp_MxN, np.float64))[mask]
+    return {"rollout/logp_diff_max": float(diff.max()), "rollout/logp_diff_mean": float(diff.mean())}
 
 
 def rollout_sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...],
@@ -74,6 +113,7 @@ class RolloutCollector:
         key = jax.random.fold_in(rng.step_key(cfg.seed, step, rng.SAMPLE), gen_index)
         out = sample(ids, mask, key, self.sampling)
         tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
+        logprobs = parallel.to_host(out.logprobs)
         texts = decode_responses(self.tokenizer, tokens, lengths)
         truths = [t for t in batch["ground_truth"] for _ in range(G)]
         results = score_responses(texts, truths, verifier=self.verifier, correct_score=cfg.rl.correct_score,
@@ -82,7 +122,7 @@ class RolloutCollector:
         if cfg.rl.overlong_buffer:
             reward = reward + overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens,
                                                buffer_len=cfg.rl.overlong_buffer, factor=cfg.rl.overlong_factor)
-        return {"prompt_ids": ids, "prompt_mask": mask, "response": tokens, "lengths": lengths,
+        return {"prompt_ids": ids, "prompt_mask": mask, "response": tokens, "lengths": lengths, "logprobs": logprobs,
                 "reward": reward.astype(np.float32), "correct": np.array([r.correct for r in results]),
                 "finished": parallel.to_host(out.finished)}
 

@@ -31,7 +31,7 @@ from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl import diagnostics, entropy_stats
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier
-from jaxrl_entropy.rollout import PolicySampler, RolloutCollector
+from jaxrl_entropy.rollout import PolicySampler, RolloutCollector, logp_diff_metrics
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -71,7 +71,7 @@ class Trainer:
         self.programs = step_programs.build(cfg, self.policy, step_programs.make_optimizer(cfg),
                                             sketch=self.geometry.sketch if self.geometry else None)
         self.opt_state = self.programs.init_opt_state(self.params)
-        self.sampler = PolicySampler(self.policy)
+        self.sampler = PolicySampler(self.policy, cfg, progress=cfg.train.progress)
         self.batcher = PromptBatcher(self.train_records, self.tokenizer, batch_size=cfg.rl.prompts_per_step,
                                      max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
                                      shuffle=cfg.data.shuffle)
@@ -171,6 +171,7 @@ class Trainer:
         cfg, step, prog = self.cfg, self.step, self.programs
         t0 = time.time()
         batch, metrics = self.collector.collect(step, self._sample, should_stop=self.preemption.should_stop)
+        self.sampler.release()  # the update needs the memory of the engine's weights
         t1 = time.time()
         host = ts.build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["response"], batch["lengths"])
         adv = np.asarray(adv_lib.group_advantages(batch["reward"], cfg.rl.group_size,
@@ -190,6 +191,7 @@ class Trainer:
             fraction=cfg.weights.fraction, response_len_B=np.asarray(batch["lengths"]), seed=step)
         metrics.update({k: v for k, v in dyn.items() if not k.endswith("threshold")})
 
+        metrics.update(logp_diff_metrics(batch["logprobs"], parallel.to_host(st["old_logp"]), host["response_mask"]))
         data = dict(seqs, old_logp=st["old_logp"], weights=weights)
         data = {k: data[k] for k in step_programs.UPDATE_KEYS}
         if cfg.train.geometry_every and step % cfg.train.geometry_every == 0:

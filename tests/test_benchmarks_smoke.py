@@ -73,3 +73,17 @@ def test_sampler_benchmark_cache_agrees_with_recompute(capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--batches", "2", "--prompt-len", "5", "--new-tokens", "6", "--reps", "1"]) == 0
     assert "| 2 | 5 + 6 |" in capsys.readouterr().out
+
+
+def test_sampler_benchmark_engine_mode(capsys):
+    """Engine mode runs end to end; it asserts the engine's greedy tokens equal the dense sampler's."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sampler.py")
+    spec = importlib.util.spec_from_file_location("bench_sampler_engine", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--mode", "engine", "--size", "demo", "--batches", "8", "--prompt-len", "6", "--new-tokens", "6",
+                     "--group", "4", "--slots", "2", "--chunk", "3", "--page", "4", "--reps", "1"]) == 0
+    assert "| 8 (2×4) | 3–6 + ≤6 |" in capsys.readouterr().out

@@ -248,6 +248,12 @@ class DecoderLayer(nnx.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
 
+    def with_attention(self, x, attend):
+        """The block with a caller's attention: `attend(normed x) -> (h, aux)` (paged inference)."""
+        h, aux = attend(self.input_layernorm(x))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), aux
+
 
 # ---------------------------------------------------------------------------- the model
 class Qwen3(nnx.Module):
@@ -400,6 +406,49 @@ def merge_for_compute(graphdef, params) -> Qwen3:
     if jnp.dtype(opts.dtype) == jnp.dtype(opts.param_dtype):
         return model
     return nnx.merge(graphdef, parallel.cast_sharded(params, opts.dtype, opts.kernel_mesh))
+
+    # -------------------------------------------------------------- paged inference (models/engine.py)
+    def prefill_kv(self, input_ids_BxT, segment_ids_BxT):
+        """Keys and values of every layer (two tuples of L arrays `[B, T, Hkv, D]`, after k_norm and
+        RoPE) of right-padded
+        prompts, through the plain attention of `options.attention` (flash where configured;
+        never the decode path). Nothing after the last layer's attention input is needed, so XLA
+        drops the rest."""
+        B, T = input_ids_BxT.shape
+        positions = positions_from_segments(segment_ids_BxT)
+        x = self.embed(input_ids_BxT)
+        ks, vs = [], []
+        for layer in self.layers:
+            a = layer.self_attn
+
+            def attend(h, a=a):
+                q, k, v = a._qkv(h, positions)
+                out = attn_lib.plain_attention(q, k, v, segment_ids_BxT, impl=a.opts.attention,
+                                               kernel_backend=a.opts.kernel_backend, sm_scale=a.head_dim ** -0.5,
+                                               mesh=a.opts.kernel_mesh)
+                return a.o_proj(out.reshape(B, T, a.heads * a.head_dim)), (k, v)
+
+            x, (k, v) = layer.with_attention(x, attend)
+            ks.append(k)
+            vs.append(v)
+        return tuple(ks), tuple(vs)
+
+    def decode_paged(self, tokens_B, positions_B, attend, carry):
+        """One token per row through every layer; `attend(layer, q [B, Hq, D], k [B, Hkv, D],
+        v [B, Hkv, D], carry) -> (out [B, Hq, D], carry)` writes the cache and attends (see
+        `models/engine.py`). Returns (hidden after the final norm `[B, D]`, carry)."""
+        B = tokens_B.shape[0]
+        x = self.embed(tokens_B[:, None])
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+
+            def attend_layer(h, a=a, i=i):
+                q, k, v = a._qkv(h, positions_B[:, None])
+                out, new_carry = attend(i, q[:, 0], k[:, 0], v[:, 0], carry)
+                return a.o_proj(out.reshape(B, 1, a.heads * a.head_dim)), new_carry
+
+            x, carry = layer.with_attention(x, attend_layer)
+        return self.norm(x)[:, 0], carry
 
 
 def init_random(cfg: Qwen3Config, opts: RuntimeOptions = RuntimeOptions(), *, seed: int = 0) -> Qwen3:
