@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrl_entropy import engine_setup, model_setup, presets  # noqa: E402
+from jaxrl_entropy import chips, engine_setup, model_setup, presets  # noqa: E402
 from jaxrl_entropy.models import paged_cache, qwen3  # noqa: E402
 
 GIB = 2 ** 30
@@ -36,7 +36,7 @@ QWEN3_8B = qwen3.Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_s
                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1e6,
                              tie_word_embeddings=False)
 BANDWIDTH = {"TPU v5p": 2765e9, "NVIDIA H100": 3350e9}
-HBM = {"TPU v5p": 95.74 * GIB, "NVIDIA H100": 79.6 * GIB}
+HBM = {"TPU v5p": chips.CHIPS["v5p"].hbm_bytes, "NVIDIA H100": chips.CHIPS["h100"].hbm_bytes}
 
 
 class _Dev:

@@ -46,6 +46,21 @@ CHIPS: dict[str, Chip] = {
                  "NVIDIA H200 SXM datasheet (989 TFLOP/s bf16 dense, 141 GB, 4.8 TB/s, NVLink 900 GB/s)"),
 }
 
+# `device.device_kind` prefixes → chips; first match wins ("TPU v5 lite" is how a v5e reports
+# itself, "TPU v5" a v5p)
+DEVICE_KINDS = (("TPU v5 lite", "v5e"), ("TPU v5e", "v5e"), ("TPU v5p", "v5p"), ("TPU v5", "v5p"),
+                ("TPU v4", "v4"), ("TPU v6 lite", "v6e"), ("TPU v6e", "v6e"), ("NVIDIA H100", "h100"),
+                ("NVIDIA H200", "h200"), ("NVIDIA A100", "a100"))
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+    """The chip behind a JAX `device_kind` string, or None when it is not in `CHIPS`."""
+    for prefix, name in DEVICE_KINDS:
+        if str(kind).startswith(prefix):
+            return CHIPS[name]
+    return None
+
+
 # chips -> physical shape, as Cloud TPU lays out its slices
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}

@@ -32,6 +32,7 @@ import math
 import re
 import resource
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -46,24 +47,41 @@ HEADROOM = 0.10
 
 
 # ----------------------------------------------------------------------------- program builders
-def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy) -> list[aot.Program]:
-    """One rollout generation call as the trainer makes it: `rl.prompts_per_step × rl.group_size`
-    rows, prompt `data.max_prompt_len`, `rollout.max_new_tokens` new tokens (`sampler.generate`:
-    prefill, then a while-loop decode over a dense KV cache)."""
+def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy,
+                        topo: chips.Topology) -> list[aot.Program]:
+    """Rollout generation as the trainer runs it. `rollout.engine="paged"`: the engine's prefill and
+    decode-chunk programs on one host's devices (`engine_setup.aot_programs`; its KV pool sized for
+    the topology's chips), plus the evaluation's decode when `eval.every`. `"dense"`: one
+    `sampler.generate` call of `rl.prompts_per_step × rl.group_size` rows over a dense KV cache."""
+    if cfg.rollout.engine == "paged":
+        from jaxrl_entropy import engine_setup
+        sizing = None
+        if topo.platform == "gpu" and policy.mesh.devices.flat[0].platform != "gpu":
+            sizing = _gpu_standin(topo)  # size the engine for the named GPUs, not the CPU stand-ins
+        return engine_setup.aot_programs(cfg, policy, policy.mesh, sizing_device=sizing,
+                                         eval_decode=bool(cfg.eval.every))
     from jaxrl_entropy import rollout
     rows = cfg.rl.prompts_per_step * cfg.rl.group_size
     sp = rollout.rollout_sampling_params(cfg, _eos(policy), 0)
     return [_sample_program("generation", cfg, policy, rows, sp, calls_per_step=1.0)]
 
 
-def eval_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy) -> list[aot.Program]:
-    """One evaluation sampling call (`evaluate.spec_for`'s batch, `eval.*` sampling settings)."""
-    if not cfg.eval.every:
+def eval_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy,
+                  topo: chips.Topology) -> list[aot.Program]:
+    """One evaluation sampling call (`evaluate.spec_for`'s batch, `eval.*` sampling settings) with
+    the dense sampler; the paged engine's is in `generation_programs`."""
+    if not cfg.eval.every or cfg.rollout.engine == "paged":
         return []
     from jaxrl_entropy import evaluate
     spec = evaluate.spec_for(cfg, policy.mesh)
     sp = evaluate.sampling_params(cfg, _eos(policy), 0)
     return [_sample_program("eval", cfg, policy, spec.batch_prompts * spec.k, sp, calls_per_step=0.0)]
+
+
+def _gpu_standin(topo: chips.Topology):
+    """What `engine_setup` sizes an engine by (platform, device kind, no live memory figures)."""
+    return types.SimpleNamespace(platform="gpu", device_kind=f"NVIDIA {topo.chip.name.upper()}", process_index=0,
+                                 memory_stats=lambda: None)
 
 
 def _eos(policy) -> tuple[int, ...]:
@@ -88,9 +106,9 @@ def _sample_program(name, cfg, policy, rows: int, sp, *, calls_per_step: float) 
                        resident_bytes=opt_bytes)
 
 
-Builder = Callable[[ml_collections.ConfigDict, model_setup.Policy], list[aot.Program]]
+Builder = Callable[[ml_collections.ConfigDict, model_setup.Policy, chips.Topology], list[aot.Program]]
 BUILDERS: dict[str, Builder] = {
-    "step": lambda cfg, policy: step_programs.aot_programs(cfg, policy),
+    "step": lambda cfg, policy, topo: step_programs.aot_programs(cfg, policy),
     "generation": generation_programs,
     "eval": eval_programs,
 }
@@ -306,6 +324,20 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
         parts.update(optimiser=2 * 4 * P_all / n, gathered_weights=gathered, layer_forward=layer_work(rows) / 2,
                      logits_chunk=2 * rows * C * V * 4, outputs=3 * sh.rows * sh.response_len * 4 / n)
         flops = 2 * P_all * sh.rows * T / n if program.name == "rollout_stats" else 0.0
+    elif program.name.startswith(("rollout/", "eval/")):  # the paged engine: one host's tensor-parallel copy
+        tp = jax.tree.leaves(program.args[0])[0].sharding.mesh.size   # the engine's devices
+        args_bytes = step_programs.per_device_bytes(program.args)
+        parts.pop("parameters")
+        parts.update(training_state=float(program.resident_bytes), engine_arguments=args_bytes)
+        if program.name.endswith("prefill"):
+            R, T_p = program.args[2].shape
+            parts["layer_activations"] = R * T_p * cbytes * (4 * D + 2 * qkv + 3 * I)
+            flops = 2 * P_all * R * T_p / tp
+        else:
+            S = program.args[2].shape[0]
+            steps = cfg.rollout.decode_chunk
+            parts["logits"] = S * V * 4 * 3
+            flops = 2 * P_all * S * steps / tp
     else:  # generation / eval
         rows = program.args[1].shape[0] / n
         S = program.args[1].shape[1] + (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
@@ -358,7 +390,7 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
     policy = model_setup.abstract_policy(cfg, mesh, arch)
     all_programs: list[aot.Program] = []
     for build in BUILDERS.values():
-        all_programs += build(cfg, policy)
+        all_programs += build(cfg, policy, topo)
     chosen = select(all_programs, programs)
     reports = []
     for p in chosen:

@@ -8,7 +8,7 @@ engine's programs for ahead-of-time compilation.
     out = engine_setup.generate(engine, params_inf, ids_BxP, mask_BxP, key, sp)  # every host: its rows
     programs = engine_setup.aot_programs(cfg, abstract_policy, mesh)           # `dryrun`
 
-Sizing (config `rollout.*`): the pool gets `rollout.kv_cache_gib` per device (0 = auto: 85 % of
+Sizing (config `rollout.*`): the pool gets `rollout.kv_cache_gib` per device (0 = auto: 80 % of
 the device's free memory after the inference weights; on a CPU only what the slots need);
 `rollout.max_slots` (0 = auto) is, on an accelerator, the number of requests that fit at full
 length (prompt shared by its group) — so preemption never happens unless slots are set higher by
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxrl_entropy import aot, parallel
+from jaxrl_entropy import aot, chips, parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.model_setup import DTYPES, Policy
 from jaxrl_entropy.models import paged_cache, qwen3
@@ -36,13 +36,10 @@ from jaxrl_entropy.models.sampler import SampleOutput, SamplingParams
 log = logging.getLogger("jaxrl_entropy")
 
 GIB = 2 ** 30
-# HBM per device by `device_kind` prefix, for sizing where the runtime cannot be asked (ahead-of-
-# time compilation for a topology). A live device reports its own (`memory_stats()`).
-# First matching prefix wins ("TPU v5" is how a v5p reports itself, "TPU v5 lite" a v5e).
-HBM_GIB = {"TPU v5 lite": 15.75, "TPU v5e": 15.75, "TPU v5p": 95.74, "TPU v5": 95.74, "TPU v4": 32.0,
-           "TPU v6 lite": 31.25, "TPU v6e": 31.25, "NVIDIA H100": 79.6, "NVIDIA H200": 139.8, "NVIDIA A100": 79.2}
 MEGACORE_KINDS = ("TPU v4", "TPU v5", "TPU v5p")  # two TensorCores behind one device
-AUTO_FRACTION = 0.85     # of the free memory after the inference weights
+# of the free memory after the training state and the inference weights: the rest is for the
+# decode programs' temporaries and the runtime, inside `dryrun`'s 10 % headroom
+AUTO_FRACTION = 0.80
 CPU_BUDGET_GIB = 1.0     # a CPU has no HBM to fill: only what the slots need, at most this
 
 
@@ -88,19 +85,28 @@ def param_count(arch: qwen3.Qwen3Config) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
+def _memory_stats(device) -> dict | None:
+    """The runtime's memory figures of a live device; None for a device that cannot be asked (a
+    TPU topology's device compiled for ahead of time, a stand-in)."""
+    try:
+        return device.memory_stats() if hasattr(device, "memory_stats") else None
+    except Exception:  # noqa: BLE001 — "MemoryStats is only supported for addressable PjRt devices"
+        return None
+
+
 def hbm_bytes(device) -> float | None:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    stats = _memory_stats(device)
     if stats and stats.get("bytes_limit"):
         return float(stats["bytes_limit"])
-    for prefix, gib in HBM_GIB.items():
-        if str(getattr(device, "device_kind", "")).startswith(prefix):
-            return gib * GIB
+    chip = chips.chip_for_device_kind(getattr(device, "device_kind", ""))
+    if chip is not None:
+        return float(chip.hbm_bytes)
     return None
 
 
 def kv_budget_bytes(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, devices: list, tp: int, *,
                     training_bytes_per_device: float = 0.0) -> float:
-    """KV pool bytes per engine device. `rollout.kv_cache_gib`, or auto: 85 % of what is free after
+    """KV pool bytes per engine device. `rollout.kv_cache_gib`, or auto: 80 % of what is free after
     the training state (measured on a live device, or `training_bytes_per_device` when compiling
     ahead of time) and the inference weights."""
     if cfg.rollout.kv_cache_gib:
@@ -111,7 +117,7 @@ def kv_budget_bytes(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, dev
     total = hbm_bytes(dev)
     if total is None:
         raise ConfigError(f"cannot tell the memory of device {dev.device_kind!r}: set config.rollout.kv_cache_gib")
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    stats = _memory_stats(dev)
     used = float(stats.get("bytes_in_use", 0)) if stats else training_bytes_per_device
     weights = param_count(arch) * jnp.dtype(DTYPES[cfg.model.dtype]).itemsize / tp
     budget = AUTO_FRACTION * (total - used - weights)
@@ -239,23 +245,27 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
 
 # ------------------------------------------------------------------------- ahead of time
 def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, training_devices: int | None = None,
-                 hosts: int | None = None) -> list[aot.Program]:
+                 hosts: int | None = None, sizing_device=None, eval_decode: bool = False) -> list[aot.Program]:
     """The engine's programs (one host's: prefill at the longest bucket, the decode chunk) at the
     config's shapes, as abstract arguments with shardings, for `jaxrl-entropy dryrun`. `policy`
     may be abstract (`model_setup.abstract_policy`). The engine runs on the first host's devices
     of `mesh`; `training_devices` (default `mesh.size`) shard the training state that shares HBM
-    with the KV pool, and `hosts` (default: the processes of `mesh`) split the rollout's rows."""
+    with the KV pool, and `hosts` (default: the processes of `mesh`) split the rollout's rows.
+    `sizing_device` (default: the mesh's first device) is what slots and pages are sized for: a
+    stand-in with a GPU's `platform` and `device_kind` sizes an engine for GPUs that are not attached
+    (`dryrun`'s GPU estimate). `eval_decode` adds the evaluation's decode program (its own
+    sampling settings, the same engine)."""
     arch = policy.arch
     devices = host_devices(mesh.devices.flat)
-    platform = devices[0].platform
-    tp = tensor_parallel(cfg, arch, len(devices), platform)
+    sizing = sizing_device or devices[0]
+    tp = tensor_parallel(cfg, arch, len(devices), sizing.platform)
     n_params = param_count(arch)
     # training state per device: parameters + Adam's two moments, FSDP-sharded over the whole mesh
     training = n_params * (jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + 8) / (training_devices or mesh.size)
-    budget = kv_budget_bytes(cfg, arch, devices, tp, training_bytes_per_device=training)
+    budget = kv_budget_bytes(cfg, arch, [sizing], tp, training_bytes_per_device=training)
     hosts = hosts or len({d.process_index for d in mesh.devices.flat})
     rows = -(-max(cfg.rl.prompts_per_step * cfg.rl.group_size, 1) // hosts)
-    spec = plan(cfg, arch, tp=tp, budget_bytes=budget, rows=rows, device=devices[0])
+    spec = plan(cfg, arch, tp=tp, budget_bytes=budget, rows=rows, device=sizing)
     m = cfg.model
     engine = Engine(arch, spec, engine_mesh(devices, tp), dtype=DTYPES[m.dtype], attention=m.attention,
                     kernel_backend=m.kernel_backend or None)
@@ -268,10 +278,18 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     kv_gib = spec.num_pages * spec.page_size * paged_cache.bytes_per_token(arch, engine.dtype) / tp / GIB
     note = (f"{S} slots, {spec.num_pages} pages × {spec.page_size} tokens = {kv_gib:.1f} GiB KV per device, "
             f"TP {tp} over {len(devices)} devices of a host")
-    return [
+    programs = [
         aot.Program("rollout/prefill", engine.prefill_fn(), args["prefill"], calls_per_step=-(-prompts // R),
-                    note=f"{R} prompts × {T} tokens; {note}"),
+                    note=f"{R} prompts × {T} tokens; {note}", resident_bytes=int(training)),
         # worst case: every response runs to max_new_tokens
         aot.Program("rollout/decode", engine.decode_fn(sp), args["decode"], calls_per_step=-(-rows // S) * -(-N // C),
-                    note=f"{C} steps × {S} slots; {note}"),
+                    note=f"{C} steps × {S} slots; {note}", resident_bytes=int(training)),
     ]
+    if eval_decode:
+        from jaxrl_entropy import evaluate
+        esp = evaluate.sampling_params(cfg, sp.eos_ids, 0)
+        eargs = engine.abstract_args(esp)
+        programs.append(aot.Program("eval/decode", engine.decode_fn(esp), eargs["decode"], calls_per_step=0.0,
+                                    note=f"{C} steps × {S} slots, eval sampling; {note}",
+                                    resident_bytes=int(training)))
+    return programs

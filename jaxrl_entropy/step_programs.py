@@ -197,7 +197,11 @@ def per_device_bytes(tree) -> int:
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            itemsize = 8  # a threefry key: two uint32 words
+        else:
+            itemsize = jnp.dtype(x.dtype).itemsize
+        total += math.prod(shape) * itemsize
     return total
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels import block_update as bu
+from kernels import tiling
 
 BACKENDS = ("tpu", "interpret_tpu", "xla")
 DEFAULT_BLOCK_KEYS = 512  # keys per XLA block (rounded to whole pages)
@@ -107,7 +108,7 @@ def _xla(q, k_pages, v_pages, lengths, page_table, *, sm_scale: float, pages_per
     ppb = pages_per_block
     M = page_table.shape[1]
     n_blocks = -(-M // ppb)
-    table = bu.pad_axis(page_table, 1, n_blocks * ppb)      # padding points at page 0: never visible
+    table = tiling.pad_axis(page_table, 1, n_blocks * ppb)      # padding points at page 0: never visible
     bk = ppb * page
     q_SxKxGxD = (q.astype(jnp.float32) * sm_scale).reshape(S, Hkv, G, D)
     precision = bu.matmul_precision(k_pages.dtype)
@@ -123,12 +124,12 @@ def _xla(q, k_pages, v_pages, lengths, page_table, *, sm_scale: float, pages_per
         pos = b * bk + jnp.arange(bk, dtype=jnp.int32)
         mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [S, 1, 1, bk]
         mask = jnp.broadcast_to(mask, s.shape)
-        return bu.online_softmax_step(state, s, mask, v_blk, entropy=False, precision=precision)
+        return bu.online_softmax_step(state, s, mask, v_blk, precision=precision)
 
     # only the blocks some sequence reaches: the loop runs to the longest live sequence
     live = jnp.minimum(-(-jnp.max(lengths) // bk), n_blocks)
-    state = lax.fori_loop(0, live, body, bu.init_state((S, Hkv, G), 1, D))
-    out, _, _ = bu.finalize(state, entropy=False)
+    state = lax.fori_loop(0, live, body, bu.init_state((S, Hkv, G), 1, D, entropy=False))
+    out, _, _ = bu.finalize(state)
     return out.reshape(S, Hq, D).astype(q.dtype)
 
 
@@ -141,7 +142,7 @@ def _tpu(q, k_pages, v_pages, lengths, page_table, *, sm_scale: float, pages_per
     M = page_table.shape[1]
     ppb = min(pages_per_block or max(1, DEFAULT_BLOCK_KEYS // k_pages.shape[2]), M)
     if M % ppb:  # the kernel needs whole compute blocks; extra entries point at page 0 (never read)
-        page_table = bu.pad_axis(page_table, 1, -(-M // ppb) * ppb)
+        page_table = tiling.pad_axis(page_table, 1, -(-M // ppb) * ppb)
     # the kernel applies no logit scale; scaling q in f32 first keeps bf16 rounding where XLA's is
     qs = (q.astype(jnp.float32) * sm_scale).astype(q.dtype)
     # zero-length rows are skipped by the kernel and their output left unwritten: give them one

@@ -139,7 +139,8 @@ def test_dryrun_fails_naming_program_topology_and_buffers(tpu_devices, tmp_path,
     """A dense KV cache of 8192 rows × 4224 slots (17.7 GB per chip) on a 16 GiB v5e chip."""
     tpu_devices("v5e:2x2")
     args = SMALL + [f"--config.model.hf_dir={_tiny_dir(tmp_path, num_attention_heads=4, num_key_value_heads=4)}",
-                    "--topology=v5e:2x2", "--programs=generation", "--config.rl.prompts_per_step=512",
+                    "--topology=v5e:2x2", "--programs=generation", "--config.rollout.engine=dense",
+                    "--config.rl.prompts_per_step=512",
                     "--config.rl.group_size=16", "--config.rl.mini_batch_prompts=32", "--config.rl.micro_batch_size=16",
                     "--config.rollout.max_new_tokens=4096"]
     code, stdout, stderr = _run_cli(args, capsys)
@@ -153,6 +154,45 @@ def test_gpu_topology_is_a_labelled_estimate(tmp_path, capsys, in_repo):
         pytest.skip("needs 8 (fake) devices")
     code, stdout, _ = _run_cli(SMALL + [f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=h100x8",
                                         "--config.rl.micro_batch_size=8", "--config.rl.mini_batch_prompts=4",
-                                        "--programs=update,generation"], capsys)
+                                        "--programs=update,generation", "--config.rollout.engine=dense"], capsys)
     assert code == 0, stdout
     assert stdout.count("ANALYTIC ESTIMATE (no GPU compiler)") == 2
+
+
+def test_engine_programs_compile_for_a_tpu_host(tpu_devices, tmp_path, capsys, in_repo):
+    """The paged engine's prefill, decode chunk and evaluation decode, compiled (Mosaic's paged
+    attention included) for a v5p host; oracle for the pool: its pages × page size × the per-token
+    K/V bytes of every layer, computed by hand, lie inside the decode program's arguments."""
+    tpu_devices("v5p:2x2x1")
+    out = tmp_path / "report.json"
+    code, stdout, _ = _run_cli(SMALL + [f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=v5p:2x2x1",
+                                        "--config.rollout.kv_cache_gib=0.25", "--config.eval.every=10",
+                                        "--programs=rollout/prefill,rollout/decode,eval/decode", f"--out={out}"],
+                               capsys)
+    assert code == 0, stdout
+    report = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in report["programs"]}
+    assert set(by_name) == {"rollout/prefill", "rollout/decode", "eval/decode"}
+    assert all(p["compiled"] and p["fits"] for p in by_name.values())
+    # tiny model: 2 layers, 1 KV head of 128, bf16 → 2 layers × (K + V) × 128 × 2 bytes per token
+    per_token = 2 * 2 * 128 * 2
+    budget = 0.25 * 2 ** 30
+    assert by_name["rollout/decode"]["argument_bytes"] >= 0.9 * budget // per_token * per_token
+    assert by_name["rollout/decode"]["calls_per_step"] >= 1
+
+
+def test_engine_gpu_estimate_sizes_the_pool_for_the_named_gpus(tmp_path, capsys, in_repo):
+    """No GPU attached: the engine is sized for an H100 (80 GB), not for the CPU stand-ins; its
+    estimate counts the pool, the weights and the training state and says it is an estimate."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    out = tmp_path / "report.json"
+    code, stdout, _ = _run_cli(SMALL + [f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=h100x8",
+                                        "--config.rl.micro_batch_size=8", "--config.rl.mini_batch_prompts=4",
+                                        "--programs=rollout/decode", f"--out={out}"], capsys)
+    assert code == 0, stdout
+    rep = json.loads(out.read_text())["programs"][0]
+    assert "ANALYTIC ESTIMATE" in rep["estimate"]
+    # auto budget: 80 % of an H100's memory after the weights and training state → tens of GiB,
+    # where a CPU stand-in would get 1 GiB
+    assert rep["total_bytes"] > 40 * 2 ** 30 and rep["fits"]

@@ -37,6 +37,8 @@ def _batch(tok, B=8, G=4, seed=0):
 
 def test_plan_sizes_slots_and_pages(setup):
     cfg, _, policy = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.rollout.max_slots = 0  # automatic (the demo sets 32)
     arch, cpu = policy.arch, jax.devices()[0]
     per_token = paged_cache.bytes_per_token(arch, jnp.float32)
     P, N, page = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens, cfg.rollout.page_size

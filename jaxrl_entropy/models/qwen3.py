@@ -397,16 +397,6 @@ class Qwen3(nnx.Module):
         return logits, KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid, index=index + T)
 
 
-def merge_for_compute(graphdef, params) -> Qwen3:
-    """The module over `params` (a pure dict) with its matmul weights in the compute dtype, each cast
-    where its shard lies (`parallel.cast_sharded`): FSDP then gathers bf16 weights for bf16
-    compute, not f32 ones. Gradients flow back through the cast to the stored (f32) parameters."""
-    model = nnx.merge(graphdef, params)
-    opts = model.options
-    if jnp.dtype(opts.dtype) == jnp.dtype(opts.param_dtype):
-        return model
-    return nnx.merge(graphdef, parallel.cast_sharded(params, opts.dtype, opts.kernel_mesh))
-
     # -------------------------------------------------------------- paged inference (models/engine.py)
     def prefill_kv(self, input_ids_BxT, segment_ids_BxT):
         """Keys and values of every layer (two tuples of L arrays `[B, T, Hkv, D]`, after k_norm and
@@ -449,6 +439,17 @@ def merge_for_compute(graphdef, params) -> Qwen3:
 
             x, carry = layer.with_attention(x, attend_layer)
         return self.norm(x)[:, 0], carry
+
+
+def merge_for_compute(graphdef, params) -> Qwen3:
+    """The module over `params` (a pure dict) with its matmul weights in the compute dtype, each cast
+    where its shard lies (`parallel.cast_sharded`): FSDP then gathers bf16 weights for bf16
+    compute, not f32 ones. Gradients flow back through the cast to the stored (f32) parameters."""
+    model = nnx.merge(graphdef, params)
+    opts = model.options
+    if jnp.dtype(opts.dtype) == jnp.dtype(opts.param_dtype):
+        return model
+    return nnx.merge(graphdef, parallel.cast_sharded(params, opts.dtype, opts.kernel_mesh))
 
 
 def init_random(cfg: Qwen3Config, opts: RuntimeOptions = RuntimeOptions(), *, seed: int = 0) -> Qwen3:
