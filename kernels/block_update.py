@@ -197,23 +197,6 @@ def finalize(state: RowState):
     return out, ent, lse
 
 
-def combine_splits(states: RowState, axis: int = 0) -> RowState:
-    """Merge states computed on disjoint key ranges, stacked along `axis` (split-K).
-
-    For a decode kernel that splits the KV cache (or its pages) over parallel programs, each
-    returning its unnormalised `RowState`: with M = max mᵢ and wᵢ = exp(mᵢ − M),
-    L = Σ wᵢ lᵢ, T = Σ wᵢ (tᵢ + (mᵢ − M) lᵢ), acc = Σ wᵢ accᵢ, and `finalize` of the result
-    equals attention (and entropy) over all keys. A split that saw no key (m = MASK_VALUE, l = 0) adds 0.
-    """
-    m, l, t, acc = states
-    m_all = jnp.max(m, axis=axis, keepdims=True)
-    w = jnp.exp(m - m_all)
-    l_all = jnp.sum(w * l, axis=axis)
-    t_all = None if t is None else jnp.sum(w * (t + (m - m_all) * l), axis=axis)
-    acc_all = None if acc is None else jnp.sum(widen(w, acc.shape[-1]) * acc, axis=axis)
-    return RowState(jnp.squeeze(m_all, axis), l_all, t_all, acc_all)
-
-
 def log_probs(s: jax.Array, lse: jax.Array, mask: jax.Array | None) -> jax.Array:
     """log p = s − lse `[..., R, K]` from scaled logits and the saved row lse `[..., R, W]`.
 

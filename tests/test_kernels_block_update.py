@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from kernels import block_update as bu
@@ -85,21 +84,6 @@ def test_entropy_or_values_switched_off(entropy, values):
         np.testing.assert_allclose(np.asarray(out), o_ref, atol=1e-5)
     valid = ~np.isnan(l_ref)
     np.testing.assert_allclose(np.asarray(lse)[valid, 0], l_ref[valid], rtol=1e-6, atol=1e-5)
-
-
-def test_split_combine_equals_attention_over_all_keys():
-    """combine_splits is the merge step of a split-K decode (KV pages over parallel programs)."""
-    s, v, mask = _tiles(seed=2)
-    # three uneven key ranges; range 0 is fully masked for row 0 (and row 1 sees nothing anywhere)
-    cuts = [(0, 128), (128, 256), (256, 384)]
-    parts = [_run_blocks(s, v, mask, 64, 1, lo, hi) for lo, hi in cuts]
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *parts)
-    out, ent, lse = bu.finalize(bu.combine_splits(stacked))
-    o_ref, e_ref, l_ref, _ = np_row_attention(s, mask, v)
-    np.testing.assert_allclose(np.asarray(out), o_ref, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ent)[:, 0], e_ref, atol=2e-5)
-    valid = ~np.isnan(l_ref)
-    np.testing.assert_allclose(np.asarray(lse)[valid, 0], l_ref[valid], atol=1e-5)
 
 
 def test_recompute_probs_and_softmax_grad():

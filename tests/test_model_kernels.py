@@ -28,7 +28,7 @@ def _model(**options):
 
 
 @pytest.mark.parametrize("impl, backend", [("kernel", "xla"), ("kernel", "interpret_gpu"),
-                                           ("pallas", "interpret_tpu")])  # "pallas": DESIGN.md's name
+                                           ("pallas", "interpret_tpu")])  # "pallas": the design notes name it so
 def test_kernel_probe_layers_match_xla(impl, backend):
     ids, mask = _inputs(B=2, T=20)
     ref = _model()(ids, attention_mask=mask, probe_layers=(1,))

@@ -1,12 +1,12 @@
 """Attention as the model calls it: one dispatch point over the implementations.
 
 Plain layers only need the output; probe layers also need the per-head row entropy `[B, T, Hq]`
-and the head-mixture entropy `[B, T]` (DESIGN.md §3), and optionally the probabilities.
+and the head-mixture entropy `[B, T]` (docs/design-notes.md, §3), and optionally the probabilities.
 
 Implementations (`impl`):
   "xla"     materialised probabilities (`kernels.reference_attention`): exact, O(T²) memory; the
             oracle, and the fastest choice on CPU for short sequences.
-  "kernel"  (alias "pallas", DESIGN.md's name) the fused flash kernel (`kernels.entropy_attention` / `kernels.flash_attention`) plus the
+  "kernel"  (alias "pallas", the name in docs/design-notes.md) the fused flash kernel (`kernels.entropy_attention` / `kernels.flash_attention`) plus the
             blockwise head-mixture pass; O(T) memory. `kernel_backend` picks its shell
             (None = by platform; "xla" = blockwise XLA, "tpu", "gpu", "interpret_*").
   "splash"  plain layers only: JAX's TPU splash attention (block-sparse causal flash, GQA, segment
