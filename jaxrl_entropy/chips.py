@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import sys
 
 GiB = 1 << 30
 GB = 10 ** 9
@@ -144,3 +146,17 @@ def resolve(name: str) -> Topology:
         return Topology(raw, chip, "tpu", chips, shapes[chips])
     raise ValueError(f"unknown topology {raw!r}; use a Cloud TPU name (v5p-64, v4-32, v5e-256, v6e-8), an explicit "
                      "shape (v5p:2x4x4, v5e:4x4) or a GPU host (h100x8, h200x8, a100x8)")
+
+
+def prepare_environment(topo: Topology) -> None:
+    """What `dryrun` needs set before jax is first imported (jax reads it once): on a TPU topology
+    libtpu serves as the compiler only, so JAX runs on the CPU; for a GPU estimate without GPUs,
+    `num_chips` CPU stand-in devices carry the shardings. Once jax is imported the caller's own
+    settings stand (the test suite's 8 fake devices)."""
+    if "jax" in sys.modules:
+        return
+    if topo.platform == "tpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={topo.num_chips}").strip()

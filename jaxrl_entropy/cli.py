@@ -34,8 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     if command == "reproduce":
         from jaxrl_entropy import reproduce
         return reproduce.main(rest)
+    if command == "dryrun":
+        _prepare_dryrun(rest)
     from jaxrl_entropy import cli_commands
     return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
+
+
+def _prepare_dryrun(args: list[str]) -> None:
+    """Set the devices `dryrun` needs before anything imports jax (`cli_commands` does)."""
+    from jaxrl_entropy import chips  # no jax import
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--topology=")]
+    try:
+        topo = chips.resolve(names[-1]) if names else None
+    except ValueError:
+        return  # the command itself reports the bad name
+    if topo is not None:
+        chips.prepare_environment(topo)
 
 
 if __name__ == "__main__":

@@ -169,13 +169,7 @@ def _dryrun(fv):
         topo = chips.resolve(fv.topology)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if "jax" not in sys.modules:  # before the first jax import: where the programs are laid out
-        if topo.platform == "tpu":
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu serves as the compiler only
-        elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-            # CPU stand-ins carry the shardings of the GPU estimate when no GPU is attached
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                       f" --xla_force_host_platform_device_count={topo.num_chips}").strip()
+    chips.prepare_environment(topo)
     cfg = _config(fv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from jaxrl_entropy import dryrun

@@ -313,6 +313,7 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
         return rows * T * cbytes * (4 * D + 2 * qkv + 3 * I) * 2
     parts: dict[str, float] = {"parameters": params}
     flops = 0.0
+    hbm_bytes = 0.0   # estimated only where a program is memory-bound by construction (decode)
     if program.name == "update":
         rows = sh.micro / n
         parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=gathered,
@@ -338,6 +339,12 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
             steps = cfg.rollout.decode_chunk
             parts["logits"] = S * V * 4 * 3
             flops = 2 * P_all * S * steps / tp
+            # decode is memory-bound: every step reads this device's weights and its share of the
+            # live KV (slots at the mean context, prompt + half the response limit, of the pool's
+            # full-length capacity)
+            P_len, N_len = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
+            live_kv = step_programs.per_device_bytes(program.args[1]) * (P_len + N_len / 2) / (P_len + N_len)
+            hbm_bytes = steps * (step_programs.per_device_bytes(program.args[0]) + live_kv)
     else:  # generation / eval
         rows = program.args[1].shape[0] / n
         S = program.args[1].shape[1] + (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
@@ -351,7 +358,9 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
                         kernel_flops=program.kernel_flops)
     rep.estimate = "ANALYTIC ESTIMATE (no GPU compiler): " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in parts.items())
     rep.t_compute_s = (flops + program.kernel_flops) / topo.chip.bf16_flops
-    rep.roofline_s = rep.t_compute_s
+    rep.hbm_traffic_bytes = hbm_bytes
+    rep.t_memory_s = hbm_bytes / topo.chip.hbm_bw
+    rep.roofline_s = max(rep.t_compute_s, rep.t_memory_s)
     return rep
 
 

@@ -196,3 +196,19 @@ def test_engine_gpu_estimate_sizes_the_pool_for_the_named_gpus(tmp_path, capsys,
     # auto budget: 80 % of an H100's memory after the weights and training state → tens of GiB,
     # where a CPU stand-in would get 1 GiB
     assert rep["total_bytes"] > 40 * 2 ** 30 and rep["fits"]
+
+
+def test_gpu_estimate_from_a_fresh_process_sets_its_own_devices(tmp_path):
+    """The command as a user runs it (no XLA_FLAGS): `jaxrl-entropy dryrun` provides the 8 CPU
+    stand-ins itself before jax is imported (a regression: it used to check too late)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.join(os.path.dirname(__file__), "..")
+    proc = subprocess.run([sys.executable, "-m", "jaxrl_entropy.cli", "dryrun"] + SMALL + [
+        f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=h100x8", "--config.rl.micro_batch_size=8",
+        "--config.rl.mini_batch_prompts=4", "--programs=update"], cwd=root, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ANALYTIC ESTIMATE" in proc.stdout
