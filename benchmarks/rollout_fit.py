@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     tp_g = engine_setup.tensor_parallel(cfg, QWEN3_8B, 8, "gpu")
     training_g = engine_setup.param_count(QWEN3_8B) * 12 / 8
     weights_g = engine_setup.param_count(QWEN3_8B) * 2 / tp_g
-    budget_g = engine_setup.AUTO_FRACTION * (HBM["NVIDIA H100"] - training_g - weights_g)
+    budget_g = engine_setup.AUTO_FRACTION * (HBM["NVIDIA H100"] - training_g - weights_g) / engine_setup.DECODE_POOL_COPIES
     spec_g = engine_setup.plan(cfg, QWEN3_8B, tp=tp_g, budget_bytes=budget_g,
                                rows=cfg.rl.prompts_per_step * cfg.rl.group_size, device=gpus[0])
     g = decode_floor(QWEN3_8B, spec_g, tp_g, jnp.bfloat16, BANDWIDTH["NVIDIA H100"], cfg.data.max_prompt_len,

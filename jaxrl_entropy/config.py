@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
         # cache per call, every row until the longest is done)
         engine="paged",
         page_size=32,         # tokens per KV page
-        kv_cache_gib=0.0,     # KV pool per device; 0 = 80% of what is free after the training state and inference weights
+        kv_cache_gib=0.0,     # KV pool per device; 0 = auto (engine_setup.kv_budget_bytes)
         max_slots=0,          # requests decoded together; 0 = as many as fit at full length (≤ one call's rows)
         decode_chunk=32,      # decode steps per device call (finished rows are replaced in between)
         prefill_tokens=8192,  # prompt tokens per prefill call
@@ -224,7 +224,7 @@ RULES: dict[str, Range | Choice] = {
     "rollout.page_size": _POSITIVE_INT,
     "rollout.decode_chunk": _POSITIVE_INT,
     "rollout.prefill_tokens": _POSITIVE_INT,
-    "rollout.kv_cache_gib": Range("[0, inf)", why="0 = 80% of the free memory after the training state and inference weights"),
+    "rollout.kv_cache_gib": Range("[0, inf)", why="0 = automatic: 80% of the memory the training state and inference weights leave, halved (engine_setup)"),
     "rollout.max_slots": Range("[0, inf)", why="0 = as many requests as fit at full length"),
     "rollout.tensor_parallel": Range("[0, inf)", why="0 = all local accelerators"),
     "rl.prompts_per_step": _POSITIVE_INT,

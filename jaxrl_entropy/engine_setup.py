@@ -9,7 +9,8 @@ engine's programs for ahead-of-time compilation.
     programs = engine_setup.aot_programs(cfg, abstract_policy, mesh)           # `dryrun`
 
 Sizing (config `rollout.*`): the pool gets `rollout.kv_cache_gib` per device (0 = auto: 80 % of
-the device's free memory after the inference weights; on a CPU only what the slots need);
+the device's free memory after the training state and the inference weights, halved while the
+decode loop holds a copy of the pool (`DECODE_POOL_COPIES`); on a CPU only what the slots need);
 `rollout.max_slots` (0 = auto) is, on an accelerator, the number of requests that fit at full
 length (prompt shared by its group) — so preemption never happens unless slots are set higher by
 hand — capped at the rows of one generation call; on a CPU, a quarter of those rows (at least 16).
@@ -40,6 +41,11 @@ MEGACORE_KINDS = ("TPU v4", "TPU v5", "TPU v5p")  # two TensorCores behind one d
 # of the free memory after the training state and the inference weights: the rest is for the
 # decode programs' temporaries and the runtime, inside `dryrun`'s 10 % headroom
 AUTO_FRACTION = 0.80
+# XLA keeps a second copy of the KV pool while the decode loop writes into it (compiled for a v5p
+# host: temporaries = the pool, on the TPU kernel and the XLA path alike; without the per-step
+# write the copy is gone). Until the write is made in place, the automatic budget leaves room for
+# it, and `dryrun`'s GPU estimate counts it.
+DECODE_POOL_COPIES = 2
 CPU_BUDGET_GIB = 1.0     # a CPU has no HBM to fill: only what the slots need, at most this
 
 
@@ -120,7 +126,7 @@ def kv_budget_bytes(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, dev
     stats = _memory_stats(dev)
     used = float(stats.get("bytes_in_use", 0)) if stats else training_bytes_per_device
     weights = param_count(arch) * jnp.dtype(DTYPES[cfg.model.dtype]).itemsize / tp
-    budget = AUTO_FRACTION * (total - used - weights)
+    budget = AUTO_FRACTION * (total - used - weights) / DECODE_POOL_COPIES
     if budget <= 0:
         raise ConfigError(f"no device memory left for the KV cache ({total / GIB:.1f} GiB per device, "
                           f"{used / GIB:.1f} in use, {weights / GIB:.1f} for the inference weights): set "
