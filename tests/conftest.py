@@ -26,7 +26,7 @@ def require_torch():
 
 def require_libtpu():
     """libtpu (the TPU compiler, `pip install -e '.[tpu]'`) for ahead-of-time compile tests on a
-    CPU host: skipped when absent, unless JAXRL_REQUIRE_LIBTPU=1 (CI) makes its absence a failure."""
+    CPU host: skipped when absent, unless JAXRL_REQUIRE_LIBTPU=1 (set with the tpu extra installed) makes its absence a failure."""
     if os.environ.get("JAXRL_REQUIRE_LIBTPU") == "1":
         return importlib.import_module("libtpu")
     return pytest.importorskip("libtpu")
