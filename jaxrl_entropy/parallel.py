@@ -100,8 +100,9 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     return (None,) * ndim
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec from logical axes; a dim that the mesh axes do not divide stays replicated."""
+def _logical_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, not_divisible) -> P:
+    """PartitionSpec from logical axes (`LOGICAL_RULES`); a dim its mesh axes do not divide gets
+    `not_divisible(dim, ax, names, size)`."""
     out = []
     for ax, dim in zip(axes, shape):
         mesh_ax = LOGICAL_RULES.get(ax) if ax else None
@@ -111,27 +112,27 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
             if size == 1:
                 mesh_ax = None
             elif dim % size:
-                log.warning("dim %d (logical %r) not divisible by mesh axes %s (%d): replicated", dim, ax, names, size)
-                mesh_ax = None
+                mesh_ax = not_divisible(dim, ax, names, size)
         out.append(mesh_ax)
     return P(*out)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """PartitionSpec of a parameter from logical axes; a dim that the mesh axes do not divide
+    stays replicated (with a warning)."""
+    def replicate(dim, ax, names, size):
+        log.warning("dim %d (logical %r) not divisible by mesh axes %s (%d): replicated", dim, ax, names, size)
+        return None
+    return _logical_spec(axes, shape, mesh, replicate)
 
 
 def activation_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """PartitionSpec of an activation from logical axes. A dim the mesh axes do not divide is left
     to the compiler (`P.UNCONSTRAINED`): forcing it replicated would gather it."""
-    out = []
-    for ax, dim in zip(axes, shape):
-        mesh_ax = LOGICAL_RULES[ax] if ax else None
-        if mesh_ax is not None:
-            names = mesh_ax if isinstance(mesh_ax, tuple) else (mesh_ax,)
-            size = math.prod(mesh.shape[n] for n in names)
-            if size == 1:
-                mesh_ax = None
-            elif dim % size:
-                mesh_ax = P.UNCONSTRAINED
-        out.append(mesh_ax)
-    return P(*out)
+    unknown = [a for a in axes if a and a not in LOGICAL_RULES]
+    if unknown:
+        raise KeyError(f"activation axes {unknown} are not in parallel.LOGICAL_RULES")
+    return _logical_spec(axes, shape, mesh, lambda *_: P.UNCONSTRAINED)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> jax.Array:

@@ -1,5 +1,5 @@
-"""Independent reference computations for statistics tests: textbook formulas and brute force,
-never the scipy call the code under test makes."""
+"""Independent reference computations for tests: textbook formulas and brute force written from
+the definitions, never the library call (or kernel helper) the code under test makes."""
 from __future__ import annotations
 
 import itertools
@@ -73,3 +73,14 @@ def wilcoxon_exact_p(d) -> float:
     sums = np.array([sum(r for r, pos in zip(ranks, signs) if pos)
                      for signs in itertools.product((False, True), repeat=d.size)])
     return float(min(1.0, 2 * min(np.mean(sums <= w), np.mean(sums >= w))))
+
+
+def visible_mask(B, T, S, causal, seg):
+    """Attention visibility `[B, T, S]` from the definition: query t (key-aligned at t + S − T)
+    sees key j iff j ≤ t + S − T when causal, and j is in t's segment and not padding (id 0)."""
+    mask = np.ones((B, T, S), bool)
+    if causal:
+        mask &= (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None]
+    if seg is not None:
+        mask &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    return mask

@@ -11,6 +11,8 @@ from kernels import block_update as bu
 from kernels import tiling
 from kernels.masking import visible_mask
 
+import oracles  # the float64 / brute-force references (tests/oracles.py)
+
 
 def np_row_attention(s, mask, v):
     """float64 softmax rows: (out, entropy, lse) with lse nan / out 0 / entropy 0 on empty rows."""
@@ -159,14 +161,6 @@ def test_mixture_entropy_term():
 # ----------------------------------------------------------------------------------- tiling
 
 
-def _np_visible(B, T, S, causal, seg):
-    """Brute-force visibility `[B, T, S]` written from the definition."""
-    mask = np.ones((B, T, S), bool)
-    if causal:
-        mask &= (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None]
-    if seg is not None:
-        mask &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return mask
 
 
 def _layouts():
@@ -194,7 +188,7 @@ def test_block_kinds_and_visit_ranges_are_sound(layout, causal, T, S):
     g = tiling.Tiling((B, T, 2, 16), (B, S, 1, 16), causal=causal, has_seg=seg is not None, bq=bq, bk=bk)
     kinds = np.asarray(g.block_kinds(None if seg is None else jnp.asarray(seg)))
     vis = np.zeros((B, g.Tp, g.Sp), bool)
-    vis[:, :T, :S] = _np_visible(B, T, S, causal, seg)
+    vis[:, :T, :S] = oracles.visible_mask(B, T, S, causal, seg)
     real_key = np.arange(g.Sp) < S
     for name, rng, blocks in (("kv", np.asarray(tiling.visit_ranges(jnp.asarray(kinds))), kinds),
                               ("q", np.asarray(tiling.visit_ranges(jnp.asarray(kinds), transpose=True)),

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 
 from kernels import entropy_attention, flash_attention, reference_attention
 
+import oracles  # the float64 / brute-force references (tests/oracles.py)
+
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 # Smallest legal blocks per shell; L = sequence length (not a multiple of either block).
@@ -30,13 +32,6 @@ SHELLS = {
 # ------------------------------------------------------------------------------ float64 oracle
 
 
-def oracle_mask(B, T, S, causal, seg):
-    mask = np.ones((B, T, S), bool)
-    if causal:
-        mask &= (np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T))[None]
-    if seg is not None:
-        mask &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return mask
 
 
 def oracle(q, k, v, dout, *, causal, seg, scale=None, g_ent=None, g_lse=None):
@@ -52,7 +47,7 @@ def oracle(q, k, v, dout, *, causal, seg, scale=None, g_ent=None, g_lse=None):
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     kr, vr = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
-    mask = oracle_mask(B, T, S, causal, seg)[:, None]  # [B, 1, T, S]
+    mask = oracles.visible_mask(B, T, S, causal, seg)[:, None]  # [B, 1, T, S]
     s = np.where(mask, np.einsum("bthd,bshd->bhts", q, kr) * scale, -np.inf)
     mx = np.max(s, axis=-1, keepdims=True)
     mx = np.where(np.isfinite(mx), mx, 0.0)
