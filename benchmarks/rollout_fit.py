@@ -114,7 +114,6 @@ def main(argv=None) -> int:
                  f"(all {spec.num_slots} slots at mean context {cfg.data.max_prompt_len + cfg.rollout.max_new_tokens // 2}) "
                  f"→ {f['floor_ms']:.1f} ms at 2765 GB/s = {f['tokens_per_s']:,.0f} tokens/s per host")
     if decode_bytes is not None:
-        steps = spec.decode_chunk
         lines.append(f"XLA-visible bytes of one decode call: {decode_bytes / 1e9:.2f} GB (the while loop body is "
                      f"counted once: ≈ one step's weight reads; the paged-attention kernel's KV reads are not "
                      f"included) → a step reads ≈ {decode_bytes / 1e9:.2f} + {f['kv_gb']:.1f} GB vs the floor's "
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
     tp_g = engine_setup.tensor_parallel(cfg, QWEN3_8B, 8, "gpu")
     training_g = engine_setup.param_count(QWEN3_8B) * 12 / 8
     weights_g = engine_setup.param_count(QWEN3_8B) * 2 / tp_g
-    budget_g = engine_setup.AUTO_FRACTION * (HBM["NVIDIA H100"] - training_g - weights_g) / engine_setup.DECODE_POOL_COPIES
+    budget_g = engine_setup.AUTO_FRACTION * (HBM["NVIDIA H100"] - training_g - weights_g)
     spec_g = engine_setup.plan(cfg, QWEN3_8B, tp=tp_g, budget_bytes=budget_g,
                                rows=cfg.rl.prompts_per_step * cfg.rl.group_size, device=gpus[0])
     g = decode_floor(QWEN3_8B, spec_g, tp_g, jnp.bfloat16, BANDWIDTH["NVIDIA H100"], cfg.data.max_prompt_len,

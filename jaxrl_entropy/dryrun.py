@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import math
 import re
 import resource
@@ -268,6 +269,9 @@ def compile_program(program: aot.Program, topo: chips.Topology, headroom: float 
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     rep.xla_cost_flops = float(cost.get("flops", 0.0))
     text = compiled.as_text()
+    if os.environ.get("JAXRL_DRYRUN_HLO_DIR"):  # the optimised HLO, for reading what a number comes from
+        with open(os.path.join(os.environ["JAXRL_DRYRUN_HLO_DIR"], program.name.replace("/", "_") + ".hlo"), "w") as f:
+            f.write(text)
     stats = hlo_stats.analyze(text)
     rep.hlo_flops, rep.hbm_traffic_bytes = stats.flops, stats.bytes
     rep.collectives = {k: {"count": c.count, "bytes": c.bytes} for k, c in stats.collectives.items() if c.count}
@@ -326,7 +330,6 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
                      logits_chunk=2 * rows * C * V * 4, outputs=3 * sh.rows * sh.response_len * 4 / n)
         flops = 2 * P_all * sh.rows * T / n if program.name == "rollout_stats" else 0.0
     elif program.name.startswith(("rollout/", "eval/")):  # the paged engine: one host's tensor-parallel copy
-        from jaxrl_entropy import engine_setup
         tp = jax.tree.leaves(program.args[0])[0].sharding.mesh.size   # the engine's devices
         args_bytes = step_programs.per_device_bytes(program.args)
         parts.pop("parameters")
@@ -339,9 +342,6 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
             S = program.args[2].shape[0]
             steps = cfg.rollout.decode_chunk
             parts["logits"] = S * V * 4 * 3
-            # the copy of the pool XLA keeps in the decode loop (seen when compiled for TPU)
-            parts["kv_pool_copy"] = (engine_setup.DECODE_POOL_COPIES - 1) * step_programs.per_device_bytes(
-                program.args[1])
             flops = 2 * P_all * S * steps / tp
             # decode is memory-bound: every step reads this device's weights and its share of the
             # live KV (slots at the mean context, prompt + half the response limit, of the pool's

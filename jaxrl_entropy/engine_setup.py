@@ -9,8 +9,8 @@ engine's programs for ahead-of-time compilation.
     programs = engine_setup.aot_programs(cfg, abstract_policy, mesh)           # `dryrun`
 
 Sizing (config `rollout.*`): the pool gets `rollout.kv_cache_gib` per device (0 = auto: 80 % of
-the device's free memory after the training state and the inference weights, halved while the
-decode loop holds a copy of the pool (`DECODE_POOL_COPIES`); on a CPU only what the slots need);
+the device's free memory after the training state and the inference weights; on a CPU only what
+the slots need);
 `rollout.max_slots` (0 = auto) is, on an accelerator, the number of requests that fit at full
 length (prompt shared by its group) — so preemption never happens unless slots are set higher by
 hand — capped at the rows of one generation call; on a CPU, a quarter of those rows (at least 16).
@@ -41,11 +41,6 @@ MEGACORE_KINDS = ("TPU v4", "TPU v5", "TPU v5p")  # two TensorCores behind one d
 # of the free memory after the training state and the inference weights: the rest is for the
 # decode programs' temporaries and the runtime, inside `dryrun`'s 10 % headroom
 AUTO_FRACTION = 0.80
-# XLA keeps a second copy of the KV pool while the decode loop writes into it (compiled for a v5p
-# host: temporaries = the pool, on the TPU kernel and the XLA path alike; without the per-step
-# write the copy is gone). Until the write is made in place, the automatic budget leaves room for
-# it, and `dryrun`'s GPU estimate counts it.
-DECODE_POOL_COPIES = 2
 CPU_BUDGET_GIB = 1.0     # a CPU has no HBM to fill: only what the slots need, at most this
 
 
@@ -126,7 +121,7 @@ def kv_budget_bytes(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, dev
     stats = _memory_stats(dev)
     used = float(stats.get("bytes_in_use", 0)) if stats else training_bytes_per_device
     weights = param_count(arch) * jnp.dtype(DTYPES[cfg.model.dtype]).itemsize / tp
-    budget = AUTO_FRACTION * (total - used - weights) / DECODE_POOL_COPIES
+    budget = AUTO_FRACTION * (total - used - weights)
     if budget <= 0:
         raise ConfigError(f"no device memory left for the KV cache ({total / GIB:.1f} GiB per device, "
                           f"{used / GIB:.1f} in use, {weights / GIB:.1f} for the inference weights): set "
@@ -231,22 +226,17 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
     allows) on its own engine; the outputs are gathered so every process returns all rows. Row r
     samples with `fold_in(key, r)` whatever process runs it."""
     ids, mask = np.asarray(ids_BxP), np.asarray(mask_BxP)
-    B, n = ids.shape[0], jax.process_count()
-    if n == 1:
+    B = ids.shape[0]
+    if jax.process_count() == 1:
         return engine.generate(params, ids, mask, key, sp, progress=progress)
-    from jax.experimental import multihost_utils
-    share = -(-B // n)
-    lo, hi = min(B, jax.process_index() * share), min(B, (jax.process_index() + 1) * share)
-    rows = np.arange(lo, hi)
+    lo, hi, _ = parallel.process_rows(B)
     if hi > lo:
-        out = engine.generate(params, ids[lo:hi], mask[lo:hi], key, sp, row_ids=rows, progress=progress)
+        out = engine.generate(params, ids[lo:hi], mask[lo:hi], key, sp, row_ids=np.arange(lo, hi), progress=progress)
         parts = [out.tokens, out.lengths, out.logprobs, out.finished]
     else:
         N = sp.max_new_tokens
         parts = [np.zeros((0, N), np.int32), np.zeros(0, np.int32), np.zeros((0, N), np.float32), np.zeros(0, bool)]
-    padded = [np.concatenate([x, np.zeros((share - len(x),) + x.shape[1:], x.dtype)]) for x in parts]
-    gathered = [np.asarray(multihost_utils.process_allgather(x, tiled=True))[:B] for x in padded]
-    return SampleOutput(*gathered)
+    return SampleOutput(*parallel.gather_rows(parts, B))
 
 
 # ------------------------------------------------------------------------- ahead of time

@@ -56,11 +56,14 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
         ids = np.repeat(b["input_ids"], spec.k, axis=0)
         mask = np.repeat(b["attention_mask"], spec.k, axis=0)
         out = sample(ids, mask, call)
-        texts = decode_responses(tokenizer, parallel.to_host(out.tokens), parallel.to_host(out.lengths))
-        truths = [t for t in b["ground_truth"] for _ in range(spec.k)]
+        tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
+        lo, hi, _ = parallel.process_rows(len(tokens))   # each process scores its share of the rows
+        texts = decode_responses(tokenizer, tokens[lo:hi], lengths[lo:hi])
+        truths = [t for t in b["ground_truth"] for _ in range(spec.k)][lo:hi]
         results = score_responses(texts, truths, verifier=verifier, tail_chars=spec.tail_chars)
+        row_correct, = parallel.gather_rows([np.array([r.correct for r in results], bool).reshape(-1)], len(tokens))
         idx = np.asarray(b["record_index"])
-        correct[idx] = np.array([r.correct for r in results]).reshape(-1, spec.k)
+        correct[idx] = row_correct.reshape(-1, spec.k)
         if progress is not None:
             progress(int(np.sum(idx < n)))  # padding rows are not problems
     correct = correct[:n]

@@ -9,8 +9,10 @@ count of the loops around it (read from the loop condition's `counter < constant
 - collectives (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute): count and
   bytes of the per-device result (reduce-scatter: of its input);
 - HBM traffic estimate: operand + result bytes of every op outside a fusion (a fusion reads its
-  inputs and writes its outputs once), the same model XLA's cost analysis uses; a slice reads only
-  the slice and an in-place update writes only the update (loop bodies index big buffers);
+  inputs and writes its outputs once), the same model XLA's cost analysis uses; a slice or a
+  gather reads only what it takes and an in-place update (dynamic-update-slice, scatter) writes
+  only the update (loop bodies index big buffers: the KV pool, the accumulators); a Pallas call
+  counts its whole operands (an upper bound: the paged-attention kernel reads only live pages);
 - Pallas/Mosaic custom calls (their FLOPs are invisible here; callers add them analytically).
 
     stats = hlo_stats.analyze(compiled.as_text())
@@ -271,21 +273,37 @@ def analyze(text: str) -> HloStats:
                     largest_collectives=[(k, s, n) for (k, s), n in big])
 
 
+def _indexed_read(ins: _Instr, operand: str) -> bool:
+    """`ins` reads only a part of `operand`: a dynamic slice or a gather from it."""
+    return ins.opcode in ("dynamic-slice", "gather") and _operands(ins.rest)[:1] == [operand]
+
+
+def _updated_in_place(ins: _Instr, operand: str) -> bool:
+    """`ins` writes a part of `operand` in place: a dynamic update slice or a scatter into it."""
+    return ins.opcode in ("dynamic-update-slice", "scatter") and _operands(ins.rest)[:1] == [operand]
+
+
+def _update_bytes(ins: _Instr, types: dict[str, str]) -> float:
+    """Bytes an in-place update writes: its update operand (DUS: the 2nd; scatter: the last)."""
+    ops = _operands(ins.rest)
+    upd = ops[1] if ins.opcode == "dynamic-update-slice" else ops[-1]
+    return array_bytes(types.get(upd, ""))
+
+
 def _traffic(ins: _Instr, types: dict[str, str], comps: dict[str, list[_Instr]]) -> float:
     """Bytes an unfused op moves to and from HBM."""
     operands = _operands(ins.rest)
     sizes = [array_bytes(types.get(o, "")) for o in operands]
-    if ins.opcode == "dynamic-slice":
+    if ins.opcode in ("dynamic-slice", "gather"):
         return 2.0 * array_bytes(ins.type)
-    if ins.opcode == "dynamic-update-slice":
-        return 2.0 * (sizes[1] if len(sizes) > 1 else 0.0)
+    if ins.opcode in ("dynamic-update-slice", "scatter"):
+        return 2.0 * _update_bytes(ins, types)
     if ins.opcode != "fusion":
         return array_bytes(ins.type) + sum(sizes)
     callees = _callees(ins)
     body = comps.get(callees[0], []) if callees else []
     if not body:
         return array_bytes(ins.type) + sum(sizes)
-    local = {i.name: i for i in body}
     users: dict[str, list[_Instr]] = {}
     for i in body:
         for o in _operands(i.rest):
@@ -293,18 +311,18 @@ def _traffic(ins: _Instr, types: dict[str, str], comps: dict[str, list[_Instr]])
     params = {int(re.match(r"\s*(\d+)", i.rest).group(1)): i.name for i in body if i.opcode == "parameter"}
     reads = 0.0
     for k, size in enumerate(sizes):
-        uses = users.get(params.get(k, ""), [])
-        if uses and all(u.opcode == "dynamic-slice" for u in uses):
-            reads += sum(array_bytes(u.type) for u in uses)          # reads only its slices
-        elif uses and all(u.opcode == "dynamic-update-slice" and _operands(u.rest)[0] == params[k] for u in uses):
+        name = params.get(k, "")
+        uses = users.get(name, [])
+        if uses and all(_indexed_read(u, name) for u in uses):
+            reads += sum(array_bytes(u.type) for u in uses)          # reads only its slices / rows
+        elif uses and all(_updated_in_place(u, name) for u in uses):
             continue                                                  # updated in place: not read
         else:
             reads += size
     root = body[-1]  # the ROOT is printed last
     writes = array_bytes(ins.type)
-    if root.opcode == "dynamic-update-slice":
-        upd = _operands(root.rest)
-        writes = array_bytes(local[upd[1]].type) if len(upd) > 1 and upd[1] in local else writes
+    if root.opcode in ("dynamic-update-slice", "scatter"):
+        writes = _update_bytes(root, {i.name: i.type for i in body})
     return reads + writes
 
 

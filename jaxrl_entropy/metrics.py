@@ -165,10 +165,27 @@ def _text(lines: Sequence[Line]) -> str:
 
 def _tensorboard(logdir: str, purge_step: int | None):
     try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_summary_writer()
     except ImportError:
         return None
     return SummaryWriter(logdir, purge_step=purge_step)
+
+
+def _import_summary_writer():
+    """tensorboardX's writer, imported without torch: it imports torch, when installed, only to
+    accept torch tensors (we log Python floats), which costs ~4 s at every start. A process that
+    already imported torch keeps it; a later `import torch` works as usual."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` → ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:

@@ -131,7 +131,7 @@ def activation_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     to the compiler (`P.UNCONSTRAINED`): forcing it replicated would gather it."""
     unknown = [a for a in axes if a and a not in LOGICAL_RULES]
     if unknown:
-        raise KeyError(f"activation axes {unknown} are not in parallel.LOGICAL_RULES")
+        raise KeyError(f"activation axes {unknown} are not in LOGICAL_RULES (jaxrl_entropy/parallel.py): add a rule for each")
     return _logical_spec(axes, shape, mesh, lambda *_: P.UNCONSTRAINED)
 
 
@@ -254,6 +254,25 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def process_rows(num_rows: int) -> tuple[int, int, int]:
+    """This process's contiguous share of `num_rows` host-side rows (generation, scoring):
+    (lo, hi, share), rows [lo, hi) of at most `share` = ceil(rows / processes)."""
+    n, i = jax.process_count(), jax.process_index()
+    share = -(-num_rows // n)
+    return min(num_rows, i * share), min(num_rows, (i + 1) * share), share
+
+
+def gather_rows(parts: Sequence[np.ndarray], num_rows: int) -> list[np.ndarray]:
+    """Every process's `process_rows` share of each array, concatenated in process order: the
+    full `[num_rows, ...]` arrays on every process (shares padded to one size for the collective)."""
+    if jax.process_count() == 1:
+        return [np.asarray(x) for x in parts]
+    from jax.experimental import multihost_utils
+    _, _, share = process_rows(num_rows)
+    padded = [np.concatenate([x, np.zeros((share - len(x),) + x.shape[1:], x.dtype)]) for x in map(np.asarray, parts)]
+    return [np.asarray(multihost_utils.process_allgather(x, tiled=True))[:num_rows] for x in padded]
 
 
 def process_0_value(flag: bool) -> bool:

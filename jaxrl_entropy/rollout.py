@@ -114,16 +114,20 @@ class RolloutCollector:
         out = sample(ids, mask, key, self.sampling)
         tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
         logprobs = parallel.to_host(out.logprobs)
-        texts = decode_responses(self.tokenizer, tokens, lengths)
-        truths = [t for t in batch["ground_truth"] for _ in range(G)]
+        # each process decodes and scores its share of the rows (the verifier is the costly part),
+        # then every process gets every row's reward
+        lo, hi, _ = parallel.process_rows(len(tokens))
+        texts = decode_responses(self.tokenizer, tokens[lo:hi], lengths[lo:hi])
+        truths = [t for t in batch["ground_truth"] for _ in range(G)][lo:hi]
         results = score_responses(texts, truths, verifier=self.verifier, correct_score=cfg.rl.correct_score,
                                   incorrect_score=cfg.rl.incorrect_score)
-        reward = np.array([r.score for r in results], np.float32)
+        reward, correct = parallel.gather_rows([np.array([r.score for r in results], np.float32).reshape(-1),
+                                                np.array([r.correct for r in results], bool).reshape(-1)], len(tokens))
         if cfg.rl.overlong_buffer:
             reward = reward + overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens,
                                                buffer_len=cfg.rl.overlong_buffer, factor=cfg.rl.overlong_factor)
         return {"prompt_ids": ids, "prompt_mask": mask, "response": tokens, "lengths": lengths, "logprobs": logprobs,
-                "reward": reward.astype(np.float32), "correct": np.array([r.correct for r in results]),
+                "reward": reward.astype(np.float32), "correct": correct,
                 "finished": parallel.to_host(out.finished)}
 
     def collect(self, step: int, sample: SampleFn,

@@ -77,6 +77,26 @@ def test_hlo_stats_counts_loop_trips_and_collectives():
     assert stats.unknown_trip_loops == 0
 
 
+def test_hlo_stats_counts_only_the_rows_a_gather_and_a_scatter_touch():
+    """Oracle by hand: a loop of 10 steps that gathers 8 rows of a 32 MiB buffer and scatters them
+    back in place moves about 4 × 8 rows per step (gather read + write, update read + write), not
+    the buffer (the decode loop's KV pool is such a buffer: counting it whole made the roofline 4×
+    the real traffic)."""
+    N, D, S, steps = 65536, 128, 8, 10
+
+    def prog(buf, idx):
+        def body(i, buf):
+            return buf.at[idx + i + 1].set(buf[idx + i] * 2.0)
+        return jax.lax.fori_loop(0, steps, body, buf)
+
+    text = jax.jit(prog, donate_argnums=0).lower(jax.ShapeDtypeStruct((N, D), jnp.float32),
+                                                 jax.ShapeDtypeStruct((S,), jnp.int32)).compile().as_text()
+    stats = hlo_stats.analyze(text)
+    rows = S * D * 4
+    assert 2 * steps * rows <= stats.bytes <= 8 * steps * rows, stats.bytes
+    assert stats.unknown_trip_loops == 0
+
+
 def test_qwen3_8b_from_config_json_alone(qwen3_8b_dir):
     """Oracle: Qwen3-8B's parameter count by hand from its published widths (8.19 B)."""
     cfg = presets.qwen3_8b_dapo()

@@ -23,12 +23,9 @@ TINY = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=0"]
 
 
 def _env() -> dict:
-    """A subprocess like this test session: same fake devices, same compilation cache."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    return env
+    """A subprocess like this test session: same fake devices, same compilation cache (both in the
+    environment, see conftest)."""
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
 
 
 def _cli(args: list[str], *, prefix: tuple[str, ...] = (), timeout: float = 900) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 SHELLS = {
     "xla": dict(L=70, bq=16, bk=32),
     "interpret_gpu": dict(L=70, bq=16, bk=32),   # Triton: powers of two >= 16
-    "interpret_tpu": dict(L=300, bq=128, bk=128),  # Mosaic: multiples of 128 (lane dim)
+    "interpret_tpu": dict(L=200, bq=128, bk=128),  # Mosaic: multiples of 128 (lane dim)
 }
 
 

@@ -27,13 +27,18 @@ def _model(**options):
     return qwen3.init_random(CFG, qwen3.RuntimeOptions(**options), seed=3)
 
 
+def _forward(model, ids, mask, probe_layers):
+    """The model's forward, jitted (eager dispatch of interpret-mode kernels is slow)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s: nnx.merge(graphdef, s)(ids, attention_mask=mask, probe_layers=probe_layers))(state)
+
+
 @pytest.mark.parametrize("impl, backend", [("kernel", "xla"), ("kernel", "interpret_gpu"),
                                            ("pallas", "interpret_tpu")])  # "pallas": the design notes name it so
 def test_kernel_probe_layers_match_xla(impl, backend):
     ids, mask = _inputs(B=2, T=20)
-    ref = _model()(ids, attention_mask=mask, probe_layers=(1,))
-    out = _model(attention=impl, probe_attention=impl, kernel_backend=backend)(
-        ids, attention_mask=mask, probe_layers=(1,))
+    ref = _forward(_model(), ids, mask, (1,))
+    out = _forward(_model(attention=impl, probe_attention=impl, kernel_backend=backend), ids, mask, (1,))
     valid = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.asarray(out.logits)[valid], np.asarray(ref.logits)[valid], atol=2e-5)
     np.testing.assert_allclose(np.asarray(out.entropy[1])[valid], np.asarray(ref.entropy[1])[valid], atol=2e-5)
@@ -45,7 +50,8 @@ def test_kernel_under_a_sharded_mesh_matches_one_device():
     assert jax.device_count() == 8, "tests/conftest.py forces 8 fake CPU devices"
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
     ids, mask = _inputs()
-    ref = _model()(ids, attention_mask=mask, probe_layers=(0,))
+    ref_graphdef, ref_state = nnx.split(_model())
+    ref = jax.jit(lambda s: nnx.merge(ref_graphdef, s)(ids, attention_mask=mask, probe_layers=(0,)))(ref_state)
     model = _model(attention="kernel", probe_attention="kernel", kernel_backend="xla", kernel_mesh=mesh)
     graphdef, state = nnx.split(model)
     sharding = parallel.batch_sharding(mesh, 2)
@@ -66,8 +72,7 @@ def test_kernel_under_a_sharded_mesh_matches_one_device():
         return jnp.sum(nnx.merge(graphdef, state)(ids, attention_mask=mask).logits[:, -1, :4] ** 2)
 
     g_kernel = jax.jit(jax.grad(loss))(state, None)
-    ref_graphdef, ref_state = nnx.split(_model())
-    g_ref = jax.grad(lambda s: jnp.sum(nnx.merge(ref_graphdef, s)(ids, attention_mask=mask).logits[:, -1, :4] ** 2))(
+    g_ref = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(ref_graphdef, s)(ids, attention_mask=mask).logits[:, -1, :4] ** 2)))(
         ref_state)
     for a, b in zip(jax.tree.leaves(g_kernel), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)

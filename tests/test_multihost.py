@@ -29,11 +29,10 @@ def _free_port() -> int:
 
 
 def _launch(workdir: str, steps: int, logs: str) -> list[subprocess.Popen]:
+    # the compilation cache comes with the environment (conftest): the three runs compile the same programs
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    if jax.config.jax_compilation_cache_dir:  # the three runs compile the same programs
-        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
     port = _free_port()
     procs = []
     for i in range(2):

@@ -113,7 +113,7 @@ def test_guard_applies_a_finite_step_exactly():
     p_new, o_new, m = jax.jit(lambda p, o, b: ts.update(graphdef, p, o, b, SPEC, tx, "selected"))(params, opt, mb)
     mask = mb["response_mask"]
     denom = jnp.sum(mb["weights"] * mask)
-    grads, _ = ts.accumulate_grads(graphdef, params, mb, SPEC, denom, jnp.sum(mask.astype(jnp.float32)))
+    grads, _ = jax.jit(lambda p, b: ts.accumulate_grads(graphdef, p, b, SPEC, denom, jnp.sum(mask.astype(jnp.float32))))(params, mb)
     updates, o_ref = tx.update(grads, opt, params)
     p_ref = optax.apply_updates(params, updates)
     assert int(m["skipped"]) == 0

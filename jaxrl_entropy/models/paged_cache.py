@@ -86,13 +86,23 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 def write_token(pages_KxNxPxD: jax.Array, new_SxKxD: jax.Array, page_table_SxM: jax.Array,
                 positions_S: jax.Array, live_S: jax.Array) -> jax.Array:
     """Write one token per sequence at its position (`page_table[s, pos // page]`, slot
-    `pos % page`); rows that are not live write into the null page."""
+    `pos % page`); rows that are not live write into the null page.
+
+    Whole pages are read, merged and written back (`[Hkv, S, page, D]`), not single tokens: a
+    token-sized scatter into the `(page, D)`-tiled pool makes XLA's TPU layout assignment keep
+    the decode loop's pool in another layout, i.e. a full copy of the pool converted on the way
+    in and out (compiled for a v5p: temporaries = the pool; with whole pages: none). A page is
+    only ever written by the one sequence that owns it (shared prompt pages are read-only, idle
+    rows write the null page), so the merge cannot lose another row's token.
+    """
     page = pages_KxNxPxD.shape[2]
     block = jnp.clip(positions_S // page, 0, page_table_SxM.shape[1] - 1)
-    dest = jnp.where(live_S, jnp.take_along_axis(page_table_SxM, block[:, None], axis=1)[:, 0], NULL_PAGE)
-    offset = jnp.where(live_S, positions_S % page, 0)
-    new_KxSxD = jnp.swapaxes(new_SxKxD, 0, 1).astype(pages_KxNxPxD.dtype)
-    return pages_KxNxPxD.at[:, dest, offset].set(new_KxSxD, mode="promise_in_bounds")
+    dest_S = jnp.where(live_S, jnp.take_along_axis(page_table_SxM, block[:, None], axis=1)[:, 0], NULL_PAGE)
+    hit_SxP = jnp.arange(page)[None, :] == jnp.where(live_S, positions_S % page, 0)[:, None]
+    old_KxSxPxD = pages_KxNxPxD[:, dest_S]
+    new_KxSx1xD = jnp.swapaxes(new_SxKxD, 0, 1)[:, :, None, :].astype(pages_KxNxPxD.dtype)
+    merged_KxSxPxD = jnp.where(hit_SxP[None, :, :, None], new_KxSx1xD, old_KxSxPxD)
+    return pages_KxNxPxD.at[:, dest_S].set(merged_KxSxPxD, mode="promise_in_bounds")
 
 
 def write_prompts(cache: PagedKVCache, k_layers, v_layers, dest_pages_BxQ: jax.Array) -> PagedKVCache:
