@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import math
+import os
 import re
 import resource
 import time
