@@ -227,9 +227,7 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
     samples with `fold_in(key, r)` whatever process runs it."""
     ids, mask = np.asarray(ids_BxP), np.asarray(mask_BxP)
     B = ids.shape[0]
-    if jax.process_count() == 1:
-        return engine.generate(params, ids, mask, key, sp, progress=progress)
-    lo, hi, _ = parallel.process_rows(B)
+    lo, hi, _ = parallel.process_rows(B)   # one process: all rows
     if hi > lo:
         out = engine.generate(params, ids[lo:hi], mask[lo:hi], key, sp, row_ids=np.arange(lo, hi), progress=progress)
         parts = [out.tokens, out.lengths, out.logprobs, out.finished]

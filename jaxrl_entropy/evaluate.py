@@ -61,7 +61,7 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
         texts = decode_responses(tokenizer, tokens[lo:hi], lengths[lo:hi])
         truths = [t for t in b["ground_truth"] for _ in range(spec.k)][lo:hi]
         results = score_responses(texts, truths, verifier=verifier, tail_chars=spec.tail_chars)
-        row_correct, = parallel.gather_rows([np.array([r.correct for r in results], bool).reshape(-1)], len(tokens))
+        row_correct, = parallel.gather_rows([np.array([r.correct for r in results], bool)], len(tokens))
         idx = np.asarray(b["record_index"])
         correct[idx] = row_correct.reshape(-1, spec.k)
         if progress is not None:

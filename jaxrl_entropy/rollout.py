@@ -121,8 +121,8 @@ class RolloutCollector:
         truths = [t for t in batch["ground_truth"] for _ in range(G)][lo:hi]
         results = score_responses(texts, truths, verifier=self.verifier, correct_score=cfg.rl.correct_score,
                                   incorrect_score=cfg.rl.incorrect_score)
-        reward, correct = parallel.gather_rows([np.array([r.score for r in results], np.float32).reshape(-1),
-                                                np.array([r.correct for r in results], bool).reshape(-1)], len(tokens))
+        reward, correct = parallel.gather_rows([np.array([r.score for r in results], np.float32),
+                                                np.array([r.correct for r in results], bool)], len(tokens))
         if cfg.rl.overlong_buffer:
             reward = reward + overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens,
                                                buffer_len=cfg.rl.overlong_buffer, factor=cfg.rl.overlong_factor)
