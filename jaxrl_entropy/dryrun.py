@@ -318,13 +318,18 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
     parts: dict[str, float] = {"parameters": params}
     flops = 0.0
     hbm_bytes = 0.0   # estimated only where a program is memory-bound by construction (decode)
-    if program.name == "update":
+    if program.name in ("update", "geometry/gradient"):
         rows = sh.micro / n
         parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=gathered,
                      saved_layer_inputs=L * rows * T * D * cbytes, layer_backward=layer_work(rows),
                      logits_chunk=3 * rows * C * V * 4)
-        flops = (8 if cfg.model.remat else 6) * P_all * sh.mini * T / n
-    elif program.name in ("rollout_stats", "geometry", "token_weights"):
+        flops = (8 if cfg.model.remat else 6) * P_all * (sh.mini if program.name == "update" else sh.micro) * T / n
+    elif program.name.startswith("geometry/"):   # projections (forward + tangents), norms, sketches
+        rows = sh.micro / n
+        parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=2 * gathered,
+                     layer_forward=layer_work(rows), logits_chunk=4 * rows * C * V * 4)
+        flops = 4 * P_all * sh.micro * T / n if program.name == "geometry/projections" else 0.0
+    elif program.name in ("rollout_stats", "token_weights"):
         rows = sh.micro / n
         parts.update(optimiser=2 * 4 * P_all / n, gathered_weights=gathered, layer_forward=layer_work(rows) / 2,
                      logits_chunk=2 * rows * C * V * 4, outputs=3 * sh.rows * sh.response_len * 4 / n)
@@ -370,13 +375,21 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
 
 # ----------------------------------------------------------------------------- the command
 def select(programs: list[aot.Program], names: Sequence[str] | None) -> list[aot.Program]:
+    """The programs named in `names`, in the config's order; a group name (`geometry`, `rollout`,
+    `eval`) selects every program under it (`geometry/gradient`, ...)."""
     if not names:
         return programs
+
+    def chosen(p: aot.Program, name: str) -> bool:
+        return p.name == name or p.name.startswith(name + "/")
+
     known = [p.name for p in programs]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if not any(chosen(p, n) for p in programs)]
     if unknown:
-        raise ConfigError(f"--programs: unknown program(s) {unknown}; this config has {known}")
-    return [p for p in programs if p.name in names]
+        groups = sorted({k.split("/")[0] for k in known if "/" in k})
+        raise ConfigError(f"--programs: unknown program(s) {unknown}; this config has {known} "
+                          f"(or a whole group: {groups})")
+    return [p for p in programs if any(chosen(p, n) for n in names)]
 
 
 def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str] | None = None,

@@ -75,41 +75,67 @@ class StepPrograms:
     rollout_stats: Callable
     update: Callable
     token_weights: Callable
-    geometry: Callable | None
+    geometry: GeometryPrograms | None
     init_opt_state: Callable
 
 
-def geometry_fn(graphdef, spec: ts.StepSpec, sketch, jvp_graphdef=None) -> Callable:
-    """(params, micro-batch, subsets) → (geometry metrics, gradient sketches, per-token alignment
-    `[B, N]`): each token subset's gradient against the full-token gradient, and every token's own
-    gradient projected on the full-token update (the target of the controls).
+@dataclasses.dataclass(frozen=True)
+class GeometryPrograms:
+    """The gradient-geometry diagnostics as separately compiled programs, run in a loop on the host
+    (`diagnostics.loop_geometry`): one subset gradient per call, so the largest program is one
+    gradient of one micro-batch, like `update`'s, and compiles like it.
 
-    `jvp_graphdef`: the module for the forward-mode pass of the projections (attention kernels with
-    a custom VJP have no JVP; `model_setup.graphdef_with(policy, attention="blockwise")` does)."""
+        metrics, sketches, align = geometry(params, part, subsets)
+
+    `part`: one micro-batch of the rollout, `subsets`: `diagnostics.geometry_subsets`
+    of it (`full`, `anchor`, `explorer`, `random`, each `[B, N]`). Returns the subset metrics, each
+    subset gradient's `diagnostics.GradientSketch` and every token's alignment with the full
+    gradient `[B, N]` (`diagnostics.token_projections`)."""
+    gradient: Callable      # (params, part, weights [B, N]) -> the subset loss's gradient, sharded like params
+    norm_and_dot: Callable  # (g, g_full) -> (|g|, <g, g_full>)
+    projections: Callable   # (params, part, g_full) -> [B, N] each token's gradient along g_full / |g_full|
+    sketch: diagnostics.GradientSketch
+
+    def __call__(self, params, part, subsets):
+        g_full = self.gradient(params, part, subsets["full"])
+        metrics, sketches = diagnostics.loop_geometry(
+            lambda w: self.gradient(params, part, w), subsets, sketch=self.sketch, full_grad=g_full,
+            norm_and_dot=self.norm_and_dot)
+        return metrics, sketches, self.projections(params, part, g_full)
+
+
+def geometry_programs(graphdef, spec: ts.StepSpec, sketch: diagnostics.GradientSketch, *, params_sharding,
+                      rows_sharding: NamedSharding, jvp_graphdef=None) -> GeometryPrograms:
+    """`GeometryPrograms` for a policy. `jvp_graphdef`: the module for the forward-mode pass of the
+    projections (attention kernels with a custom VJP have no JVP;
+    `model_setup.graphdef_with(policy, attention="blockwise")` does)."""
     jvp_graphdef = jvp_graphdef or graphdef
 
-    def geometry(params, part, subsets):
-        mask = part["response_mask"]
-
+    def subset_loss(part):
         def logp_fn(p):
             return ts.policy_forward(qwen3.merge_for_compute(graphdef, p), part, spec, probe=False)[0]
 
-        loss_fn = diagnostics.policy_subset_loss(logp_fn, old_logp=part["old_logp"], adv=part["advantage"],
-                                                 mask=mask, eps_low=spec.eps_low, eps_high=spec.eps_high,
-                                                 clip_c=spec.clip_c)
-        g_full = jax.grad(loss_fn)(params, subsets["full"])
-        metrics, sketches = diagnostics.geometry_and_sketches(loss_fn, params, subsets, method="loop",
-                                                              sketch=sketch, full_grad=g_full)
+        return diagnostics.policy_subset_loss(logp_fn, old_logp=part["old_logp"], adv=part["advantage"],
+                                              mask=part["response_mask"], eps_low=spec.eps_low,
+                                              eps_high=spec.eps_high, clip_c=spec.clip_c)
 
+    def gradient(params, part, weights):
+        return jax.grad(subset_loss(part))(params, weights.astype(jnp.float32))
+
+    def projections(params, part, g_full):
         def per_token(p):  # each token's own clipped loss
             logp = ts.policy_forward(qwen3.merge_for_compute(jvp_graphdef, p), part, spec, probe=False)[0]
             loss, _ = loss_lib.ppo_token_loss(logp, part["old_logp"], part["advantage"],
                                               eps_low=spec.eps_low, eps_high=spec.eps_high, clip_c=spec.clip_c)
-            return jnp.where(mask, loss, 0.0)
+            return jnp.where(part["response_mask"], loss, 0.0)
 
-        return metrics, sketches, diagnostics.token_projections(per_token, params, g_full)
+        return diagnostics.token_projections(per_token, params, g_full)
 
-    return geometry
+    return GeometryPrograms(
+        gradient=jax.jit(gradient, out_shardings=params_sharding),
+        norm_and_dot=jax.jit(diagnostics.tree_norm_and_dot),
+        projections=jax.jit(projections, out_shardings=rows_sharding),
+        sketch=sketch)
 
 
 def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTransformation, *,
@@ -141,7 +167,8 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
     if sketch is not None:
         jvp_graphdef = (graphdef if cfg.model.attention in ("xla", "blockwise") else
                         model_setup.graphdef_with(policy, attention="blockwise"))
-        geometry = jax.jit(geometry_fn(graphdef, spec, sketch, jvp_graphdef))
+        geometry = geometry_programs(graphdef, spec, sketch, params_sharding=params_sh, rows_sharding=batch_sh,
+                                     jvp_graphdef=jvp_graphdef)
     init_opt = jax.jit(tx.init, out_shardings=opt_sh)
     return StepPrograms(spec=spec, tx=tx, opt_shardings=opt_sh, batch_sharding=batch_sh,
                         micro_sharding=micro_sh, rollout_stats=rollout_stats, update=update,
@@ -280,13 +307,38 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.Gradi
                     resident_bytes=per_device_bytes(params) + opt_bytes + rollout_bytes),
     ]
     if programs.geometry is not None:
-        part = _rollout_arrays(sh, rows_sh, (sh.micro,))
-        subsets = {k: _abstract((sh.micro, sh.response_len), jnp.float32, rows_sh)
-                   for k in ("full", "anchor", "explorer", "random")}
-        units = 4 * _kernel_units(cfg, arch, backward=True, probe=False)  # 4 gradients (the JVP is plain XLA)
-        out.append(aot.Program("geometry", programs.geometry, (params, part, subsets),
-                               calls_per_step=1.0 / cfg.train.geometry_every,
-                               note=f"4 subset gradients + per-token JVP on {sh.micro} rows",
-                               kernel_flops=attention_flops(arch, sh.micro, T, units) / n_dev,
-                               resident_bytes=opt_bytes + rollout_bytes))
+        out += _geometry_aot(cfg, arch, programs.geometry, params, rows_sh, sh, n_dev,
+                             resident=opt_bytes + rollout_bytes)
     return out
+
+
+def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: StepShapes, n_dev: int, *,
+                  resident: int) -> list[aot.Program]:
+    """The geometry programs as the host loop runs them every `train.geometry_every` steps: 4 subset
+    gradients, 4 norms and dots, 4 sketches, 1 projection pass. The sketch compiles once per
+    distinct leaf shape; the largest leaf's stands for them (the others are smaller copies)."""
+    every = cfg.train.geometry_every
+    part = _rollout_arrays(sh, rows_sh, (sh.micro,))
+    w = _abstract((sh.micro, sh.response_len), jnp.float32, rows_sh)
+    grad = jax.tree.map(lambda p: _abstract(p.shape, jnp.float32, p.sharding), params)
+    grad_bytes = per_device_bytes(grad)
+    leaves = jax.tree.leaves(grad)
+    largest = max(leaves, key=lambda x: math.prod(x.shape))
+    sketch = geometry.sketch
+    salt = jax.ShapeDtypeStruct((), jnp.uint32)
+    gradient_units = _kernel_units(cfg, arch, backward=True, probe=False)
+    return [
+        aot.Program("geometry/gradient", geometry.gradient, (params, part, w), calls_per_step=4.0 / every,
+                    note=f"one subset's gradient on {sh.micro} rows × {sh.seq_len} tokens",
+                    kernel_flops=attention_flops(arch, sh.micro, sh.seq_len, gradient_units) / n_dev,
+                    resident_bytes=resident + grad_bytes),   # the full gradient, kept while the others run
+        aot.Program("geometry/projections", geometry.projections, (params, part, grad), calls_per_step=1.0 / every,
+                    note=f"per-token JVP along the full gradient on {sh.micro} rows (XLA attention)",
+                    resident_bytes=resident),
+        aot.Program("geometry/norm_and_dot", geometry.norm_and_dot, (grad, grad), calls_per_step=4.0 / every,
+                    note="|g| and <g, g_full> over all parameters", resident_bytes=resident + grad_bytes),
+        aot.Program("geometry/sketch", diagnostics.sketch_leaf_program(sketch), (largest, salt),
+                    calls_per_step=4.0 * len(leaves) / every,
+                    note=f"count sketch of the largest of {len(leaves)} gradient leaves {tuple(largest.shape)} "
+                         f"into {sketch.dim} buckets", resident_bytes=resident + 2 * grad_bytes),
+    ]

@@ -225,7 +225,7 @@ class Trainer:
         full-token gradient, on the step's first micro-batch (bounded memory at any scale), and the
         controls on every token's own alignment with the full update."""
         cfg, n = self.cfg, self.cfg.rl.micro_batch_size
-        part = jax.tree.map(lambda x: x[:n], data)
+        part = jax.device_put(jax.tree.map(lambda x: x[:n], data), self.programs.batch_sharding)
         subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n], fraction=cfg.weights.fraction,
                                                rng=rng.step_key(cfg.seed, self.step, rng.GEOMETRY))
         metrics, sketches, align = self.programs.geometry(self.params, part, subsets)

@@ -84,3 +84,25 @@ def visible_mask(B, T, S, causal, seg):
     if seg is not None:
         mask &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
     return mask
+
+
+def count_sketch(leaves, dim: int, seed: int) -> np.ndarray:
+    """A count sketch written from its definition with numpy uint32 arithmetic: element i (row-major
+    flat index) of leaf l goes to bucket h mod dim with sign (-1 if h's top bit is set), where
+    h = mix(i ^ mix(seed·0x9E3779B1 + l·0x632BE5AB)) and mix is murmur3's 32-bit finaliser."""
+    def mix(x):
+        x = np.asarray(x, np.uint32)
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x85EBCA6B)
+        x = x ^ (x >> np.uint32(13))
+        x = x * np.uint32(0xC2B2AE35)
+        return x ^ (x >> np.uint32(16))
+
+    out = np.zeros(dim, np.float64)
+    for l, leaf in enumerate(leaves):
+        x = np.asarray(leaf, np.float64).ravel()
+        salt = mix(np.array([(seed * 0x9E3779B1 + l * 0x632BE5AB) & 0xFFFFFFFF], np.uint32))[0]
+        h = mix(np.arange(x.size, dtype=np.uint32) ^ salt)
+        sign = np.where(h >> np.uint32(31), -1.0, 1.0)
+        np.add.at(out, (h & np.uint32(dim - 1)).astype(np.int64), sign * x)
+    return out

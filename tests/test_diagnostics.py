@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import oracles  # tests/oracles.py
+from jaxrl_entropy import parallel
 from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.rl.diagnostics import (GeometryTracker, GradientSketch, cosine_tree,
                                           gradient_geometry, policy_subset_loss, tree_norm)
@@ -135,6 +137,24 @@ def test_sketch_preserves_inner_products_approximately():
     np.testing.assert_array_equal(np.asarray(sketch(a_j)), np.asarray(sa))
     with pytest.raises(ValueError, match="power of two"):
         GradientSketch(dim=1000)
+
+
+def test_sketch_equals_count_sketch_from_its_definition_on_sharded_leaves():
+    """Oracle: the count sketch written in numpy (tests/oracles.py). Leaves sharded over 8 devices
+    give the same sketch as on one device (the hashes follow each element's global flat index)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rng = np.random.default_rng(7)
+    tree = {"emb": rng.normal(size=(64, 24)), "norm": rng.normal(size=(24,)), "qkv": rng.normal(size=(8, 3, 16))}
+    sketch = GradientSketch(dim=1 << 8, seed=11)
+    want = oracles.count_sketch(jax.tree.leaves(tree), 1 << 8, 11)
+    mesh = parallel.make_mesh(data=2, fsdp=4)   # the trainer's mesh
+    specs = {"emb": P("fsdp", None), "norm": P(), "qkv": P(None, None, ("data", "fsdp"))}
+    for placed in (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree),
+                   {k: jax.device_put(jnp.asarray(v, jnp.float32), NamedSharding(mesh, specs[k]))
+                    for k, v in tree.items()}):
+        np.testing.assert_allclose(np.asarray(sketch(placed)), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jax.jit(sketch)(placed)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_token_projections_equal_explicit_per_token_gradients():

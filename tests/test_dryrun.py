@@ -155,6 +155,21 @@ def test_dryrun_compiles_the_step_for_a_small_tpu_slice(tpu_devices, tmp_path, c
     assert table and table[0] in dryrun.format_report(dryrun.load(str(out)))  # docs regenerate from JSON
 
 
+def test_geometry_programs_compile_for_a_small_tpu_slice(tpu_devices, tmp_path, capsys, in_repo):
+    """`--programs=geometry` selects the group; each gradient comes back sharded like the parameters
+    (a replicated gradient would be 4× larger: the host loop keeps two of them)."""
+    tpu_devices("v5p:2x2x1")
+    out = tmp_path / "report.json"
+    code, stdout, _ = _run_cli(SMALL + [f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=v5p:2x2x1",
+                                        "--programs=geometry", f"--out={out}"], capsys)
+    assert code == 0, stdout
+    by_name = {p["name"]: p for p in json.loads(out.read_text())["programs"]}
+    assert list(by_name) == ["geometry/gradient", "geometry/projections", "geometry/norm_and_dot", "geometry/sketch"]
+    assert all(p["fits"] for p in by_name.values())
+    n_params = 2 * 512 * 128 + 2 * (128 * 4 * 128 + 2 * 128 * 128 + 3 * 128 * 256)
+    assert 4 * n_params / 4 * 0.9 <= by_name["geometry/gradient"]["output_bytes"] <= 4 * n_params / 4 * 1.1
+
+
 def test_dryrun_fails_naming_program_topology_and_buffers(tpu_devices, tmp_path, capsys, in_repo):
     """A dense KV cache of 8192 rows × 4224 slots (17.7 GB per chip) on a 16 GiB v5e chip."""
     tpu_devices("v5e:2x2")

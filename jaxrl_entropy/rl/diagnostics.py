@@ -10,10 +10,12 @@ Gradients are flattened over all parameter leaves and reduced in float32.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_entropy.rl.loss import loss_denominator, policy_loss
 from jaxrl_entropy.rl.token_weights import token_weights
@@ -21,12 +23,15 @@ from jaxrl_entropy.rl.token_weights import token_weights
 __all__ = [
     "tree_dot",
     "tree_norm",
+    "tree_norm_and_dot",
     "cosine_tree",
     "geometry_subsets",
     "policy_subset_loss",
     "subset_gradients",
     "geometry_from_grads",
     "geometry_and_sketches",
+    "loop_geometry",
+    "subset_metrics",
     "gradient_geometry",
     "GradientSketch",
     "GeometryTracker",
@@ -123,8 +128,12 @@ def geometry_from_grads(grads: dict[str, object], *, full: str = "full") -> dict
 
 
 def _subset_metrics(name: str, g, g_full, n_full: jax.Array) -> dict[str, jax.Array]:
-    norm = tree_norm(g)
-    dot = tree_dot(g, g_full)
+    return subset_metrics(name, tree_norm(g), tree_dot(g, g_full), n_full)
+
+
+def subset_metrics(name: str, norm, dot, n_full) -> dict[str, jax.Array]:
+    """``<name>/norm``, ``<name>/cos_full`` and ``<name>/proj_full`` of a subset gradient g from
+    ``|g|``, ``<g, g_full>`` and ``|g_full|``."""
     return {
         f"{name}/norm": norm,
         f"{name}/cos_full": _safe_cos(dot, norm, n_full),
@@ -154,14 +163,38 @@ def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array]
     if method != "loop":
         raise ValueError(f"gradient_geometry: method={method!r} must be 'vmap' or 'loop'.")
     grad_fn = jax.grad(loss_fn)
-    g_full = full_grad if full_grad is not None else grad_fn(params, jnp.asarray(subsets[full], jnp.float32))
-    n_full = tree_norm(g_full)
+    return loop_geometry(lambda w: grad_fn(params, jnp.asarray(w, jnp.float32)), subsets, full=full,
+                         sketch=sketch, full_grad=full_grad)
+
+
+def tree_norm_and_dot(g, g_full) -> tuple[jax.Array, jax.Array]:
+    """``(|g|, <g, g_full>)`` over all leaves."""
+    return tree_norm(g), tree_dot(g, g_full)
+
+
+def loop_geometry(grad_of: Callable[[jax.Array], object], subsets: dict[str, jax.Array], *,
+                  full: str = "full", sketch: Callable[[object], object] | None = None, full_grad=None,
+                  norm_and_dot: Callable = tree_norm_and_dot) -> tuple[dict[str, jax.Array], dict[str, object]]:
+    """The ``loop`` method of :func:`geometry_and_sketches` over any gradient function: the full
+    gradient first (or ``full_grad``), then each other subset's gradient, reduced to its metrics
+    (and sketch) at once, so at most two gradients are alive.
+
+    Runs traced (inside one jitted program) or on the host over separately compiled programs
+    (``grad_of(w)`` a jitted gradient, ``norm_and_dot(g, g_full) -> (|g|, <g, g_full>)`` jitted):
+    the second is how the pod-scale step runs it, so that no program holds more than one gradient
+    computation (`step_programs.GeometryPrograms`)."""
+    _check_subsets(subsets, full)
+    g_full = full_grad if full_grad is not None else grad_of(subsets[full])
+    n_full = norm_and_dot(g_full, g_full)[0]
     metrics: dict[str, jax.Array] = {}
+    sketches: dict[str, object] = {}
     for name, w in subsets.items():
-        g = g_full if name == full else grad_fn(params, jnp.asarray(w, jnp.float32))
-        metrics.update(_subset_metrics(name, g, g_full, n_full))
+        g = g_full if name == full else grad_of(w)
+        norm, dot = norm_and_dot(g, g_full)
+        metrics.update(subset_metrics(name, norm, dot, n_full))
         if sketch is not None:
             sketches[name] = sketch(g)
+        del g
     return metrics, sketches
 
 
@@ -179,22 +212,45 @@ def gradient_geometry(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
     return geometry_and_sketches(loss_fn, params, subsets, full=full, method=method)[0]
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: a cheap bijective integer hash."""
+def _mix32(x):
+    """murmur3's 32-bit finaliser: a cheap bijective integer hash (jax or numpy uint32 arrays)."""
     x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
+    x = x * x.dtype.type(0x85EBCA6B)
     x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
+    x = x * x.dtype.type(0xC2B2AE35)
     return x ^ (x >> 16)
+
+
+def _flat_index_u32(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major flat index of every element, in the array's own shape (uint32, wrapping)."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride & 0xFFFFFFFF)
+        stride *= shape[axis]
+    return idx
+
+
+@functools.partial(jax.jit, static_argnames="dim")
+def _sketch_leaf(x: jax.Array, salt: jax.Array, dim: int) -> jax.Array:
+    """One leaf's count sketch `[dim]`. Hashes are computed in the leaf's own shape (no ravel): a
+    leaf sharded over devices stays sharded, each device scatter-adds its own elements and one
+    `[dim]` all-reduce combines them. Jitted on its own so that a tree compiles one small program per
+    distinct leaf shape, not one scatter per leaf inside the caller's program."""
+    h = _mix32(_flat_index_u32(x.shape) ^ salt)
+    bucket = (h & jnp.uint32(dim - 1)).astype(jnp.int32)
+    sign = jnp.where((h >> 31) == 1, -1.0, 1.0)
+    return jnp.zeros((dim,), jnp.float32).at[bucket].add(sign * x.astype(jnp.float32))
 
 
 class GradientSketch:
     """A fixed random linear map of a gradient pytree to ``[dim]`` (a count sketch).
 
-    Parameter i of leaf l goes to bucket ``h(l, i) mod dim`` with sign ``s(l, i) = ±1``, both from
-    an integer hash of (seed, leaf index, flat index): nothing is stored, and the map is the same
-    at every step.  ``<S a, S b>`` is an unbiased estimate of ``<a, b>``; the cosine error is about
-    ``1/sqrt(dim)`` (exact when there are no bucket collisions).  Memory: ``dim`` floats.
+    Parameter i of leaf l (i its row-major flat index) goes to bucket ``h(l, i) mod dim`` with sign
+    ``s(l, i) = ±1``, both from an integer hash of (seed, leaf index, flat index): nothing is
+    stored, and the map is the same at every step.  ``<S a, S b>`` is an unbiased estimate of
+    ``<a, b>``; the cosine error is about ``1/sqrt(dim)`` (exact when there are no bucket
+    collisions).  Memory: ``dim`` floats, plus hashes of one leaf's share on each device.
     """
 
     def __init__(self, dim: int = 1 << 16, seed: int = 0):
@@ -203,16 +259,21 @@ class GradientSketch:
         self.dim = int(dim)
         self.seed = int(seed)
 
+    def leaf_salt(self, leaf_idx: int) -> np.uint32:
+        """Leaf l's hash salt, on the host (a plain scalar: no device, so it meets any sharding)."""
+        return _mix32(np.array([(self.seed * 0x9E3779B1 + leaf_idx * 0x632BE5AB) & 0xFFFFFFFF], np.uint32))[0]
+
     def __call__(self, tree) -> jax.Array:
+        """`[dim]`: the sum of every leaf's sketch (one jitted program per distinct leaf shape)."""
         out = jnp.zeros((self.dim,), jnp.float32)
         for leaf_idx, leaf in enumerate(jax.tree.leaves(tree)):
-            x = jnp.ravel(leaf).astype(jnp.float32)
-            salt = _mix32(jnp.uint32((self.seed * 0x9E3779B1 + leaf_idx * 0x632BE5AB) & 0xFFFFFFFF))
-            h = _mix32(jax.lax.iota(jnp.uint32, x.shape[0]) ^ salt)
-            bucket = (h & jnp.uint32(self.dim - 1)).astype(jnp.int32)
-            sign = jnp.where((h >> 31) == 1, -1.0, 1.0)
-            out = out + jax.ops.segment_sum(sign * x, bucket, num_segments=self.dim)
+            out = out + _sketch_leaf(leaf, self.leaf_salt(leaf_idx), dim=self.dim)
         return out
+
+
+def sketch_leaf_program(sketch: GradientSketch) -> Callable:
+    """`(leaf, salt) -> [dim]`: the jitted program `sketch` runs on each leaf (for `dryrun`)."""
+    return jax.jit(lambda leaf, salt: _sketch_leaf(leaf, salt, dim=sketch.dim))
 
 
 class GeometryTracker:
@@ -282,8 +343,6 @@ def alignment_controls(align_BxT, hnorm_BxT, pred_entropy_BxT, mask_BxT, *, frac
     `controls/matched_anchor_align` / `matched_explorer_align`: mean alignment of anchors and
     explorers matched on position × predictive-entropy bins (`stats.matched_subsets`).
     """
-    import numpy as np
-
     from jaxrl_entropy import stats
     from jaxrl_entropy.rl import entropy_stats
 
