@@ -96,8 +96,10 @@ class RolloutCollector:
         self.verifier = verifier
         self.sampling = rollout_sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
 
-    def generate_and_score(self, step: int, gen_index: int, sample: SampleFn) -> dict[str, Any]:
-        """One generation batch: `rl.prompts_per_step` prompts × G responses, decoded and rewarded.
+    def generate_and_score(self, step: int, gen_index: int, sample: SampleFn,
+                           prompts: int | None = None) -> dict[str, Any]:
+        """One generation batch: `rl.prompts_per_step` prompts (or its first `prompts`) × G responses,
+        decoded and rewarded.
         Returns host arrays: prompt_ids/prompt_mask `[M, P]`, response `[M, N]`, lengths, reward,
         correct, finished `[M]` (M = prompts × G, each prompt's G rows adjacent)."""
         cfg, G = self.cfg, self.cfg.rl.group_size
@@ -108,6 +110,8 @@ class RolloutCollector:
                          if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
             batch["ground_truth"] = [self.records[i]["reward_model"]["ground_truth"]
                                      for i in batch["record_index"]]
+        if prompts is not None:  # the batch's first prompts: the others would have been discarded
+            batch = {k: v[:prompts] for k, v in batch.items()}
         ids = np.repeat(batch["input_ids"], G, axis=0)
         mask = np.repeat(batch["attention_mask"], G, axis=0)
         key = jax.random.fold_in(rng.step_key(cfg.seed, step, rng.SAMPLE), gen_index)
@@ -146,14 +150,19 @@ class RolloutCollector:
         else:
             acc = adv_lib.GroupAccumulator(cfg.rl.prompts_per_step, cfg.rl.group_size, cfg.rl.max_gen_batches,
                                            metric_key="correct")
+            per_batch, n_proc = cfg.rl.prompts_per_step, jax.process_count()
             while not acc.full:
                 if seen and should_stop is not None and should_stop():
                     raise StopRequested()
-                b = self.generate_and_score(step, len(seen), sample)
+                k = adv_lib.prompts_to_generate(per_batch, acc.groups_kept, acc.groups_seen, per_batch,
+                                                last=len(seen) + 1 == cfg.rl.max_gen_batches)
+                k = min(per_batch, -(-k // n_proc) * n_proc)   # every process decodes an equal share
+                b = self.generate_and_score(step, len(seen), sample, prompts=k)
                 seen.append(b)
                 acc.add(b)
             batch = acc.take()
             extra = {"sampling/gen_batches": acc.last_stats["gen_batches"],
+                     "sampling/generated_rows": sum(len(b["lengths"]) for b in seen),
                      "sampling/kept_group_frac": acc.last_stats["groups_kept"] / acc.last_stats["groups_seen"]}
         every = {k: np.concatenate([b[k] for b in seen]) for k in ("reward", "correct", "lengths", "finished")}
         metrics = {"reward/mean": float(every["reward"].mean()), "accuracy": float(every["correct"].mean()),

@@ -25,7 +25,7 @@ from flax import nnx
 from jaxrl_entropy import evaluate as eval_lib
 from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
-from jaxrl_entropy.data.pipeline import encode_sft_batch
+from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -135,8 +135,9 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
             next_check = i + check_schedule(t.sft_check_every, t.sft_target_accuracy, estimates)
         idx = rng.integers(0, len(records), t.sft_batch_size)
         recs = [records[j] for j in idx]
-        enc = encode_sft_batch(tokenizer, [r["prompt"] for r in recs], [task.reference_solution(r) for r in recs],
-                               max_prompt_len=P, max_response_len=N)
+        enc = trim_padding(encode_sft_batch(tokenizer, [r["prompt"] for r in recs],
+                                            [task.reference_solution(r) for r in recs],
+                                            max_prompt_len=P, max_response_len=N))
         enc = {k: parallel.host_to_global(v, batch_sharding) for k, v in enc.items()}
         params, opt, loss = step_fn(params, opt, enc)
         progress.update(1)

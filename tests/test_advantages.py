@@ -124,3 +124,17 @@ def test_accumulator_filters_on_the_chosen_metric():
     by_reward = GroupAccumulator(target_groups=1, group_size=3, max_gen_batches=1)
     by_reward.add(batch)
     np.testing.assert_array_equal(by_reward.take()["row"], [0, 1, 2])
+
+
+def test_prompts_to_generate_by_hand():
+    from jaxrl_entropy.rl.advantages import prompts_to_generate
+    # first batch, nothing kept yet, or the last batch the budget allows: the whole batch
+    assert prompts_to_generate(16, 0, 0, 16, last=False) == 16
+    assert prompts_to_generate(16, 0, 16, 16, last=False) == 16
+    assert prompts_to_generate(16, 14, 16, 16, last=True) == 16
+    # 14 of 16 kept (rate 7/8), 2 missing: 1.5 · 2 / (7/8) = 3.43 → 4, plus one
+    assert prompts_to_generate(16, 14, 16, 16, last=False) == 5
+    # 4 of 16 kept (rate 1/4), 12 missing: 1.5 · 12 · 4 = 72 → capped at the batch
+    assert prompts_to_generate(16, 4, 16, 16, last=False) == 16
+    # already full: still at least one (the caller stops before asking)
+    assert prompts_to_generate(16, 16, 16, 16, last=False) == 1

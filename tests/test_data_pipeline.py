@@ -203,3 +203,33 @@ def test_encode_sft_batch_layout(tokenizer):
     r1 = oracle_ids(responses[1])[:12]
     assert batch["input_ids"][1, 24:].tolist() == r1
     assert batch["loss_mask"][1, 24:].tolist() == [1] * 12
+
+
+def test_trim_padding_drops_empty_columns_and_keeps_the_loss():
+    """Columns by hand; the warm-up loss of the trimmed batch equals the full batch's (oracle: the
+    untrimmed computation), so the trim only removes work."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrl_entropy import warmup
+    from jaxrl_entropy.data.pipeline import trim_padding
+    from jaxrl_entropy.models import qwen3
+    mask = np.zeros((3, 16), np.int32)
+    mask[0, 5:9] = mask[1, 4:11] = mask[2, 6:8] = 1          # tokens in columns 4..10 (7 wide)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": np.where(mask, rng.integers(1, 30, mask.shape), 0).astype(np.int32),
+             "attention_mask": mask, "loss_mask": mask * (np.arange(16) >= 7)}
+    out = trim_padding(batch, multiple=4)                      # 7 → 8 columns: 4..11
+    for k in batch:
+        np.testing.assert_array_equal(out[k], batch[k][:, 4:12])
+    late = {k: np.roll(v, 5, axis=1) for k, v in batch.items()}  # tokens in 9..15: widened to the left
+    np.testing.assert_array_equal(trim_padding(late, multiple=4)["attention_mask"], late["attention_mask"][:, 8:16])
+    cfg = qwen3.Qwen3Config(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    graphdef, state = nnx.split(qwen3.init_random(cfg, qwen3.RuntimeOptions(logits_chunk=4), seed=0))
+    params = nnx.to_pure_dict(state)
+    loss = jax.jit(lambda b: warmup.sft_loss(graphdef, params, b))
+    full = float(loss({k: jnp.asarray(v) for k, v in batch.items()}))
+    trimmed = float(loss({k: jnp.asarray(v) for k, v in out.items()}))
+    assert trimmed == pytest.approx(full, rel=1e-5) and full > 0

@@ -334,3 +334,22 @@ def encode_sft_batch(
         attention_mask[i, max_prompt_len:end] = 1
         loss_mask[i, max_prompt_len:end] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def trim_padding(batch: dict[str, np.ndarray], *, mask_key: str = "attention_mask",
+                 multiple: int = 8) -> dict[str, np.ndarray]:
+    """The `[B, T]` arrays of `batch` without the columns in which no row has a token (the left
+    padding that every prompt has, the right padding past the longest response), widened back to a
+    multiple of `multiple` columns (right side first) so that few distinct widths recur: each new
+    width is one more compilation. Positions count from each row's first token, so the model's
+    outputs on the kept tokens do not change."""
+    mask = np.asarray(batch[mask_key])
+    T = mask.shape[1]
+    used = np.flatnonzero(mask.any(axis=0))
+    if used.size == 0:
+        return batch
+    lo, hi = int(used[0]), int(used[-1]) + 1
+    width = min(T, -(-(hi - lo) // multiple) * multiple)
+    hi = min(T, lo + width)
+    lo = hi - width
+    return {k: v[:, lo:hi] for k, v in batch.items()}

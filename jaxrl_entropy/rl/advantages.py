@@ -5,6 +5,8 @@ A *group* is the G responses sampled for one prompt; rewards arrive flat, group 
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +99,22 @@ def _leading_len(key: str, value: Any) -> int:
         return len(value)
     raise TypeError(f"GroupAccumulator.add: batch[{key!r}] has type {type(value).__name__}; "
                     "expected an array or a list with one entry per response.")
+
+
+def prompts_to_generate(target_groups: int, kept: int, seen: int, batch_prompts: int, *, last: bool,
+                        margin: float = 1.5) -> int:
+    """How many prompts of the next generation batch dynamic sampling decodes.
+
+    Surplus groups are discarded (as in verl), so every prompt decoded beyond the need is wasted
+    work: after the first batch, decode only enough prompts to fill the missing groups at the keep
+    rate seen so far in this step, with a margin (`margin` × the expectation, plus one). The whole
+    batch when nothing has been seen or kept yet, and on the last batch the budget allows (so a
+    shortfall is never caused by decoding fewer). The prompts are the batch's first ones, so the
+    groups kept are those the whole batch would have given whenever these suffice."""
+    if seen == 0 or kept == 0 or last:
+        return batch_prompts
+    missing = max(target_groups - kept, 0)
+    return max(1, min(batch_prompts, math.ceil(margin * missing * seen / kept) + 1))
 
 
 class GroupAccumulator:
