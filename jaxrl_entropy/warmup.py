@@ -5,8 +5,8 @@ From random weights no sampled answer is ever correct, so RL would have nothing 
 warm-up is reported as such (`sft/steps`, `sft/accuracy` in the first metrics line).
 
 The stop rule: accuracy is estimated every `train.sft_check_every` steps, and every fifth of that
-once an estimate comes within 75 % of the target; the warm-up stops when the mean of the last two
-estimates reaches the target. Checking often near the target keeps the overshoot small wherever
+from the first estimate within 75 % of the target on; the warm-up stops when the mean of the last
+two estimates reaches the target. Checking often near the target keeps the overshoot small wherever
 it runs (CPU numerics differ across machines, and so does the step at which the target is met).
 """
 from __future__ import annotations
@@ -42,8 +42,10 @@ def sft_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def check_schedule(every: int, target: float, estimates: list[float]) -> int:
-    """Steps until the next accuracy check: `every`, or `every // 5` once near the target."""
-    near = bool(estimates) and estimates[-1] >= 0.75 * target
+    """Steps until the next accuracy check: `every`, or `every // 5` once any estimate has come
+    within 75 % of the target. Once near, it stays near: a noisy estimate just below the line must
+    not send the next check `every` steps away, in the phase where accuracy climbs fastest."""
+    near = any(e >= 0.75 * target for e in estimates)
     return max(1, every // 5) if near else every
 
 
