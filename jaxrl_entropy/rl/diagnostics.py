@@ -123,12 +123,8 @@ def geometry_from_grads(grads: dict[str, object], *, full: str = "full") -> dict
     n_full = tree_norm(g_full)
     out = {}
     for name, g in grads.items():
-        out.update(_subset_metrics(name, g, g_full, n_full))
+        out.update(subset_metrics(name, tree_norm(g), tree_dot(g, g_full), n_full))
     return out
-
-
-def _subset_metrics(name: str, g, g_full, n_full: jax.Array) -> dict[str, jax.Array]:
-    return subset_metrics(name, tree_norm(g), tree_dot(g, g_full), n_full)
 
 
 def subset_metrics(name: str, norm, dot, n_full) -> dict[str, jax.Array]:
@@ -144,14 +140,14 @@ def subset_metrics(name: str, norm, dot, n_full) -> dict[str, jax.Array]:
 
 def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array], *,
                           full: str = "full", method: str = "vmap",
-                          sketch: Callable[[object], object] | None = None, full_grad=None,
+                          sketch: Callable[[object], object] | None = None,
                           ) -> tuple[dict[str, jax.Array], dict[str, object]]:
     """:func:`gradient_geometry` plus ``sketch(grad)`` of every subset gradient (empty dict when
     ``sketch`` is None).  Pure and jit-able (``sketch`` is a :class:`GradientSketch`).
 
-    With ``method="loop"`` the full gradient is computed first (or taken from ``full_grad`` when the
-    caller already has it) and each other subset gradient is reduced to its metrics (and sketch)
-    right away, so at most two gradients are needed at once.
+    With ``method="loop"`` (:func:`loop_geometry`) the full gradient is computed first and each other
+    subset gradient is reduced to its metrics (and sketch) right away, so at most two gradients
+    are needed at once.
     """
     _check_subsets(subsets, full)
     sketches: dict[str, object] = {}
@@ -164,7 +160,7 @@ def geometry_and_sketches(loss_fn: LossFn, params, subsets: dict[str, jax.Array]
         raise ValueError(f"gradient_geometry: method={method!r} must be 'vmap' or 'loop'.")
     grad_fn = jax.grad(loss_fn)
     return loop_geometry(lambda w: grad_fn(params, jnp.asarray(w, jnp.float32)), subsets, full=full,
-                         sketch=sketch, full_grad=full_grad)
+                         sketch=sketch)
 
 
 def tree_norm_and_dot(g, g_full) -> tuple[jax.Array, jax.Array]:
@@ -194,7 +190,7 @@ def loop_geometry(grad_of: Callable[[jax.Array], object], subsets: dict[str, jax
         metrics.update(subset_metrics(name, norm, dot, n_full))
         if sketch is not None:
             sketches[name] = sketch(g)
-        del g
+        del g  # on the host path, frees this gradient before the next one is computed
     return metrics, sketches
 
 
