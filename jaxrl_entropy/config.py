@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=200, log_every=1, checkpoint_every=20, keep_checkpoints=3, geometry_every=0,
-        sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_target_accuracy=0.0, sft_check_every=25,
+        sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_grad_clip=1.0, sft_target_accuracy=0.0, sft_check_every=25,
         progress=True))
     # a damaged newest checkpoint: "fail" (stop, naming the step and file) or "fallback" (log it, move
     # it aside to <step>.corrupt, resume from the newest intact step). "fail" by default: damage means
@@ -270,6 +270,7 @@ RULES: dict[str, Range | Choice] = {
     "train.sft_steps": Range("[0, inf)", why="0 = no supervised warm-up"),
     "train.sft_lr": _POSITIVE,
     "train.sft_batch_size": _POSITIVE_INT,
+    "train.sft_grad_clip": Range("(0, inf)", why="the largest global gradient norm of a warm-up step"),
     "train.sft_target_accuracy": Range("[0, 1]", why="0 = run all train.sft_steps"),
     "train.sft_check_every": _POSITIVE_INT,
     "train.max_skipped_steps": Range("[0, inf)", why="0 = never stop on skipped updates"),

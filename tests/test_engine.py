@@ -208,3 +208,15 @@ def test_decode_loop_writes_the_pool_in_place_for_tpu(tpu_devices):
     compiled = jax.jit(loop, donate_argnums=0).trace((pool, pool), ints(S, M), ints(S)).lower().compile()
     pool_bytes = 2 * K * N * page * D * 2
     assert compiled.memory_analysis().temp_size_in_bytes < 0.1 * pool_bytes
+
+
+def test_row_keys_are_fold_in_of_the_row_id_with_few_compiled_programs():
+    base = jax.random.key(7)
+    before = eng._fold_in_rows._cache_size()
+    for n in (1, 5, 8, 9, 100, 128, 130):
+        ids = np.arange(1000, 1000 + n) * 3
+        got = eng.row_keys(base, ids)
+        want = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, int(i)))) for i in ids])
+        np.testing.assert_array_equal(got, want)
+    # sizes 1..130 fall in 8, 16, 128, 256: four programs, not one per call size (seven here)
+    assert eng._fold_in_rows._cache_size() - before <= 4
