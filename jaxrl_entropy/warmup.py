@@ -80,9 +80,9 @@ class WarmupProgress:
 def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW at `train.sft_lr`, gradients clipped to a global norm of `train.sft_grad_clip`.
 
-    Clipping is what lets a small batch learn fast without losing steps: at 16 rows and lr 3e-3
-    the unclipped warm-up's loss spikes (0.58 → 2.0 in one step at seed 0) and it needs 760 steps
-    to reach the demo's target, 520 clipped (docs/design-notes.md)."""
+    Clipping is what lets a small batch learn fast without losing steps: unclipped at lr 3e-3 the
+    loss can spike (0.58 → 2.0 in one step of a 64-row run at seed 0), and at 16 rows the warm-up
+    needs 760 steps to reach the demo's target, 520 clipped (docs/design-notes.md)."""
     return ts.make_optimizer(cfg.train.sft_lr, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=0,
                              grad_clip=cfg.train.sft_grad_clip)
 
