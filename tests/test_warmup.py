@@ -1,5 +1,10 @@
-"""The warm-up's stop rule, by hand."""
+"""The warm-up's stop rule, by hand; its optimiser against a numpy AdamW with clipping."""
+import jax.numpy as jnp
+import numpy as np
+import optax
+
 from jaxrl_entropy import warmup
+from jaxrl_entropy.config import base_config
 
 
 def test_checks_every_fifth_from_the_first_estimate_near_the_target_on():
@@ -24,7 +29,6 @@ def test_stops_when_the_mean_of_the_last_two_estimates_reaches_the_target():
 
 def _numpy_adam_clipped(grads, *, lr, clip, b1=0.9, b2=0.999, eps=1e-8):
     """AdamW without weight decay on globally clipped gradients, written out in numpy (the oracle)."""
-    import numpy as np
     m = v = 0.0
     x = np.zeros_like(grads[0])
     for t, g in enumerate(grads, start=1):
@@ -38,11 +42,6 @@ def test_warmup_optimizer_clips_the_global_gradient_norm_then_adam():
     # a spike (norm 500) then ordinary gradients: unclipped, the spike's square would dominate Adam's
     # second moment for hundreds of steps and shrink every later update (Adam is scale-invariant in
     # one step, not over several, which is why the small-batch warm-up needs the clip)
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jaxrl_entropy.config import base_config
-
     cfg = base_config()
     cfg.train.sft_lr, cfg.train.sft_grad_clip = 0.01, 1.0
     rng = np.random.default_rng(0)
