@@ -37,7 +37,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import (entropy_attention, flash_attention, head_mixture_entropy, reference_attention,
+from jaxrl_entropy.kernels import (entropy_attention, flash_attention, head_mixture_entropy, reference_attention,
                      resolve_backend)
 
 

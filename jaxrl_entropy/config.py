@@ -26,7 +26,7 @@ from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
 from jaxrl_entropy.models.config import DTYPES
 from jaxrl_entropy.rl.loss import NORMALIZATIONS
 from jaxrl_entropy.rl.token_weights import HARD_MODES, MODES, SCHEDULES, SOFT_SHAPES
-from kernels.platform import BACKENDS
+from jaxrl_entropy.kernels.platform import BACKENDS
 
 DATA_KINDS = ("synthetic", "files")
 AGGREGATIONS = ("head_mixture", "head_mean")  # read by rl/train_step.py (StepSpec.aggregation)

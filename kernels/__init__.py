@@ -1,59 +1,27 @@
 """Fused attention kernels that emit the Shannon entropy of every attention row.
 
-The import name `kernels` is also that of a Hugging Face package (`pip install kernels`). This one
-ships inside the `jaxrl-entropy` distribution (version < 0.18), so `transformers`' probe for the HF
-package (`transformers.utils.import_utils.is_kernels_available()`) keeps answering False and
-`transformers` works beside it. Names load lazily so that probe never pays for importing jax.
+Installed as `jaxrl_entropy.kernels` (the folder sits at the repository's top level; see
+`pyproject.toml`'s `package-dir` and docs/design-notes.md). The public entry points:
+
+- `entropy_attention`, `flash_attention` (`flash.py`): the fused flash kernel, with and without row
+  entropy; differentiable.
+- `head_mixture_entropy`, `attention_probs`, `attention_lse` (`head_mixture.py`): the entropy of the
+  head-averaged attention row, full probabilities for short sequences, the log-sum-exp alone.
+- `reference_attention`, `reference_head_mixture_entropy`, `mixture_entropy_from_probs`
+  (`reference.py`): plain XLA with materialised probabilities, the oracle.
+- `visible_mask`, `visible_count` (`masking.py`), `resolve_backend` (`platform.py`).
 """
 from __future__ import annotations
 
-import importlib
-import sys
-import types
+from jaxrl_entropy.kernels.flash import entropy_attention, flash_attention
+from jaxrl_entropy.kernels.head_mixture import attention_lse, attention_probs, head_mixture_entropy
+from jaxrl_entropy.kernels.masking import visible_count, visible_mask
+from jaxrl_entropy.kernels.platform import resolve_backend
+from jaxrl_entropy.kernels.reference import (mixture_entropy_from_probs, reference_attention,
+                                             reference_head_mixture_entropy)
 
-# public name -> module that defines it
-_EXPORTS = {
-    "reference_attention": "kernels.reference",
-    "reference_head_mixture_entropy": "kernels.reference",
-    "mixture_entropy_from_probs": "kernels.reference",
-    "visible_mask": "kernels.masking",
-    "visible_count": "kernels.masking",
-    "resolve_backend": "kernels.platform",
-    "entropy_attention": "kernels.entropy_attention",
-    "flash_attention": "kernels.entropy_attention",
-    "head_mixture_entropy": "kernels.head_mixture",
-    "attention_probs": "kernels.head_mixture",
-    "attention_lse": "kernels.head_mixture",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    # Importing `kernels.entropy_attention` binds the *submodule* to that package attribute;
-    # re-bind every public name of the module so the functions win.
-    for export, where in _EXPORTS.items():
-        if where == _EXPORTS[name]:
-            globals()[export] = getattr(module, export)
-    return globals()[name]
-
-
-def __dir__():
-    return __all__
-
-
-class _Namespace(types.ModuleType):
-    """`kernels.entropy_attention` is both a submodule and a public function. The import system
-    binds the submodule onto the package when it is first imported (for instance by
-    `from kernels.entropy_attention import entropy_attention`); keep the function there instead."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Namespace
+__all__ = [
+    "attention_lse", "attention_probs", "entropy_attention", "flash_attention",
+    "head_mixture_entropy", "mixture_entropy_from_probs", "reference_attention",
+    "reference_head_mixture_entropy", "resolve_backend", "visible_count", "visible_mask",
+]

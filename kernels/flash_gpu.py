@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import block_update as bu
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import tiling
 
 # Forward: a 128-row query tile amortises the K/V loads; 64-key tiles keep s and p in registers
 # next to a 128-wide accumulator (FlashAttention-2 Triton's choice for head_dim 128).

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import block_update as bu
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import tiling
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512

@@ -29,19 +29,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import block_update as bu
-from kernels.platform import resolve_backend
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels.platform import resolve_backend
 
 
 def _shells(backend: str):
     """(fused-forward module, mixture module, extra kwargs) of the shell that runs `backend`."""
     if backend == "xla":
-        from kernels import flash_xla, mixture_xla
+        from jaxrl_entropy.kernels import flash_xla, mixture_xla
         return flash_xla, mixture_xla, {}
     if backend in ("gpu", "interpret_gpu"):
-        from kernels import flash_gpu, mixture_gpu
+        from jaxrl_entropy.kernels import flash_gpu, mixture_gpu
         return flash_gpu, mixture_gpu, {"interpret": backend == "interpret_gpu"}
-    from kernels import flash_tpu, mixture_tpu
+    from jaxrl_entropy.kernels import flash_tpu, mixture_tpu
     return flash_tpu, mixture_tpu, {"interpret": backend == "interpret_tpu"}
 
 

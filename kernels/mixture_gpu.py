@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import block_update as bu
-from kernels import flash_gpu as fg
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import flash_gpu as fg
+from jaxrl_entropy.kernels import tiling
 
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64

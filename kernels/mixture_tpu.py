@@ -18,9 +18,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import block_update as bu
-from kernels import flash_tpu as ft
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import flash_tpu as ft
+from jaxrl_entropy.kernels import tiling
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512

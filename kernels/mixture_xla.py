@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import block_update as bu
-from kernels import flash_xla as fx
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import flash_xla as fx
+from jaxrl_entropy.kernels import tiling
 
 blocks = fx.blocks
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels import block_update as bu
-from kernels import tiling
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import tiling
 
 BACKENDS = ("tpu", "interpret_tpu", "xla")
 DEFAULT_BLOCK_KEYS = 512  # keys per XLA block (rounded to whole pages)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.block_update import MASK_VALUE
-from kernels.masking import visible_mask
+from jaxrl_entropy.kernels.block_update import MASK_VALUE
+from jaxrl_entropy.kernels.masking import visible_mask
 
 NEG_INF = MASK_VALUE  # the one finite "minus infinity" (`kernels.block_update`), under its old name
 

@@ -120,7 +120,7 @@ def test_every_key_has_a_rule_or_is_free_text():
 
 
 def test_allowed_names_come_from_the_code_that_uses_them():
-    import kernels.platform
+    from jaxrl_entropy.kernels import platform as kernel_platform
     from jaxrl_entropy.models import attention, config as model_config
     from jaxrl_entropy.rl import loss, token_weights
 
@@ -131,7 +131,7 @@ def test_allowed_names_come_from_the_code_that_uses_them():
     assert RULES["weights.normalization"].options is loss.NORMALIZATIONS
     assert RULES["model.attention"].options is attention.PLAIN_IMPLS
     assert RULES["model.probe_attention"].options is attention.PROBE_IMPLS
-    assert RULES["model.kernel_backend"].options == ("",) + kernels.platform.BACKENDS
+    assert RULES["model.kernel_backend"].options == ("",) + kernel_platform.BACKENDS
     assert RULES["model.dtype"].options == tuple(model_config.DTYPES)
 
 

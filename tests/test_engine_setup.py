@@ -106,7 +106,7 @@ def test_logp_diff_metrics_by_hand():
 def test_engine_programs_compile_for_tpu(tpu_devices):
     """The engine's prefill and decode programs compile with the real TPU compiler (Mosaic paged
     attention under tensor parallelism) for a v5p host, from abstract arguments."""
-    import kernels.paged_attention as pa
+    import jaxrl_entropy.kernels.paged_attention as pa
 
     if not pa.tpu_kernel_available():
         pytest.skip("this jax has no TPU paged-attention kernel")

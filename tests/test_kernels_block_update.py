@@ -7,9 +7,9 @@ import pytest
 
 import jax.numpy as jnp
 
-from kernels import block_update as bu
-from kernels import tiling
-from kernels.masking import visible_mask
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels import tiling
+from jaxrl_entropy.kernels.masking import visible_mask
 
 import oracles  # the float64 / brute-force references (tests/oracles.py)
 

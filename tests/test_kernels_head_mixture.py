@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-from kernels import head_mixture as hm
+from jaxrl_entropy.kernels import head_mixture as hm
 
 # ------------------------------------------------------------------------------------------------
 # float64 oracle
@@ -136,7 +136,7 @@ def test_head_mixture_pallas_interpret(backend, group, causal, dtype, lse_given,
 
 def test_head_mixture_reads_the_fused_forward_lse():
     """The training path: lse from `entropy_attention(..., return_lse=True)` (1e30 on empty rows)."""
-    from kernels.entropy_attention import entropy_attention
+    from jaxrl_entropy.kernels.flash import entropy_attention
 
     q, k, seg = _inputs(9, 2, 40, 40, 4, 2, 16, jnp.bfloat16, left_pad=(0, 6))
     _, lse_np, ent_ref, visible = _oracle(q, k, causal=True, seg=seg)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import SingleDeviceSharding
 
-from kernels import attention_lse, attention_probs, entropy_attention, head_mixture_entropy
+from jaxrl_entropy.kernels import attention_lse, attention_probs, entropy_attention, head_mixture_entropy
 
 # Qwen3's attention layout: head_dim 128, GQA 4:1 (at a small head count)
 B, HQ, HKV, D = 1, 8, 2, 128

@@ -31,31 +31,57 @@ def _free_port() -> int:
 def _launch(workdir: str, steps: int, logs: str) -> list[subprocess.Popen]:
     # the compilation cache comes with the environment (conftest): the three runs compile the same programs
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
     port = _free_port()
     procs = []
     for i in range(2):
         out = open(f"{logs}.{i}.log", "w")
-        procs.append(subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "jaxrl_entropy.cli", "train", "--multihost",
              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
              f"--workdir={workdir}", *FLAGS, f"--config.train.steps={steps}"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc.log_path = out.name
+        procs.append(proc)
     return procs
 
 
-def _wait(procs, timeout=900) -> list[int]:
-    deadline = time.time() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1, deadline - time.time())))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    return codes
+def _tail(path: str, lines: int = 15) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def _wait(procs, timeout: float = 900, idle: float = 240, straggle: float = 90) -> list[int]:
+    """Exit codes of `procs`, or a failure with both processes' last log lines as soon as the pair
+    looks hung: no log output from either for `idle` s (an idle collective), one process still
+    running `straggle` s after the other exited (its peer will never answer), or `timeout` s in all."""
+    start = time.time()
+    sizes = [-1] * len(procs)
+    last_output = start
+    first_exit = None
+    while True:
+        now = time.time()
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        new_sizes = [os.path.getsize(p.log_path) for p in procs]
+        if new_sizes != sizes:
+            sizes, last_output = new_sizes, now
+        if first_exit is None and any(c is not None for c in codes):
+            first_exit = now
+        why = (f"no output from either process for {idle:.0f} s" if now - last_output > idle else
+               f"one process exited ({codes}) and the other is still running {straggle:.0f} s later"
+               if first_exit is not None and now - first_exit > straggle else
+               f"not finished after {timeout:.0f} s" if now - start > timeout else None)
+        if why:
+            for p in procs:
+                p.kill()
+                p.wait()
+            tails = "\n".join(f"--- process {i} ({p.log_path}), last lines:\n{_tail(p.log_path)}"
+                              for i, p in enumerate(procs))
+            pytest.fail(f"multi-process run hung: {why}\n{tails}")
+        time.sleep(0.25)
 
 
 def _metrics_steps(workdir: str) -> list[int]:
@@ -121,3 +147,20 @@ def test_the_resumed_run_equals_the_uninterrupted_one(runs):
     assert step_a == step_b == STEPS
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_watchdog_fails_fast_with_both_logs_when_one_process_is_left_waiting(tmp_path):
+    procs = []
+    for i, code in enumerate(["print('step 0 done', flush=True)",
+                              "import time; print('waiting in a collective', flush=True); time.sleep(600)"]):
+        out = open(tmp_path / f"{i}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = out.name
+        procs.append(proc)
+    start = time.time()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        _wait(procs, timeout=120, idle=60, straggle=2)
+    assert time.time() - start < 30
+    message = str(failure.value)
+    assert "still running" in message and "step 0 done" in message and "waiting in a collective" in message
+    assert procs[1].poll() is not None   # killed, not left behind

@@ -5,8 +5,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-import kernels
-from kernels.paged_attention import paged_attention
+from jaxrl_entropy import kernels
+from jaxrl_entropy.kernels.paged_attention import paged_attention
 
 
 def _problem(seed=0, *, S=5, Hq=4, Hkv=2, D=16, N=12, page=4, M=5, dtype=np.float32):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import kernels
+from jaxrl_entropy import kernels
 from jaxrl_entropy import hlo_stats, parallel, step_programs
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.models import attention as attn_lib

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-import kernels
-from kernels.reference import NEG_INF
+from jaxrl_entropy import kernels
+from jaxrl_entropy.kernels.reference import NEG_INF
 
 from jax.sharding import PartitionSpec as P
 
@@ -141,7 +141,7 @@ def plain_attention(q, k, v, segment_ids, *, impl: str, kernel_backend: str | No
                                                               sm_scale=sm_scale, backend=kernel_backend)
         return _on_mesh(fn, mesh, (q, k, v, segment_ids), heads_split=True, n_head_outputs=1)
     if impl == "blockwise":
-        from kernels import flash_xla
+        from jaxrl_entropy.kernels import flash_xla
         out, _, _ = flash_xla.forward(q, k, v, segment_ids, causal=True, sm_scale=sm_scale, entropy=False)
         return out
     if impl == "splash":

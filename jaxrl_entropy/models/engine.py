@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import kernels.paged_attention as paged_attn
+import jaxrl_entropy.kernels.paged_attention as paged_attn
 from jaxrl_entropy import parallel
 from jaxrl_entropy.models import paged_cache, qwen3
 from jaxrl_entropy.models.paged_cache import NULL_PAGE, PagedKVCache, PagePool, pages_for

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-import kernels
+from jaxrl_entropy import kernels
 from jaxrl_entropy import parallel
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rl import diagnostics

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from kernels import block_update as bu
-from kernels.platform import resolve_backend
+from jaxrl_entropy.kernels import block_update as bu
+from jaxrl_entropy.kernels.platform import resolve_backend
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -35,12 +35,12 @@ class _Config:
 def _shell(backend: str):
     """(module, extra kwargs) of the shell that runs `backend`."""
     if backend == "xla":
-        from kernels import flash_xla
+        from jaxrl_entropy.kernels import flash_xla
         return flash_xla, {}
     if backend in ("gpu", "interpret_gpu"):
-        from kernels import flash_gpu
+        from jaxrl_entropy.kernels import flash_gpu
         return flash_gpu, {"interpret": backend == "interpret_gpu"}
-    from kernels import flash_tpu
+    from jaxrl_entropy.kernels import flash_tpu
     return flash_tpu, {"interpret": backend == "interpret_tpu"}
 
 

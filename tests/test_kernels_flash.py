@@ -15,7 +15,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernels import entropy_attention, flash_attention, reference_attention
+from jaxrl_entropy.kernels import entropy_attention, flash_attention, reference_attention
 
 import oracles  # the float64 / brute-force references (tests/oracles.py)
 
