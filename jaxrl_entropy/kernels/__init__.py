@@ -1,7 +1,6 @@
 """Fused attention kernels that emit the Shannon entropy of every attention row.
 
-Installed as `jaxrl_entropy.kernels` (the folder sits at the repository's top level; see
-`pyproject.toml`'s `package-dir` and docs/design-notes.md). The public entry points:
+The public entry points:
 
 - `entropy_attention`, `flash_attention` (`flash.py`): the fused flash kernel, with and without row
   entropy; differentiable.
