@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxrl_entropy import chips, engine_setup, model_setup, presets  # noqa: E402
+from jaxrl_entropy import chips, presets  # noqa: E402
+from jaxrl_entropy.training import engine_setup, model_setup
 from jaxrl_entropy.models import paged_cache, qwen3  # noqa: E402
 
 GIB = 2 ** 30

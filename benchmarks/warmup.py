@@ -23,7 +23,7 @@ import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jaxrl_entropy import metrics  # noqa: E402
+from jaxrl_entropy.rundir import metrics  # noqa: E402
 
 NO_CLIP = 1e12   # train.sft_grad_clip must be positive: "off" is a norm no gradient reaches
 

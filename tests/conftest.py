@@ -122,7 +122,7 @@ def _compilation_cache(tmp_path_factory):
 
 def metrics_rows(workdir: str) -> list[dict]:
     """The records of a run's `metrics.jsonl` (local or gs://), read by the project's one reader."""
-    from jaxrl_entropy import fileio, metrics
+    from jaxrl_entropy.rundir import fileio, metrics
 
     return metrics.read_metrics(fileio.join(workdir, metrics.METRICS_FILE))
 
@@ -164,3 +164,11 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def pytest_collection_modifyitems(config, items):
+    """`torch` on every test that uses torch (through the fixtures that bring it in), so that
+    `-m "not torch"` runs without the parity tests."""
+    for item in items:
+        if {"torch", "make_hf_qwen3"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torch)

@@ -18,7 +18,8 @@ import pytest
 
 import oracles
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
-from jaxrl_entropy import analyze, metrics
+from jaxrl_entropy import analyze
+from jaxrl_entropy.rundir import metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VARIANTS = ("full", "anchor")
@@ -338,7 +339,7 @@ def test_keep_last_analyses_a_resume_that_did_not_cut_the_file(tmp_path):
 
 
 def test_analyze_reads_and_writes_a_bucket(tmp_path, fake_gcs):
-    from jaxrl_entropy import fileio
+    from jaxrl_entropy.rundir import fileio
 
     local = tmp_path / "exp"
     local.mkdir()

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
 
 

@@ -10,8 +10,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from jaxrl_entropy import checkpoint as ck
-from jaxrl_entropy.checkpoint import (MANIFEST, Checkpointer, CheckpointCorruptError, CheckpointWriteError)
+from jaxrl_entropy.rundir import checkpoint as ck
+from jaxrl_entropy.rundir.checkpoint import (MANIFEST, Checkpointer, CheckpointCorruptError, CheckpointWriteError)
 
 
 def _state(value: float):

@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from conftest import TINY_CLI_FLAGS
-from jaxrl_entropy import cli
+from jaxrl_entropy.cli.main import main as cli
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import presets
 from jaxrl_entropy.config import RULES, Choice, ConfigError, Range, validate, validate_for_runtime
@@ -85,7 +85,7 @@ def test_presets_set_only_what_differs_from_base_config(name):
 
 def test_cli_default_is_the_demo_and_needs_no_configs_dir(tmp_path, monkeypatch):
     from absl import flags
-    from jaxrl_entropy import cli_commands
+    from jaxrl_entropy.cli import commands as cli_commands
 
     monkeypatch.chdir(tmp_path)  # no configs/ here: the default must come from the package
     fv = flags.FlagValues()
@@ -242,13 +242,13 @@ def test_zero_rl_steps_only_with_a_warm_up():
 @pytest.fixture
 def no_trainer(monkeypatch):
     """Fails the test if anything gets as far as building a Trainer (which compiles)."""
-    import jaxrl_entropy.trainer
+    from jaxrl_entropy.training import trainer as _trainer_module
 
     class Refused:
         def __init__(self, *a, **k):
             raise AssertionError("a Trainer was built: the config error came too late")
 
-    monkeypatch.setattr(jaxrl_entropy.trainer, "Trainer", Refused)
+    monkeypatch.setattr(_trainer_module, "Trainer", Refused)
 
 
 # Issue 12: values accepted although meaningless, and raw tracebacks that did not name the key.

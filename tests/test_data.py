@@ -5,7 +5,6 @@ hand-written chat strings, python's own `eval` of the prompt expression, and a r
 re-checks every arithmetic claim in a scratchpad.
 """
 
-import os
 import re
 
 import pytest

@@ -212,7 +212,7 @@ def test_trim_padding_drops_empty_columns_and_keeps_the_loss():
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxrl_entropy import warmup
+    from jaxrl_entropy.training import warmup
     from jaxrl_entropy.data.pipeline import trim_padding
     from jaxrl_entropy.models import qwen3
     mask = np.zeros((3, 16), np.int32)

@@ -8,9 +8,12 @@ import pytest
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from jaxrl_entropy import chips, cli, dryrun, hlo_stats, model_setup, presets
+from jaxrl_entropy import chips, presets
+from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy.aot import dryrun, hlo_stats
+from jaxrl_entropy.training import model_setup
 
 # Qwen3-8B's config.json, as published with the model (the values that change the maths)
 QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096, intermediate_size=12288,

@@ -170,7 +170,7 @@ def test_write_token_by_hand():
     """Oracle: a numpy loop writing each live row's K/V at (page_table[pos // page], pos % page);
     an idle row writes only the null page; nothing else changes."""
     rng = np.random.default_rng(0)
-    K, N, page, D, S, M = 2, 9, 4, 8, 4, 3
+    K, N, page, D, S = 2, 9, 4, 8, 4
     pool = rng.normal(size=(K, N, page, D)).astype(np.float32)
     table = np.array([[1, 2, 0], [3, 4, 5], [6, 0, 0], [7, 8, 0]], np.int32)
     pos = np.array([5, 10, 0, 3], np.int32)

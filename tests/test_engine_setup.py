@@ -7,16 +7,17 @@ import jax
 import jax.numpy as jnp
 
 from conftest import tiny_config
-from jaxrl_entropy import engine_setup, model_setup, parallel
+from jaxrl_entropy.training import engine_setup, model_setup
+from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.models import engine as eng
 from jaxrl_entropy.models import paged_cache, sampler
-from jaxrl_entropy.rollout import PolicySampler, logp_diff_metrics
+from jaxrl_entropy.training.rollout import PolicySampler, logp_diff_metrics
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from jaxrl_entropy import data_setup
+    from jaxrl_entropy.training import data_setup
     cfg = tiny_config()
     tok = data_setup.tokenizer_for(cfg)
     mesh = model_setup.build_mesh(cfg)  # 8 fake devices, data-parallel

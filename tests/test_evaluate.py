@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from jaxrl_entropy import evaluate as eval_lib
+from jaxrl_entropy.training import evaluate as eval_lib
 from jaxrl_entropy.data.synthetic import ArithmeticTask
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer
 
@@ -35,7 +35,7 @@ def test_mean_and_pass_at_k_by_hand(tok):
     records = ArithmeticTask().records("test", 7, seed=0)   # 7 problems, batches of 3: padding used
     k = 4
     rule = lambda a, b: (a + b) % 5                           # 0..4 right samples out of 4 (4 → capped)
-    res = eval_lib.evaluate_benchmark(_scripted_sampler(tok, k, rule), tok, records,
+    res = eval_lib.score_benchmark(_scripted_sampler(tok, k, rule), tok, records,
                                       eval_lib.EvalSpec(k=k, batch_prompts=3, max_prompt_len=32))
     sums = [int(r["reward_model"]["ground_truth"]) for r in records]
     right = [min(s % 5, k) for s in sums]
@@ -50,10 +50,10 @@ def test_evaluate_averages_benchmarks_unweighted(tok):
     a, b = task.records("test", 2, seed=0), task.records("test", 6, seed=1)
     always, never = (lambda x, y: 2), (lambda x, y: 0)
     spec = eval_lib.EvalSpec(k=2, batch_prompts=2, max_prompt_len=32)
-    m_a = eval_lib.evaluate(_scripted_sampler(tok, 2, always), tok, {"a": a}, spec)
-    m_b = eval_lib.evaluate(_scripted_sampler(tok, 2, never), tok, {"b": b}, spec)
+    m_a = eval_lib.score_benchmarks(_scripted_sampler(tok, 2, always), tok, {"a": a}, spec)
+    m_b = eval_lib.score_benchmarks(_scripted_sampler(tok, 2, never), tok, {"b": b}, spec)
     assert m_a["eval/a/mean@2"] == 1.0 and m_b["eval/b/mean@2"] == 0.0
-    both = eval_lib.evaluate(_scripted_sampler(tok, 2, lambda x, y: 1), tok, {"a": a, "b": b}, spec)
+    both = eval_lib.score_benchmarks(_scripted_sampler(tok, 2, lambda x, y: 1), tok, {"a": a, "b": b}, spec)
     assert both["eval/accuracy"] == pytest.approx(0.5)           # mean of the two benchmarks' 0.5
     table = eval_lib.format_table(both, 2)
     assert "| a | 0.5000 | 1.0000 |" in table and "**average** | 0.5000" in table

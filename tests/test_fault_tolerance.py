@@ -16,7 +16,9 @@ import pytest
 import jax
 
 from conftest import TINY_CLI_FLAGS, metrics_rows, tiny_config
-from jaxrl_entropy import cli
+from jaxrl_entropy.cli.main import main as cli
+
+pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=0"]
@@ -65,11 +67,11 @@ def _largest_data_file(step_dir: str) -> str:
 
 # ---------------------------------------------------------------------------------- one writer
 def test_a_second_job_on_a_workdir_exits_at_once_naming_the_holder(tmp_path, capsys):
-    from jaxrl_entropy.locking import WorkdirLock
+    from jaxrl_entropy.rundir.locking import WorkdirLock
 
     workdir = str(tmp_path / "run")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom jaxrl_entropy.locking import WorkdirLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom jaxrl_entropy.rundir.locking import WorkdirLock\n"
          "lock = WorkdirLock(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)", workdir],
         stdout=subprocess.PIPE, text=True, env=_env())
     try:
@@ -87,7 +89,7 @@ def test_a_second_job_on_a_workdir_exits_at_once_naming_the_holder(tmp_path, cap
 
 def test_lease_on_object_stores_refuses_a_live_holder_and_expires_after_a_dead_one(tmp_path):
     """The gs:// lease, exercised on a local path (it only uses fileio's read/write)."""
-    from jaxrl_entropy.locking import LEASE_FILE, WorkdirBusyError, WorkdirLock
+    from jaxrl_entropy.rundir.locking import LEASE_FILE, WorkdirBusyError, WorkdirLock
 
     first = WorkdirLock(str(tmp_path), mode="lease", settle_s=0, heartbeat_s=3600)
     with pytest.raises(WorkdirBusyError) as e:
@@ -150,7 +152,7 @@ def test_fallback_resumes_from_the_newest_intact_step_and_says_so(base_run, tmp_
 def test_a_run_that_skips_every_update_stops_with_an_error(base_run, tmp_path, capsys):
     """Non-finite parameters (damaged weights that still pass the checksum: saved that way) make
     every update non-finite; the run stops after train.max_skipped_steps such steps, non-zero."""
-    from jaxrl_entropy.trainer import Trainer
+    from jaxrl_entropy.training.trainer import Trainer
 
     workdir = _copy(base_run, tmp_path)
     trainer = Trainer(tiny_config(**{"train.steps": 2, "eval.every": 0}), workdir)
@@ -172,7 +174,7 @@ def test_a_run_that_skips_every_update_stops_with_an_error(base_run, tmp_path, c
 
 # ---------------------------------------------------------------------------------- stop requests
 def test_stop_requests_are_agreed_across_processes_and_a_second_ctrl_c_aborts():
-    from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
+    from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
 
     others = [False]
     guard = PreemptionGuard(agree=lambda mine: mine or others[0])  # stands in for the all-gather
@@ -214,7 +216,7 @@ def _signal_on_call(monkeypatch, obj, name, when):
 
 
 def test_sigterm_in_the_warm_up_saves_its_progress_and_resumes_to_the_same_parameters(tmp_path, monkeypatch):
-    from jaxrl_entropy.trainer import WARMUP_DIR, Trainer
+    from jaxrl_entropy.training.trainer import WARMUP_DIR, Trainer
 
     cfg = dict(**{"train.steps": 0, "train.sft_steps": 5, "train.sft_batch_size": 8,
                   "train.sft_target_accuracy": 0.0, "eval.every": 0})
@@ -246,8 +248,8 @@ def test_stops_mid_rollout_and_mid_evaluation_resume_to_the_uninterrupted_run(tm
     between-batch check raises): the data position goes back to the step's start. Stop 2: SIGTERM
     during step 2's first evaluation batch: the evaluation stops before its second batch. Each
     saves the last completed step and returns; the resumed run equals an uninterrupted one."""
-    from jaxrl_entropy.preemption import StopRequested
-    from jaxrl_entropy.trainer import Trainer
+    from jaxrl_entropy.rundir.preemption import StopRequested
+    from jaxrl_entropy.training.trainer import Trainer
 
     cfg = {"train.steps": 3, "eval.every": 2, "data.synthetic.eval_size": 24, "train.checkpoint_every": 100}
     straight_dir, workdir = str(tmp_path / "straight"), str(tmp_path / "stopped")
@@ -304,11 +306,11 @@ def test_stops_mid_rollout_and_mid_evaluation_resume_to_the_uninterrupted_run(tm
 
 def test_dynamic_sampling_stops_between_generation_batches():
     """The rollout asks before each further generation batch; a stop there drops the partial batch."""
-    from jaxrl_entropy import data_setup
+    from jaxrl_entropy.training import data_setup
     from jaxrl_entropy.data.pipeline import PromptBatcher
     from jaxrl_entropy.models.sampler import SampleOutput
-    from jaxrl_entropy.preemption import StopRequested
-    from jaxrl_entropy.rollout import RolloutCollector
+    from jaxrl_entropy.rundir.preemption import StopRequested
+    from jaxrl_entropy.training.rollout import RolloutCollector
 
     cfg = tiny_config(**{"rl.dynamic_sampling": True, "rl.max_gen_batches": 5})
     tok = data_setup.tokenizer_for(cfg)
@@ -333,8 +335,8 @@ def test_dynamic_sampling_stops_between_generation_batches():
 
 
 def test_a_stopped_export_leaves_the_target_as_it_was(base_run, tmp_path):
-    from jaxrl_entropy import model_io
-    from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
+    from jaxrl_entropy.training import model_io
+    from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
 
     out = tmp_path / "hf"
     out.mkdir()
@@ -365,7 +367,7 @@ def test_eval_does_not_touch_the_run(base_run, capsys):
 def test_convert_refuses_a_non_empty_target_and_overwrite_replaces_it_whole(base_run, tmp_path, capsys):
     from safetensors.numpy import load_file
 
-    from jaxrl_entropy import model_io
+    from jaxrl_entropy.training import model_io
 
     out = tmp_path / "hf"
     out.mkdir()

@@ -1,10 +1,10 @@
-"""`jaxrl_entropy.fileio` on local paths and on `gs://` (an in-memory object store reached through
+"""`jaxrl_entropy.rundir.fileio` on local paths and on `gs://` (an in-memory object store reached through
 etils.epath and fsspec, the code path a real bucket takes: see `fake_gcs`)."""
 import fsspec
 import pytest
 
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 
 
 def test_local_files(tmp_path):

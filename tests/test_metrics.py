@@ -1,4 +1,4 @@
-"""`jaxrl_entropy.metrics`: reading a history, judging it, and cutting it back on resume, for local
+"""`jaxrl_entropy.rundir.metrics`: reading a history, judging it, and cutting it back on resume, for local
 and `gs://` workdirs (the in-memory object store of `fake_gcs`).
 
 Oracles: the lines the test itself wrote, parsed here with `json.loads` line by line.
@@ -10,8 +10,8 @@ import struct
 import pytest
 
 from fake_gcs import fake_gcs  # noqa: F401  (fixture)
-from jaxrl_entropy import fileio, metrics
-from jaxrl_entropy.metrics import MetricsWriter
+from jaxrl_entropy.rundir import fileio, metrics
+from jaxrl_entropy.rundir.metrics import MetricsWriter
 
 
 def _train(step, **extra):

@@ -16,6 +16,8 @@ import jax
 
 from conftest import TINY_CLI_FLAGS, metrics_rows
 
+pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 FLAGS = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=100",  # evaluates at step 0 only
@@ -133,7 +135,7 @@ def test_sigterm_to_one_process_makes_both_save_the_same_step_and_exit_0(runs):
 
 
 def test_the_resumed_run_equals_the_uninterrupted_one(runs):
-    from jaxrl_entropy import model_io
+    from jaxrl_entropy.training import model_io
 
     assert runs["resumed_codes"] == [0, 0], runs["resumed_logs"]
     straight = {r["step"]: r for r in metrics_rows(runs["straight"]) if "loss" in r}

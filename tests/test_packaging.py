@@ -22,7 +22,7 @@ def test_every_top_level_import_name_we_install_belongs_to_this_distribution_alo
 
 
 def test_nothing_at_the_checkout_root_shadows_an_installed_distribution():
-    # `python -m pytest` (and `python -m jaxrl_entropy.cli` started there) puts the root first on
+    # `python -m pytest` (and `python -m jaxrl_entropy.cli.main` started there) puts the root first on
     # sys.path: a regular package or module there wins over site-packages for every importer,
     # transformers included.
     owners = importlib.metadata.packages_distributions()

@@ -9,7 +9,9 @@ import optax
 from flax import nnx
 
 from jaxrl_entropy import kernels
-from jaxrl_entropy import hlo_stats, parallel, step_programs
+from jaxrl_entropy.aot import hlo_stats
+from jaxrl_entropy import parallel
+from jaxrl_entropy.training import step_programs
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.models import attention as attn_lib
 from jaxrl_entropy.models import qwen3

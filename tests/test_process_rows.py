@@ -13,7 +13,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from conftest import tiny_config
-from jaxrl_entropy import evaluate, parallel, rollout
+from jaxrl_entropy.training import evaluate, rollout
+from jaxrl_entropy import parallel
 from jaxrl_entropy.models.sampler import SampleOutput
 
 
@@ -95,7 +96,7 @@ def _sample(vocab: int):
 
 
 def test_rollout_scores_each_row_once_on_its_process(world, monkeypatch):
-    from jaxrl_entropy import data_setup
+    from jaxrl_entropy.training import data_setup
     from jaxrl_entropy.data.pipeline import PromptBatcher
 
     cfg = tiny_config(**{"rl.overlong_buffer": 0})
@@ -124,7 +125,7 @@ def test_rollout_scores_each_row_once_on_its_process(world, monkeypatch):
 
 
 def test_evaluation_scores_each_row_once_on_its_process(world, monkeypatch):
-    from jaxrl_entropy import data_setup
+    from jaxrl_entropy.training import data_setup
 
     cfg = tiny_config()
     tok = data_setup.tokenizer_for(cfg)
@@ -134,11 +135,11 @@ def test_evaluation_scores_each_row_once_on_its_process(world, monkeypatch):
     calls = []
     log = []
     monkeypatch.setattr(evaluate, "score_responses", _fake_scorer(log))
-    one = evaluate.evaluate_benchmark(lambda ids, mask, c: calls.append(1) or sample(ids, mask), tok, records, spec)
+    one = evaluate.score_benchmark(lambda ids, mask, c: calls.append(1) or sample(ids, mask), tok, records, spec)
     single = {k: v for k, v in one.items()}
     log.clear()
     w = world(2)
-    outs = w.run(lambda i: evaluate.evaluate_benchmark(lambda ids, mask, c: sample(ids, mask), tok, records, spec))
+    outs = w.run(lambda i: evaluate.score_benchmark(lambda ids, mask, c: sample(ids, mask), tok, records, spec))
     for out in outs:
         np.testing.assert_array_equal(out["correct"], single["correct"])
         assert out[f"mean@{spec.k}"] == single[f"mean@{spec.k}"]

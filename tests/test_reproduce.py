@@ -5,7 +5,9 @@ import os
 import pytest
 
 from conftest import TINY_CLI_FLAGS, metrics_rows as _rows
-from jaxrl_entropy import cli
+from jaxrl_entropy.cli.main import main as cli
+
+pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 
 STEPS = 2
 FLAGS = [*TINY_CLI_FLAGS, f"--config.train.steps={STEPS}", "--config.train.sft_steps=3",

@@ -4,11 +4,11 @@ import re
 import numpy as np
 
 from conftest import tiny_config
-from jaxrl_entropy import data_setup
+from jaxrl_entropy.training import data_setup
 from jaxrl_entropy.data.pipeline import PromptBatcher
 from jaxrl_entropy.models.sampler import SampleOutput
 from jaxrl_entropy.rl import advantages
-from jaxrl_entropy.rollout import RolloutCollector
+from jaxrl_entropy.training.rollout import RolloutCollector
 
 
 def _collector(cfg, tok, records):

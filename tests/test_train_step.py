@@ -76,8 +76,6 @@ def _setup(seed=0):
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     b = _batch(seed)
-    st = ts.rollout_stats(graphdef, params, {k: jnp.asarray(b[k]) for k in
-                                             ("input_ids", "attention_mask", "response")}, SPEC, chunk=8)
     # old policy = a slightly different model, so ratios are not all 1 and clipping can act
     old = jax.tree.map(lambda x: x * 1.05, params)
     st_old = ts.rollout_stats(graphdef, old, {k: jnp.asarray(b[k]) for k in
@@ -156,7 +154,7 @@ def test_geometry_programs_equal_separate_gradients_of_each_subset():
     numpy definition. Over a data × fsdp × tensor mesh, where each gradient comes back sharded like
     the parameters (the host loop never holds a replicated copy)."""
     import oracles
-    from jaxrl_entropy import step_programs
+    from jaxrl_entropy.training import step_programs
     from jaxrl_entropy.rl import diagnostics
     graphdef, params, _, b, st, adv, w = _setup(seed=2)
     mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)

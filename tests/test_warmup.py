@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_entropy import warmup
+from jaxrl_entropy.training import warmup
 from jaxrl_entropy.config import base_config
 
 

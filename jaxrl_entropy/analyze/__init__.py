@@ -1,7 +1,7 @@
 """`jaxrl-entropy analyze`: plots and tables from one or more run directories (local or `gs://`).
 
 Each run directory holds `metrics.jsonl` (one JSON object per line, each with `"step"`; see
-`jaxrl_entropy.metrics`) and, optionally, `config.json` (the run's config, with `"name"` = the
+`jaxrl_entropy.rundir.metrics`) and, optionally, `config.json` (the run's config, with `"name"` = the
 variant label such as "full", "random", "anchor", "explorer", "soft", and `"seed"`). Runs are
 grouped by variant; seeds give the spread. Outputs, in `out_dir`:
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.aggregate import summarize_runs
 from jaxrl_entropy.analyze.layout import layout_of
 from jaxrl_entropy.analyze.plots import plot_all

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.aggregate import aggregate, series
 from jaxrl_entropy.analyze.layout import ENTROPY_QUANTILES, THRESHOLD_METRICS, TRAINING_PLOT_METRICS, Layout
 

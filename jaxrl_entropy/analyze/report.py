@@ -5,7 +5,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.layout import BASELINE, TAIL_STEPS, TRAIN_TAIL_METRICS, Layout
 
 _VOLATILITY = ("cos_full_sd_over_steps", "norm_cv_over_steps")

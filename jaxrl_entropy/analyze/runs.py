@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_entropy import fileio, metrics
+from jaxrl_entropy.rundir import fileio, metrics
 
 CONFIG_FILE = "config.json"
 #: How many history problems an error message lists before it says "and N more".

@@ -33,7 +33,7 @@ BACKENDS = ("tpu", "interpret_tpu", "xla")
 DEFAULT_BLOCK_KEYS = 512  # keys per XLA block (rounded to whole pages)
 
 
-def resolve_backend(backend: str | None) -> str:
+def resolve_paged_backend(backend: str | None) -> str:
     if backend is None:
         return "tpu" if jax.default_backend() == "tpu" else "xla"
     if backend not in BACKENDS:
@@ -87,7 +87,7 @@ def paged_attention(q_SxHxD: jax.Array, k_pages: jax.Array, v_pages: jax.Array, 
       `[S, Hq, D]` in q's dtype.
     """
     _validate(q_SxHxD, k_pages, v_pages, lengths_S, page_table_SxM)
-    backend = resolve_backend(backend)
+    backend = resolve_paged_backend(backend)
     lengths_S = lengths_S.astype(jnp.int32)
     page_table_SxM = page_table_SxM.astype(jnp.int32)
     page = k_pages.shape[2]

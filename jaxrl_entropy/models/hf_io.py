@@ -186,7 +186,7 @@ def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
     weight_map, total = {}, 0
     for i, (fname, paths) in enumerate(zip(names, plan)):
         if i and should_stop is not None and should_stop():
-            from jaxrl_entropy.preemption import StopRequested
+            from jaxrl_entropy.rundir.preemption import StopRequested
             raise StopRequested()
         shard = {hf_name(p): _host_array(params[p], store_dtype, bool(_TRANSPOSED.search(p))) for p in paths}
         if writer:

@@ -16,12 +16,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxrl_entropy import parallel, rng
-from jaxrl_entropy.evaluate import decode_responses
-from jaxrl_entropy.model_setup import Policy
+from jaxrl_entropy import parallel
+from jaxrl_entropy.training import rng
+from jaxrl_entropy.training.evaluate import decode_responses
+from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import sampler
-from jaxrl_entropy.preemption import StopRequested
+from jaxrl_entropy.rundir.preemption import StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
+from jaxrl_entropy.training.sampling import rollout_sampling_params
 from jaxrl_entropy.rl.rewards import overlong_penalty, score_responses
 
 SampleFn = Callable[[np.ndarray, np.ndarray, jax.Array, sampler.SamplingParams], sampler.SampleOutput]
@@ -44,13 +46,13 @@ class PolicySampler:
         self.engine = None
         self.progress = progress
         if cfg is not None and cfg.rollout.engine == "paged":
-            from jaxrl_entropy import engine_setup
+            from jaxrl_entropy.training import engine_setup
             self.engine = engine_setup.build(cfg, policy)
         self._inference: tuple[Any, Any] | None = None  # (training params, engine copy)
 
     def __call__(self, params, ids_BxP, mask_BxP, key, sp: sampler.SamplingParams) -> sampler.SampleOutput:
         if self.engine is not None:
-            from jaxrl_entropy import engine_setup
+            from jaxrl_entropy.training import engine_setup
             return engine_setup.generate(self.engine, self.inference_params(params), ids_BxP, mask_BxP, key, sp,
                                          progress=self.progress)
         ids = parallel.host_to_global(np.asarray(ids_BxP, np.int32), self.batch_sharding)
@@ -60,7 +62,7 @@ class PolicySampler:
     def inference_params(self, params):
         """The engine's copy of `params` (made on first use of this parameter set)."""
         if self._inference is None or self._inference[0] is not params:
-            from jaxrl_entropy import engine_setup
+            from jaxrl_entropy.training import engine_setup
             self._inference = None  # free the old copy before making the new one
             self._inference = (params, engine_setup.inference_params(self.engine, params, self.policy.mesh))
         return self._inference[1]
@@ -78,13 +80,6 @@ def logp_diff_metrics(rollout_logp_MxN, old_logp_MxN, mask_MxN) -> dict[str, flo
         return {"rollout/logp_diff_max": 0.0, "rollout/logp_diff_mean": 0.0}
     diff = np.abs(np.asarray(rollout_logp_MxN, np.float64) - np.asarray(old_logp_MxN, np.float64))[mask]
     return {"rollout/logp_diff_max": float(diff.max()), "rollout/logp_diff_mean": float(diff.mean())}
-
-
-def rollout_sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...],
-                            pad_id: int) -> sampler.SamplingParams:
-    r = cfg.rollout
-    return sampler.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                  top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)
 
 
 class RolloutCollector:

@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         from jaxrl_entropy import analyze
         return analyze.main(rest)
     if command == "reproduce":
-        from jaxrl_entropy import reproduce
+        from jaxrl_entropy.cli import reproduce
         return reproduce.main(rest)
     if command == "dryrun":
         _prepare_dryrun(rest)
-    from jaxrl_entropy import cli_commands
+    from jaxrl_entropy.cli import commands as cli_commands
     return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
 
 
@@ -51,6 +51,3 @@ def _prepare_dryrun(args: list[str]) -> None:
     if topo is not None:
         chips.prepare_environment(topo)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

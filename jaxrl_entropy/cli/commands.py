@@ -83,7 +83,7 @@ def _train(fv):
     from jaxrl_entropy.config import validate_for_runtime
     # the checks that need the devices (after multi-host set-up) and the model's depth (config.json only)
     validate_for_runtime(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
-    from jaxrl_entropy.trainer import Trainer
+    from jaxrl_entropy.training.trainer import Trainer
     workdir = fv.workdir or os.path.join("runs", cfg.name)
     trainer = Trainer(cfg, workdir)
     try:
@@ -110,14 +110,14 @@ def _eval(fv):
     _params_source(fv)
     cfg = _explicit_config(fv) if fv.checkpoint else _config(fv)
     _setup(fv)
-    from jaxrl_entropy import evaluate as eval_lib
-    from jaxrl_entropy import model_io
+    from jaxrl_entropy.training import evaluate as eval_lib
+    from jaxrl_entropy.training import model_io
     if fv.checkpoint:
         cfg, policy, step, tokenizer = model_io.policy_from_run(cfg, fv.checkpoint)
     else:
         cfg, policy, tokenizer = model_io.policy_from_hf(cfg, fv.hf)
         step = 0
-    metrics = model_io.evaluate(cfg, policy, step, tokenizer)
+    metrics = model_io.evaluate_for_cli(cfg, policy, step, tokenizer)
     if not metrics:
         raise UsageError("no benchmarks: set --config.eval.benchmarks=name=path,... (or use synthetic data)")
     print(eval_lib.format_table(metrics, cfg.eval.k))
@@ -127,8 +127,8 @@ def _eval(fv):
 
 
 def _convert(fv):
-    from jaxrl_entropy import model_io
-    from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
+    from jaxrl_entropy.training import model_io
+    from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
     if fv.overwrite and not fv.to_hf:
         raise UsageError("--overwrite applies to --to_hf only (an orbax workdir is never overwritten: choose a "
                          "new one)")
@@ -172,7 +172,7 @@ def _dryrun(fv):
     chips.prepare_environment(topo)
     cfg = _config(fv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from jaxrl_entropy import dryrun
+    from jaxrl_entropy.aot import dryrun
     report = dryrun.run(cfg, fv.topology, programs=fv.programs, headroom=fv.headroom,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(dryrun.format_report(report))
@@ -185,13 +185,13 @@ def _dryrun(fv):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed without a traceback."""
-    from jaxrl_entropy.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+    from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, CheckpointMismatchError
     from jaxrl_entropy.config import ConfigError
     from jaxrl_entropy.data.sources import DataError
-    from jaxrl_entropy.locking import WorkdirBusyError
+    from jaxrl_entropy.rundir.locking import WorkdirBusyError
     from jaxrl_entropy.models.config import CheckpointError
     from jaxrl_entropy.rl.advantages import DynamicSamplingError
-    from jaxrl_entropy.trainer import TrainingDivergedError
+    from jaxrl_entropy.training.trainer import TrainingDivergedError
     return (UsageError, ConfigError, DataError, CheckpointError, DynamicSamplingError, OSError, WorkdirBusyError,
             CheckpointCorruptError, CheckpointMismatchError, TrainingDivergedError, DoesNotFit)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 
 __all__ = ["METRICS_FILE", "TRAIN_STEP_KEY", "Line", "parse_lines", "read_lines", "read_metrics",
            "history_problems", "lines_before", "MetricsWriter"]

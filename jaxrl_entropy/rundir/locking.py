@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -176,7 +176,7 @@ def claim_workdir(workdir: str) -> WorkdirLock | None:
     any check failed anywhere, so none is left waiting in a collective."""
     import jax
 
-    from jaxrl_entropy.preemption import any_process
+    from jaxrl_entropy.rundir.preemption import any_process
     lock, error = None, None
     try:
         fileio.check_writable(workdir, "workdir")

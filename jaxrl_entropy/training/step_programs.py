@@ -25,9 +25,11 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_entropy import aot, config, model_setup, parallel
+from jaxrl_entropy.training import model_setup
+from jaxrl_entropy.training.program import Program
+from jaxrl_entropy import config, parallel
 from jaxrl_entropy.config import ConfigError
-from jaxrl_entropy.model_setup import Policy
+from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.rl import loss as loss_lib
@@ -54,13 +56,13 @@ def step_spec(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> ts.Ste
         kl_coef=cfg.rl.kl_coef, entropy_coef=cfg.rl.entropy_coef)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def optimizer_from_config(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     o = cfg.optim
     return ts.make_optimizer(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                              warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, policy: Policy) -> Any:
+def policy_opt_state_shardings(tx: optax.GradientTransformation, policy: Policy) -> Any:
     abstract = jax.eval_shape(tx.init, policy.params)
     return parallel.opt_state_shardings(abstract, policy.shardings, policy.mesh)
 
@@ -145,7 +147,7 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
     spec = step_spec(cfg, policy.arch)
     mesh, graphdef = policy.mesh, policy.graphdef
     params_sh = policy.shardings
-    opt_sh = opt_state_shardings(tx, policy)
+    opt_sh = policy_opt_state_shardings(tx, policy)
     batch_sh = parallel.batch_sharding(mesh, 2)
     micro_sh = NamedSharding(mesh, PartitionSpec(None, parallel.LOGICAL_RULES["batch"]))
     chunk = cfg.rl.micro_batch_size
@@ -264,11 +266,11 @@ def _kernel_units(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, *, ba
 
 
 def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTransformation | None = None,
-                 programs: StepPrograms | None = None) -> list[aot.Program]:
+                 programs: StepPrograms | None = None) -> list[Program]:
     """The step's programs (`build`) with abstract arguments of the config's shapes: what `dryrun`
     compiles. `resident_bytes`: per device, the trainer's other live arrays while each runs
     (the optimiser state during the forward passes, the rollout's arrays during the updates)."""
-    tx = tx or make_optimizer(cfg)
+    tx = tx or optimizer_from_config(cfg)
     sketch = None
     if cfg.train.geometry_every:
         sketch = diagnostics.GradientSketch()
@@ -291,17 +293,17 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.Gradi
     f32_rows = _abstract((sh.rows, sh.response_len), jnp.float32, rows_sh)
     T = sh.seq_len
     out = [
-        aot.Program("rollout_stats", programs.rollout_stats, (params, stats_in), calls_per_step=1.0,
+        Program("rollout_stats", programs.rollout_stats, (params, stats_in), calls_per_step=1.0,
                     note=f"old-policy forward + probe entropy: {sh.rows} rows × {T} tokens, chunks of {sh.micro}",
                     kernel_flops=attention_flops(arch, sh.rows, T, _kernel_units(cfg, arch, backward=False,
                                                                                    probe=True)) / n_dev,
                     resident_bytes=opt_bytes),
-        aot.Program("update", programs.update, (params, opt, minibatch), calls_per_step=float(sh.updates),
+        Program("update", programs.update, (params, opt, minibatch), calls_per_step=float(sh.updates),
                     note=f"{sh.n_micro} micro-batches × {sh.micro} rows × {T} tokens, AdamW",
                     kernel_flops=attention_flops(arch, sh.mini, T, _kernel_units(cfg, arch, backward=True,
                                                                                    probe=False)) / n_dev,
                     resident_bytes=rollout_bytes),
-        aot.Program("token_weights", programs.token_weights,
+        Program("token_weights", programs.token_weights,
                     (_abstract((sh.rows, sh.response_len), jnp.bool_, rows_sh), f32_rows, f32_rows, key, step),
                     calls_per_step=1.0, note=f"global quantiles over {sh.rows} × {sh.response_len} tokens",
                     resident_bytes=per_device_bytes(params) + opt_bytes + rollout_bytes),
@@ -313,7 +315,7 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.Gradi
 
 
 def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: StepShapes, n_dev: int, *,
-                  resident: int) -> list[aot.Program]:
+                  resident: int) -> list[Program]:
     """The geometry programs as the host loop runs them every `train.geometry_every` steps: 4 subset
     gradients, 4 norms and dots, 4 sketches, 1 projection pass. The sketch compiles once per
     distinct leaf shape; the largest leaf's stands for them (the others are smaller copies)."""
@@ -328,16 +330,16 @@ def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: St
     salt = jax.ShapeDtypeStruct((), jnp.uint32)
     gradient_units = _kernel_units(cfg, arch, backward=True, probe=False)
     return [
-        aot.Program("geometry/gradient", geometry.gradient, (params, part, w), calls_per_step=4.0 / every,
+        Program("geometry/gradient", geometry.gradient, (params, part, w), calls_per_step=4.0 / every,
                     note=f"one subset's gradient on {sh.micro} rows × {sh.seq_len} tokens",
                     kernel_flops=attention_flops(arch, sh.micro, sh.seq_len, gradient_units) / n_dev,
                     resident_bytes=resident + grad_bytes),   # the full gradient, kept while the others run
-        aot.Program("geometry/projections", geometry.projections, (params, part, grad), calls_per_step=1.0 / every,
+        Program("geometry/projections", geometry.projections, (params, part, grad), calls_per_step=1.0 / every,
                     note=f"per-token JVP along the full gradient on {sh.micro} rows (XLA attention)",
                     resident_bytes=resident),
-        aot.Program("geometry/norm_and_dot", geometry.norm_and_dot, (grad, grad), calls_per_step=4.0 / every,
+        Program("geometry/norm_and_dot", geometry.norm_and_dot, (grad, grad), calls_per_step=4.0 / every,
                     note="|g| and <g, g_full> over all parameters", resident_bytes=resident + grad_bytes),
-        aot.Program("geometry/sketch", diagnostics.sketch_leaf_program(sketch), (largest, salt),
+        Program("geometry/sketch", diagnostics.sketch_leaf_program(sketch), (largest, salt),
                     calls_per_step=4.0 * len(leaves) / every,
                     note=f"count sketch of the largest of {len(leaves)} gradient leaves {tuple(largest.shape)} "
                          f"into {sketch.dim} buckets", resident_bytes=resident + 2 * grad_bytes),

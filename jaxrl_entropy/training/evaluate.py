@@ -28,7 +28,7 @@ def decode_responses(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -
                                   skip_special_tokens=True)
 
 
-def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tokenizer,
+def score_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tokenizer,
                        records: Sequence[dict], spec: EvalSpec, *, verifier=None, progress=None,
                        should_stop: Callable[[], bool] | None = None) -> dict:
     """Score k samples of every problem; returns mean@k, pass@k (unbiased, k samples) and counts.
@@ -51,7 +51,7 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
     correct = np.zeros((len(padded), spec.k), bool)
     for call, b in enumerate(batcher):
         if call and should_stop is not None and should_stop():
-            from jaxrl_entropy.preemption import StopRequested
+            from jaxrl_entropy.rundir.preemption import StopRequested
             raise StopRequested()
         ids = np.repeat(b["input_ids"], spec.k, axis=0)
         mask = np.repeat(b["attention_mask"], spec.k, axis=0)
@@ -75,17 +75,17 @@ def evaluate_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tok
     }
 
 
-def evaluate(sample, tokenizer, benchmarks: dict[str, Sequence[dict]], spec: EvalSpec, *, verifier=None,
-             progress=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+def score_benchmarks(sample, tokenizer, benchmarks: dict[str, Sequence[dict]], spec: EvalSpec, *, verifier=None,
+                     progress=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """All benchmarks → flat metrics `eval/<name>/mean@k`, `eval/<name>/pass@k`, and
     `eval/accuracy` = the unweighted average of the benchmarks' mean@k."""
     metrics: dict[str, float] = {}
     means = []
     for name, records in benchmarks.items():
         if means and should_stop is not None and should_stop():
-            from jaxrl_entropy.preemption import StopRequested
+            from jaxrl_entropy.rundir.preemption import StopRequested
             raise StopRequested()
-        res = evaluate_benchmark(sample, tokenizer, records, spec, verifier=verifier, progress=progress,
+        res = score_benchmark(sample, tokenizer, records, spec, verifier=verifier, progress=progress,
                                  should_stop=should_stop)
         metrics[f"eval/{name}/mean@{spec.k}"] = res[f"mean@{spec.k}"]
         metrics[f"eval/{name}/pass@{spec.k}"] = res[f"pass@{spec.k}"]
@@ -118,16 +118,17 @@ def num_problems(benchmarks: dict[str, Sequence[dict]], spec: EvalSpec) -> int:
 def evaluate_policy(cfg: ml_collections.ConfigDict, sample_policy, params, step: int, tokenizer,
                     benchmarks: dict[str, Sequence[dict]], mesh, eos_ids: tuple[int, ...], *, verifier=None,
                     progress=None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """`evaluate` for the policy `params`: `sample_policy(params, ids, mask, key, sampling_params)`
-    (a `rollout.PolicySampler`), with the run's evaluation stream of `step`; `should_stop`: see
-    `evaluate_benchmark`."""
+    """The library's evaluation entry point (the trainer and the `eval` command come through it):
+    `score_benchmarks` for the policy `params`, sampled by `sample_policy(params, ids, mask, key,
+    sampling_params)` (a `rollout.PolicySampler`) with the run's evaluation stream of `step`;
+    `should_stop`: see `score_benchmark`."""
     import jax
 
-    from jaxrl_entropy import rng
+    from jaxrl_entropy.training import rng
     spec = spec_for(cfg, mesh)
     sp = sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
     base = rng.step_key(cfg.seed, step, rng.EVAL)
-    return evaluate(lambda ids, m, i: sample_policy(params, ids, m, jax.random.fold_in(base, i), sp),
+    return score_benchmarks(lambda ids, m, i: sample_policy(params, ids, m, jax.random.fold_in(base, i), sp),
                     tokenizer, benchmarks, spec, verifier=verifier, progress=progress, should_stop=should_stop)
 
 

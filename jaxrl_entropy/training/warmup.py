@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrl_entropy import evaluate as eval_lib
+from jaxrl_entropy.training import evaluate as eval_lib
 from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
@@ -163,5 +163,5 @@ def sampled_accuracy(cfg: ml_collections.ConfigDict, tokenizer, records, sample,
     rng = np.random.default_rng([cfg.seed, step])
     recs = [records[j] for j in rng.choice(len(records), CHECK_PROMPTS, replace=False)]
     spec = eval_lib.EvalSpec(k=CHECK_SAMPLES, batch_prompts=CHECK_PROMPTS, max_prompt_len=cfg.data.max_prompt_len)
-    res = eval_lib.evaluate_benchmark(sample, tokenizer, recs, spec)
+    res = eval_lib.score_benchmark(sample, tokenizer, recs, spec)
     return float(res[f"mean@{CHECK_SAMPLES}"])

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxrl_entropy import fileio
+from jaxrl_entropy.rundir import fileio
 
 log = logging.getLogger("jaxrl_entropy")
 

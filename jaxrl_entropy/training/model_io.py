@@ -1,8 +1,8 @@
 """Parameters in and out of runs, without building a trainer (no training data, optimiser
 compilation or verifier pool): evaluate a run or a HF directory, convert orbax ⇄ HF.
 
-    cfg, policy, step = model_io.policy_from_run(None, "runs/demo")   # the run's own config.json
-    metrics = model_io.evaluate(cfg, policy, step)
+    cfg, policy, step, tok = model_io.policy_from_run(None, "runs/demo")   # the run's own config.json
+    metrics = model_io.evaluate_for_cli(cfg, policy, step, tok)
     model_io.checkpoint_to_hf(None, "runs/demo", "/tmp/hf")
     model_io.hf_to_checkpoint(cfg, "/ckpt/Qwen3-8B-Base", "runs/from_hf")
 
@@ -18,9 +18,10 @@ import re
 import ml_collections
 
 from jaxrl_entropy import config as config_lib
-from jaxrl_entropy import fileio, model_setup
-from jaxrl_entropy.checkpoint import CheckpointCorruptError, Checkpointer
-from jaxrl_entropy.model_setup import Policy
+from jaxrl_entropy.rundir import fileio
+from jaxrl_entropy.training import model_setup
+from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, Checkpointer
+from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 
 
@@ -50,7 +51,7 @@ def _validated(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _tokenizer(cfg):
-    from jaxrl_entropy import data_setup
+    from jaxrl_entropy.training import data_setup
     return data_setup.tokenizer_for(cfg)
 
 
@@ -89,14 +90,14 @@ def policy_from_hf(cfg: ml_collections.ConfigDict, hf: str):
     return cfg, model_setup.load_policy(cfg, model_setup.build_mesh(cfg), tokenizer), tokenizer
 
 
-def evaluate(cfg: ml_collections.ConfigDict, policy: Policy, step: int, tokenizer, *,
-             progress: bool = True) -> dict[str, float]:
+def evaluate_for_cli(cfg: ml_collections.ConfigDict, policy: Policy, step: int, tokenizer, *,
+                     progress: bool = True) -> dict[str, float]:
     """mean@k / pass@k of `policy` on the config's evaluation sets (the `eval` command)."""
-    from jaxrl_entropy import data_setup
-    from jaxrl_entropy import evaluate as eval_lib
-    from jaxrl_entropy import progress as progress_lib
+    from jaxrl_entropy.training import data_setup
+    from jaxrl_entropy.training import evaluate as eval_lib
+    from jaxrl_entropy.rundir import progress as progress_lib
     from jaxrl_entropy.rl.rewards import MathVerifier
-    from jaxrl_entropy.rollout import PolicySampler
+    from jaxrl_entropy.training.rollout import PolicySampler
 
     eval_sets = data_setup.eval_sets(cfg)
     if not eval_sets:
@@ -199,12 +200,12 @@ def hf_to_checkpoint(cfg: ml_collections.ConfigDict, hf: str, workdir: str) -> N
     its config.json: `train --workdir=WORKDIR` then starts RL from these weights."""
     import jax
 
-    from jaxrl_entropy import step_programs
-    from jaxrl_entropy.locking import claim_workdir
+    from jaxrl_entropy.training import step_programs
+    from jaxrl_entropy.rundir.locking import claim_workdir
     check_new_workdir(workdir)
     cfg, policy, _ = policy_from_hf(cfg, hf)
-    tx = step_programs.make_optimizer(cfg)
-    opt_state = jax.jit(tx.init, out_shardings=step_programs.opt_state_shardings(tx, policy))(policy.params)
+    tx = step_programs.optimizer_from_config(cfg)
+    opt_state = jax.jit(tx.init, out_shardings=step_programs.policy_opt_state_shardings(tx, policy))(policy.params)
     lock = claim_workdir(workdir)
     checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     try:

@@ -26,13 +26,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxrl_entropy import aot, chips, parallel
+from jaxrl_entropy.training.program import Program
+from jaxrl_entropy import chips, parallel
 from jaxrl_entropy.config import ConfigError
-from jaxrl_entropy.model_setup import DTYPES, Policy
+from jaxrl_entropy.training.model_setup import DTYPES, Policy
 from jaxrl_entropy.models import paged_cache, qwen3
 from jaxrl_entropy.models.engine import Engine, EngineSpec
 from jaxrl_entropy.models.paged_cache import pages_for
 from jaxrl_entropy.models.sampler import SampleOutput, SamplingParams
+from jaxrl_entropy.training.sampling import rollout_sampling_params
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -52,7 +54,7 @@ def max_new_tokens(cfg: ml_collections.ConfigDict) -> int:
 def rows_per_call(cfg: ml_collections.ConfigDict, mesh) -> int:
     """The most rows one host generates in one call (a rollout batch, an eval batch, a warm-up
     check): more slots than this are never used."""
-    from jaxrl_entropy import evaluate, warmup
+    from jaxrl_entropy.training import evaluate, warmup
     rollout = cfg.rl.prompts_per_step * cfg.rl.group_size
     ev = evaluate.spec_for(cfg, mesh)
     check = warmup.CHECK_PROMPTS * warmup.CHECK_SAMPLES if cfg.train.sft_steps else 0
@@ -239,7 +241,7 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
 
 # ------------------------------------------------------------------------- ahead of time
 def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, training_devices: int | None = None,
-                 hosts: int | None = None, sizing_device=None, eval_decode: bool = False) -> list[aot.Program]:
+                 hosts: int | None = None, sizing_device=None, eval_decode: bool = False) -> list[Program]:
     """The engine's programs (one host's: prefill at the longest bucket, the decode chunk) at the
     config's shapes, as abstract arguments with shardings, for `jaxrl-entropy dryrun`. `policy`
     may be abstract (`model_setup.abstract_policy`). The engine runs on the first host's devices
@@ -263,7 +265,6 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     m = cfg.model
     engine = Engine(arch, spec, engine_mesh(devices, tp), dtype=DTYPES[m.dtype], attention=m.attention,
                     kernel_backend=m.kernel_backend or None)
-    from jaxrl_entropy.rollout import rollout_sampling_params
     sp = rollout_sampling_params(cfg, (1,), 0)
     args = engine.abstract_args(sp)
     S, C, N = spec.num_slots, spec.decode_chunk, sp.max_new_tokens
@@ -273,17 +274,17 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     note = (f"{S} slots, {spec.num_pages} pages × {spec.page_size} tokens = {kv_gib:.1f} GiB KV per device, "
             f"TP {tp} over {len(devices)} devices of a host")
     programs = [
-        aot.Program("rollout/prefill", engine.prefill_fn(), args["prefill"], calls_per_step=-(-prompts // R),
+        Program("rollout/prefill", engine.prefill_fn(), args["prefill"], calls_per_step=-(-prompts // R),
                     note=f"{R} prompts × {T} tokens; {note}", resident_bytes=int(training)),
         # worst case: every response runs to max_new_tokens
-        aot.Program("rollout/decode", engine.decode_fn(sp), args["decode"], calls_per_step=-(-rows // S) * -(-N // C),
+        Program("rollout/decode", engine.decode_fn(sp), args["decode"], calls_per_step=-(-rows // S) * -(-N // C),
                     note=f"{C} steps × {S} slots; {note}", resident_bytes=int(training)),
     ]
     if eval_decode:
-        from jaxrl_entropy import evaluate
+        from jaxrl_entropy.training import evaluate
         esp = evaluate.sampling_params(cfg, sp.eos_ids, 0)
         eargs = engine.abstract_args(esp)
-        programs.append(aot.Program("eval/decode", engine.decode_fn(esp), eargs["decode"], calls_per_step=0.0,
+        programs.append(Program("eval/decode", engine.decode_fn(esp), eargs["decode"], calls_per_step=0.0,
                                     note=f"{C} steps × {S} slots, eval sampling; {note}",
                                     resident_bytes=int(training)))
     return programs

@@ -20,18 +20,20 @@ import ml_collections
 import numpy as np
 
 from jaxrl_entropy import config as config_lib
-from jaxrl_entropy import evaluate as eval_lib
-from jaxrl_entropy import fileio, model_setup, parallel, progress, rng, step_programs, warmup
-from jaxrl_entropy.checkpoint import Checkpointer
+from jaxrl_entropy.training import evaluate as eval_lib
+from jaxrl_entropy.rundir import fileio, progress
+from jaxrl_entropy.training import model_setup, rng, step_programs, warmup
+from jaxrl_entropy import parallel
+from jaxrl_entropy.rundir.checkpoint import Checkpointer
 from jaxrl_entropy.data.pipeline import PromptBatcher
-from jaxrl_entropy.locking import claim_workdir
-from jaxrl_entropy.metrics import MetricsWriter
-from jaxrl_entropy.preemption import PreemptionGuard, StopRequested
+from jaxrl_entropy.rundir.locking import claim_workdir
+from jaxrl_entropy.rundir.metrics import MetricsWriter
+from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl import diagnostics, entropy_stats
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier
-from jaxrl_entropy.rollout import PolicySampler, RolloutCollector, logp_diff_metrics
+from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, logp_diff_metrics
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -60,7 +62,7 @@ class Trainer:
         self.verifier = None
         self.mesh = model_setup.build_mesh(cfg)
 
-        from jaxrl_entropy import data_setup  # local: keeps `import trainer` light for tests
+        from jaxrl_entropy.training import data_setup  # local: keeps `import trainer` light for tests
         self.tokenizer = data_setup.tokenizer_for(cfg)
         self.train_records, self.eval_sets, self.task = data_setup.datasets(cfg)
 
@@ -68,7 +70,7 @@ class Trainer:
         self.params = self.policy.params
         self.eos_ids = model_setup.eos_ids(self.tokenizer, self.policy.arch)
         self.geometry = diagnostics.GeometryTracker() if cfg.train.geometry_every else None
-        self.programs = step_programs.build(cfg, self.policy, step_programs.make_optimizer(cfg),
+        self.programs = step_programs.build(cfg, self.policy, step_programs.optimizer_from_config(cfg),
                                             sketch=self.geometry.sketch if self.geometry else None)
         self.opt_state = self.programs.init_opt_state(self.params)
         self.sampler = PolicySampler(self.policy, cfg, progress=cfg.train.progress)

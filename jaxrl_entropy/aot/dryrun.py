@@ -13,7 +13,7 @@ TPUs: libtpu (`pip install -e '.[tpu]'`) provides the devices of a real slice
 per-chip HBM (`compiled.memory_analysis()`), FLOPs and traffic (`hlo_stats`, loop trips counted;
 XLA's `cost_analysis()` is shown too, which counts loop bodies once), the collectives, and a roofline
 time from the chip's published figures (`chips.CHIPS`). A program fits when its arguments, outputs,
-temporaries and the caller's other live arrays (`aot.Program.resident_bytes`) stay under
+temporaries and the caller's other live arrays (`Program.resident_bytes`) stay under
 (1 − headroom) of the chip's HBM.
 
 GPUs (`h100x8`, ...) cannot be compiled for without one: where no GPU is attached the report is an
@@ -27,53 +27,55 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import os
 import re
 import resource
 import time
 import types
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxrl_entropy import aot, chips, hlo_stats, model_setup, parallel, step_programs
+from jaxrl_entropy.training import model_setup, sampling, step_programs
+from jaxrl_entropy.training.program import Program
+from jaxrl_entropy import chips, parallel
+from jaxrl_entropy.aot import hlo_stats
 from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.aot.report import (GiB, ProgramReport, Report, as_dict, failure_message,  # noqa: F401 (the API)
+                                      format_report, load)
 
-GiB = float(1 << 30)
 HEADROOM = 0.10
 
 
 # ----------------------------------------------------------------------------- program builders
 def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy,
-                        topo: chips.Topology) -> list[aot.Program]:
+                        topo: chips.Topology) -> list[Program]:
     """Rollout generation as the trainer runs it. `rollout.engine="paged"`: the engine's prefill and
     decode-chunk programs on one host's devices (`engine_setup.aot_programs`; its KV pool sized for
     the topology's chips), plus the evaluation's decode when `eval.every`. `"dense"`: one
     `sampler.generate` call of `rl.prompts_per_step × rl.group_size` rows over a dense KV cache."""
     if cfg.rollout.engine == "paged":
-        from jaxrl_entropy import engine_setup
+        from jaxrl_entropy.training import engine_setup
         sizing = None
         if topo.platform == "gpu" and policy.mesh.devices.flat[0].platform != "gpu":
             sizing = _gpu_standin(topo)  # size the engine for the named GPUs, not the CPU stand-ins
         return engine_setup.aot_programs(cfg, policy, policy.mesh, sizing_device=sizing,
                                          eval_decode=bool(cfg.eval.every))
-    from jaxrl_entropy import rollout
     rows = cfg.rl.prompts_per_step * cfg.rl.group_size
-    sp = rollout.rollout_sampling_params(cfg, _eos(policy), 0)
+    sp = sampling.rollout_sampling_params(cfg, _eos(policy), 0)
     return [_sample_program("generation", cfg, policy, rows, sp, calls_per_step=1.0)]
 
 
 def eval_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Policy,
-                  topo: chips.Topology) -> list[aot.Program]:
+                  topo: chips.Topology) -> list[Program]:
     """One evaluation sampling call (`evaluate.spec_for`'s batch, `eval.*` sampling settings) with
     the dense sampler; the paged engine's is in `generation_programs`."""
     if not cfg.eval.every or cfg.rollout.engine == "paged":
         return []
-    from jaxrl_entropy import evaluate
+    from jaxrl_entropy.training import evaluate
     spec = evaluate.spec_for(cfg, policy.mesh)
     sp = evaluate.sampling_params(cfg, _eos(policy), 0)
     return [_sample_program("eval", cfg, policy, spec.batch_prompts * spec.k, sp, calls_per_step=0.0)]
@@ -90,7 +92,7 @@ def _eos(policy) -> tuple[int, ...]:
     return sampler.as_tuple(policy.arch.eos_token_id) or (0,)
 
 
-def _sample_program(name, cfg, policy, rows: int, sp, *, calls_per_step: float) -> aot.Program:
+def _sample_program(name, cfg, policy, rows: int, sp, *, calls_per_step: float) -> Program:
     from jaxrl_entropy.models import sampler
     graphdef = policy.graphdef
     row_sh = parallel.batch_sharding(policy.mesh, 2)
@@ -100,85 +102,19 @@ def _sample_program(name, cfg, policy, rows: int, sp, *, calls_per_step: float) 
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(policy.mesh))
     # the body of `sampler.generate`'s jitted program, with the trainer's graphdef and sampling settings
     fn = jax.jit(lambda state, i, m, k: sampler._generate(graphdef, state, i, m, k, sp))
-    opt = jax.eval_shape(step_programs.make_optimizer(cfg).init, policy.params)
+    opt = jax.eval_shape(step_programs.optimizer_from_config(cfg).init, policy.params)
     opt_bytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt)) // policy.mesh.size
-    return aot.Program(name, fn, (policy.params, ids, ids, key), calls_per_step=calls_per_step,
+    return Program(name, fn, (policy.params, ids, ids, key), calls_per_step=calls_per_step,
                        note=f"{rows} rows, prompt {P} + {sp.max_new_tokens} new tokens, dense KV cache",
                        resident_bytes=opt_bytes)
 
 
-Builder = Callable[[ml_collections.ConfigDict, model_setup.Policy, chips.Topology], list[aot.Program]]
+Builder = Callable[[ml_collections.ConfigDict, model_setup.Policy, chips.Topology], list[Program]]
 BUILDERS: dict[str, Builder] = {
     "step": lambda cfg, policy, topo: step_programs.aot_programs(cfg, policy),
     "generation": generation_programs,
     "eval": eval_programs,
 }
-
-
-# ----------------------------------------------------------------------------- reports
-@dataclasses.dataclass
-class ProgramReport:
-    name: str
-    note: str
-    calls_per_step: float
-    compiled: bool                    # False: an analytic estimate (GPU without a GPU) or a compile error
-    compile_s: float = 0.0
-    argument_bytes: float = 0.0
-    output_bytes: float = 0.0
-    alias_bytes: float = 0.0
-    temp_bytes: float = 0.0
-    code_bytes: float = 0.0
-    resident_bytes: float = 0.0
-    total_bytes: float = 0.0          # arguments + outputs − aliased + temporaries + code + resident
-    capacity_bytes: float = 0.0
-    fits: bool = False
-    hlo_flops: float = 0.0            # per chip per call, matmuls in the compiled HLO, loop trips counted
-    kernel_flops: float = 0.0         # per chip per call, analytic, inside Pallas kernels
-    xla_cost_flops: float = 0.0       # `cost_analysis()["flops"]` (loop bodies counted once)
-    hbm_traffic_bytes: float = 0.0    # per chip per call (estimate, loop trips counted)
-    collectives: dict = dataclasses.field(default_factory=dict)   # kind -> {"count", "bytes"} per call
-    largest_collectives: list = dataclasses.field(default_factory=list)
-    unknown_trip_loops: int = 0
-    t_compute_s: float = 0.0
-    t_memory_s: float = 0.0
-    t_collective_s: float = 0.0
-    roofline_s: float = 0.0           # per call: max(compute, memory, collectives)
-    largest_buffers: list = dataclasses.field(default_factory=list)
-    error: str = ""
-    estimate: str = ""                # how an analytic (uncompiled) figure was made
-
-    @property
-    def step_s(self) -> float:
-        return self.roofline_s * self.calls_per_step
-
-
-@dataclasses.dataclass
-class Report:
-    topology: str
-    description: str
-    chip: dict
-    mesh: dict
-    config: str
-    headroom: float
-    tokens_per_step: int
-    response_tokens_per_step: int
-    programs: list[ProgramReport]
-    peak_host_rss_gib: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return all(p.fits for p in self.programs)
-
-    @property
-    def step_s(self) -> float:
-        return sum(p.step_s for p in self.programs)
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d["ok"], d["step_s"] = self.ok, self.step_s
-        for p, pr in zip(d["programs"], self.programs):
-            p["step_s"] = pr.step_s
-        return json.dumps(d, indent=1)
 
 
 # ----------------------------------------------------------------------------- compile and measure
@@ -230,7 +166,7 @@ def _largest_lowered(lowered) -> list[str]:
     return [b.replace(" GiB ", " GiB global ") for b in _largest_buffers(text)]
 
 
-def compile_program(program: aot.Program, topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
+def compile_program(program: Program, topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
     """Trace, lower and compile one program for the mesh its arguments live on; measure it."""
     chip = topo.chip
     cap = float(chip.hbm_bytes)
@@ -294,7 +230,7 @@ def _roofline(rep: ProgramReport, chip: chips.Chip, collective_bytes: float) -> 
 
 
 # ----------------------------------------------------------------------------- GPU estimate
-def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, program: aot.Program,
+def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, program: Program,
                  topo: chips.Topology, headroom: float = HEADROOM) -> ProgramReport:
     """Per-GPU memory and time of a program from formulas (no compiler): parameters, optimiser
     state and gradients as sharded; activations of one micro-batch (or chunk) of the model with
@@ -374,13 +310,13 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
 
 
 # ----------------------------------------------------------------------------- the command
-def select(programs: list[aot.Program], names: Sequence[str] | None) -> list[aot.Program]:
+def select(programs: list[Program], names: Sequence[str] | None) -> list[Program]:
     """The programs named in `names`, in the config's order; a group name (`geometry`, `rollout`,
     `eval`) selects every program under it (`geometry/gradient`, ...)."""
     if not names:
         return programs
 
-    def chosen(p: aot.Program, name: str) -> bool:
+    def chosen(p: Program, name: str) -> bool:
         return p.name == name or p.name.startswith(name + "/")
 
     known = [p.name for p in programs]
@@ -414,7 +350,7 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
     mesh = model_setup.build_mesh(cfg, devices=devices)
     step_programs.check_batch(cfg, mesh)
     policy = model_setup.abstract_policy(cfg, mesh, arch)
-    all_programs: list[aot.Program] = []
+    all_programs: list[Program] = []
     for build in BUILDERS.values():
         all_programs += build(cfg, policy, topo)
     chosen = select(all_programs, programs)
@@ -445,80 +381,3 @@ def _cpu_standins(n: int) -> list:
 def peak_rss_gib() -> float:
     """This process's peak resident host memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-
-
-def _gib(x: float) -> str:
-    return f"{x / GiB:.2f}"
-
-
-def format_report(report: Report) -> str:
-    """The per-program table (per chip, per call), then the verdicts and the step estimate."""
-    chip = report.chip
-    lines = [f"dryrun: config {report.config!r} on {report.description}, mesh {report.mesh}",
-             f"chip {chip['name']}: {chip['hbm_bytes'] / GiB:.0f} GiB HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-             f"{chip['hbm_bw'] / 1e9:.0f} GB/s HBM" + (f", {chip['ici_bw'] / 1e9:.0f} GB/s ICI" if chip['ici_bw'] else "")
-             + f"; fits = total ≤ {1 - report.headroom:.0%} of HBM",
-             "",
-             "| program | args | out | temp | resident | total GiB | % HBM | fits | TFLOP/call | HBM GB/call | "
-             "collectives GB/call | compile s | roofline s/call | calls/step | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in report.programs:
-        pct = 100.0 * p.total_bytes / p.capacity_bytes if p.capacity_bytes else 0.0
-        coll = sum(c["bytes"] for c in p.collectives.values()) / 1e9
-        fits = "yes" if p.fits else ("ERROR" if p.error and not p.total_bytes else "NO")
-        est = "~" if p.estimate else ""
-        lines.append(
-            f"| {p.name} | {_gib(p.argument_bytes)} | {_gib(p.output_bytes - p.alias_bytes)} | {_gib(p.temp_bytes)} | "
-            f"{_gib(p.resident_bytes)} | {est}{_gib(p.total_bytes)} | {pct:.0f}% | {fits} | "
-            f"{(p.hlo_flops + p.kernel_flops) / 1e12:.2f} | {p.hbm_traffic_bytes / 1e9:.1f} | {coll:.1f} | "
-            f"{p.compile_s:.0f} | {p.roofline_s:.3g} | {p.calls_per_step:g} | {p.step_s:.3g} |")
-    lines.append("")
-    lines.append(f"tokens per RL step: {report.tokens_per_step:,} ({report.response_tokens_per_step:,} response tokens); "
-                 f"roofline step time (programs above, generation as compiled): {report.step_s:.3g} s; "
-                 f"peak host RSS {report.peak_host_rss_gib:.1f} GiB")
-    for p in report.programs:
-        details = [f"  {p.note}"]
-        if p.kernel_flops:
-            details.append(f"  + {p.kernel_flops / 1e12:.2f} TFLOP/chip analytic attention inside Pallas kernels "
-                           f"(XLA's cost_analysis: {p.xla_cost_flops / 1e12:.2f} TFLOP, loop bodies once)")
-        if p.collectives:
-            details.append("  collectives/call: " + ", ".join(
-                f"{k} ×{c['count']:g} ({c['bytes'] / 1e9:.2f} GB)" for k, c in p.collectives.items()))
-        if p.unknown_trip_loops:
-            details.append(f"  {p.unknown_trip_loops} loop(s) of data-dependent length counted once")
-        if p.estimate:
-            details.append("  " + p.estimate)
-        if not p.fits:
-            details.append(f"  DOES NOT FIT: {p.error or 'over the headroom'}")
-            details += [f"    {b}" for b in p.largest_buffers]
-        elif p.error:
-            details.append(f"  {p.error}")
-        lines.append(f"- {p.name}:")
-        lines += details
-    return "\n".join(lines)
-
-
-def failure_message(report: Report) -> str:
-    """What did not fit, where, and its largest buffers (the non-zero exit's message)."""
-    bad = [p for p in report.programs if not p.fits]
-    out = []
-    for p in bad:
-        what = p.error or (f"needs {p.total_bytes / GiB:.1f} GiB per chip, over {1 - report.headroom:.0%} of "
-                           f"{p.capacity_bytes / GiB:.0f} GiB")
-        out.append(f"program {p.name!r} does not fit on {report.description}: {what}")
-        out += [f"  largest buffer: {b}" for b in p.largest_buffers[:5]]
-    return "\n".join(out)
-
-
-def as_dict(report: Report) -> dict[str, Any]:
-    return json.loads(report.to_json())
-
-
-def load(path: str) -> Report:
-    """A report written by `--out=FILE`, back as a `Report` (for `format_report`: docs tables)."""
-    with open(path) as f:
-        d = json.load(f)
-    fields = {f.name for f in dataclasses.fields(ProgramReport)}
-    programs = [ProgramReport(**{k: v for k, v in p.items() if k in fields}) for p in d.pop("programs")]
-    keep = {f.name for f in dataclasses.fields(Report)}
-    return Report(programs=programs, **{k: v for k, v in d.items() if k in keep})

@@ -1,0 +1,4 @@
+"""The `jaxrl-entropy` console script (`main`) and its commands."""
+from jaxrl_entropy.cli.main import main
+
+__all__ = ["main"]
