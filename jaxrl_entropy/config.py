@@ -7,8 +7,9 @@ keys (the dict is locked), so a typo in a file or on the command line (`--config
 fails at once with the list of valid keys.
 
 Lists of allowed names are imported from the module that implements them (token-weight modes,
-soft shapes and schedules, loss normalisations, attention implementations, kernel backends,
-dtypes), so the config can never offer a name the code does not know.
+soft shapes and schedules, loss normalisations, prompt truncation modes, attention
+implementations, kernel backends, dtypes), so the config can never offer a name the code does not
+know.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from jaxrl_entropy.data import synthetic
+from jaxrl_entropy.data.pipeline import TRUNCATION_MODES
 from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
 from jaxrl_entropy.models.config import DTYPES
 from jaxrl_entropy.rl.loss import NORMALIZATIONS
@@ -63,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.kind = "synthetic"           # synthetic | files
     c.data.train_files = ""             # path, glob, or comma-separated list (parquet / jsonl)
     c.data.max_prompt_len = 1024
+    # prompts longer than max_prompt_len (chat template included): "error" (stop, naming the row),
+    # "drop" (leave them out) or "left" (keep their last tokens: the paper's / verl's recipe);
+    # every mode logs the count, and metrics.jsonl records it at step 0
+    c.data.truncation = "error"
     c.data.dedupe = True
     c.data.shuffle = True
     c.data.synthetic = ml_collections.ConfigDict(dict(
@@ -212,6 +218,8 @@ RULES: dict[str, Range | Choice] = {
     "model.arch.rms_norm_eps": _POSITIVE,
     "data.kind": Choice(DATA_KINDS),
     "data.max_prompt_len": _POSITIVE_INT,
+    "data.truncation": Choice(TRUNCATION_MODES, why="what to do with prompts longer than data.max_prompt_len "
+                                                    "(left = keep their last tokens, the paper's recipe)"),
     "data.synthetic.digits": Range(f"[{synthetic.DIGITS[0]}, {synthetic.DIGITS[1]}]"),
     "data.synthetic.num_terms": Range(f"[{synthetic.NUM_TERMS[0]}, {synthetic.NUM_TERMS[1]}]"),
     "data.synthetic.train_size": _POSITIVE_INT,

@@ -133,6 +133,9 @@ def test_allowed_names_come_from_the_code_that_uses_them():
     assert RULES["model.probe_attention"].options is attention.PROBE_IMPLS
     assert RULES["model.kernel_backend"].options == ("",) + kernel_platform.BACKENDS
     assert RULES["model.dtype"].options == tuple(model_config.DTYPES)
+    from jaxrl_entropy.data import pipeline
+    assert RULES["data.truncation"].options is pipeline.TRUNCATION_MODES
+    assert config_lib.base_config().data.truncation == "error"   # the safe default: no silent cut
 
 
 @pytest.mark.parametrize("interval, inside, outside", [
@@ -212,6 +215,7 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
     ("model.arch.num_key_value_heads", 3, "num_attention_heads (4) must be a multiple"),
     ("model.arch.head_dim", 31, "head_dim=31 must be even"),
     ("data.synthetic.eval_size", 5000, "holds at most 729"),
+    ("data.truncation", "right", "data.truncation='right' is not one of ['error', 'drop', 'left']"),
 ])
 def test_bad_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

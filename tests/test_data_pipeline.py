@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxrl_entropy.data.pipeline import PromptBatcher, encode_sft_batch
+from jaxrl_entropy.data.pipeline import LengthReport, PromptBatcher, encode_sft_batch
 from jaxrl_entropy.data.sources import DataError
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer
 
@@ -233,3 +233,99 @@ def test_trim_padding_drops_empty_columns_and_keeps_the_loss():
     full = float(loss({k: jnp.asarray(v) for k, v in batch.items()}))
     trimmed = float(loss({k: jnp.asarray(v) for k, v in out.items()}))
     assert trimmed == pytest.approx(full, rel=1e-5) and full > 0
+
+
+# ------------------------------------------------------------------ data.truncation
+def _length_rows():
+    """Six chat prompts for `max_prompt_len=25`: the template adds 19 tokens to a user message, so
+    contents of ≤ 6 characters fit and rows 1, 3 and 4 (9, 14 and 7 characters) do not."""
+    contents = ["1+1=", "What is 2+2?", "3+3=", "How much is 12+34?", "5+5 = ?", "6+6="]
+    return [{"prompt": [{"role": "user", "content": c}], "reward_model": {"ground_truth": str(i)},
+             "data_source": "t", "extra_info": {"index": i}} for i, c in enumerate(contents)]
+
+
+def _hand_length(content: str) -> int:
+    return len(oracle_ids(f"<|im_start|>user\n{content}<|im_end|>\n{GEN_PROMPT}"))
+
+
+@pytest.fixture
+def length_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "long.parquet"
+    pq.write_table(pa.Table.from_pylist(_length_rows()), path)
+    return str(path)
+
+
+def test_fit_prompt_lengths_error_names_file_row_length_and_both_ways_out(tokenizer, length_file, caplog):
+    from jaxrl_entropy.data.pipeline import fit_prompt_lengths
+    from jaxrl_entropy.data.sources import load_records
+
+    records = load_records(length_file)
+    assert [_hand_length(r["prompt"][0]["content"]) for r in records] == [23, 31, 23, 37, 26, 23]
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"), pytest.raises(DataError) as e:
+        fit_prompt_lengths(records, tokenizer, max_prompt_len=25, truncation="error", source=f"data.train_files={length_file}")
+    msg = str(e.value)
+    assert f"{length_file}, row 1 " in msg and "31 tokens" in msg and "max_prompt_len=25" in msg
+    assert "--config.data.max_prompt_len=37" in msg and "--config.data.truncation=left" in msg
+    assert "--config.data.truncation=drop" in msg and "3 of 6" in msg
+    warning, = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert length_file in warning.getMessage() and "3 of 6" in warning.getMessage()
+    assert "data.truncation" in warning.getMessage()
+
+
+def test_fit_prompt_lengths_drop_and_left_count_exactly_those_rows(tokenizer, length_file, caplog):
+    from jaxrl_entropy.data.pipeline import fit_prompt_lengths
+    from jaxrl_entropy.data.sources import load_records
+
+    records = load_records(length_file)
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"):
+        kept, report = fit_prompt_lengths(records, tokenizer, max_prompt_len=25, truncation="drop", source="src")
+    assert kept == [records[i] for i in (0, 2, 5)]
+    assert (report.dropped, report.truncated, report.over) == (3, 0, ((1, 31), (3, 37), (4, 26)))
+    assert "3 of 6" in caplog.records[-1].getMessage() and "dropping" in caplog.records[-1].getMessage()
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"):
+        kept, report = fit_prompt_lengths(records, tokenizer, max_prompt_len=25, truncation="left", source="src")
+    assert kept == records and (report.truncated, report.dropped) == (3, 0)
+    assert "3 of 6" in caplog.records[-1].getMessage() and "last tokens" in caplog.records[-1].getMessage()
+    # the batcher then keeps each long prompt's last 25 tokens (the question's end + generation prompt)
+    batch = next(batcher(kept, tokenizer, batch_size=6, max_prompt_len=25, shuffle=False, truncation="left"))
+    for row, content in enumerate(r["prompt"][0]["content"] for r in records):
+        full = oracle_ids(f"<|im_start|>user\n{content}<|im_end|>\n{GEN_PROMPT}")
+        assert batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist() == full[-25:]
+
+    # prompts that fit: nothing logged, nothing counted; a limit nothing fits under: drop refuses
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"):
+        kept, report = fit_prompt_lengths(records, tokenizer, max_prompt_len=37, truncation="error", source="src")
+    assert kept == records and report.over == () and not caplog.records
+    with pytest.raises(DataError, match="leaves none"):
+        fit_prompt_lengths(records, tokenizer, max_prompt_len=5, truncation="drop", source="src")
+    with pytest.raises(ValueError, match="data.truncation"):
+        fit_prompt_lengths(records, tokenizer, max_prompt_len=25, truncation="right", source="src")
+
+
+def test_batcher_error_mode_names_the_config_keys(tokenizer):
+    records = _length_rows()
+    with pytest.raises(DataError, match=r"--config\.data\.max_prompt_len.*--config\.data\.truncation=left"):
+        next(batcher(records, tokenizer, batch_size=6, max_prompt_len=25, shuffle=False, truncation="error"))
+
+
+def test_eval_sets_go_through_data_truncation(tokenizer, length_file, caplog):
+    from jaxrl_entropy import data_setup, presets
+
+    cfg = presets.demo()
+    cfg.eval.benchmarks = f"long={length_file}"
+    cfg.data.truncation = "drop"
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"):
+        evals, reports = data_setup.fit_eval_sets(cfg, tokenizer, data_setup.eval_sets(cfg))
+    assert [r["extra_info"]["index"] for r in evals["long"]] == [0, 2, 5]
+    assert len(evals["synthetic_heldout"]) == cfg.data.synthetic.eval_size   # the demo's prompts fit
+    no_train = LengthReport("train", "drop", 25, 8)
+    assert data_setup.length_metrics(no_train, reports) == {
+        "data/prompts_truncated": 0, "data/prompts_dropped": 0,
+        "data/eval_prompts_truncated": 0, "data/eval_prompts_dropped": 3}
+    assert any(f"eval.benchmarks long={length_file}" in r.getMessage() for r in caplog.records)

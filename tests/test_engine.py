@@ -220,3 +220,262 @@ def test_row_keys_are_fold_in_of_the_row_id_with_few_compiled_programs():
         np.testing.assert_array_equal(got, want)
     # sizes 1..130 fall in 8, 16, 128, 256: four programs, not one per call size (seven here)
     assert eng._fold_in_rows._cache_size() - before <= 4
+
+
+# ------------------------------------------------------------------ scheduling: progress and fit
+def _hand_pages(n: int, new_tokens: int, page: int) -> int:
+    """Pages one request holds at its longest, counted from the positions it covers: the prompt's
+    first n − 1 tokens (prefilled, kept while a sample runs) and the sample's positions
+    n − 1 .. n + new_tokens − 2 (its first page a private copy when the prompt's last page is partial)."""
+    prompt = {i // page for i in range(n - 1)}
+    sample = {i // page for i in range(n - 1, n - 1 + new_tokens)}
+    return len(prompt) + len(sample)
+
+
+def _call_with_timeout(fn, seconds: float):
+    """`fn()` in a daemon thread: its result or exception, or a test failure (not a hung suite)
+    when it does not return in time."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"generate() did not return within {seconds} s (livelock)")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
+def test_hand_page_counts_match_the_engine_and_are_not_monotone():
+    # the issue's example: page 4, 6 new tokens: a 9-token prompt needs 4 pages, an 8-token one 5
+    assert _hand_pages(9, 6, 4) == eng.request_pages(9, 6, 4) == 4
+    assert _hand_pages(8, 6, 4) == eng.request_pages(8, 6, 4) == 5
+    for page in (1, 2, 3, 4, 8):
+        for n in range(1, 30):
+            for N in range(1, 20):
+                assert eng.request_pages(n, N, page) == _hand_pages(n, N, page), (n, N, page)
+
+
+def test_request_that_cannot_fit_alone_is_refused_not_livelocked(tiny):
+    """The issue's reproduction: a 9-token and an 8-token prompt, page 4, 6 new tokens, a pool of 4
+    pages (+ null). Sizing only the longest prompt (4 pages) accepted it and the 8-token request (5
+    pages) preempted itself forever; now it is refused up front, naming it and the setting."""
+    cfg, model = tiny
+    ids = np.zeros((2, 9), np.int32)
+    mask = np.zeros((2, 9), np.int32)
+    ids[0], mask[0] = np.arange(10, 19), 1
+    ids[1, 1:], mask[1, 1:] = np.arange(20, 28), 1
+    e = _engine(cfg, slots=2, page=4, pages=5, chunk=2, prompt_len=9)
+    params = e.prepare_params(_params(model))
+    sp = sampler.SamplingParams(max_new_tokens=6, temperature=1.0, pad_id=0)
+    with pytest.raises(eng.RequestTooLarge, match=r"row 1 \(8 tokens\).*needs 5 KV pages.*holds 4.*rollout\.kv_cache_gib"):
+        _call_with_timeout(lambda: e.generate(params, ids, mask, jax.random.key(0), sp), 120)
+    assert issubclass(eng.RequestTooLarge, ValueError)
+
+
+class _HostRun(eng._Run):
+    """The engine's host scheduler (`_Run`, unchanged) over a host model of its device programs,
+    no compilation: the KV pool holds token ids, the prefill writes a prompt's first n − 1 tokens
+    into its pages, the decode copies pending pages, then per live slot and step writes the current
+    token at its position, checks that the slot's page table reads back exactly its prompt + the
+    tokens so far (so a page handed out twice, freed early, not reserved or not copied shows up),
+    and emits the row's next token from a fixed script (`want`)."""
+
+    MAX_CALLS = 5000  # the test's own guard: a livelocked scheduler fails, it does not hang
+
+    def __init__(self, spec, ids, mask, sp, want):
+        engine = type("FakeEngine", (), {"spec": spec, "_log": eng.log, "last_stats": {}})()
+        super().__init__(engine, None, ids, np.asarray(mask, bool), jax.random.key(0), sp, np.arange(len(ids)), False)
+        self.want, self.calls = want, 0
+
+    def _new_cache(self):
+        return np.full((self.spec.num_pages, self.page), -1, np.int64)
+
+    def _run_prefills(self, kv):
+        for j in self.to_prefill:
+            p = self.prompts[j]
+            pages = p.shared + ([p.partial] if p.partial is not None else [])
+            assert len(pages) == -(-(p.n - 1) // self.page) and self.pool._used[pages].all()
+            for i in range(p.n - 1):
+                kv[pages[i // self.page], i % self.page] = p.tokens[i]
+        self.to_prefill = []
+        return kv
+
+    def _decode(self, kv, live_S):
+        self.calls += 1
+        assert self.calls < self.MAX_CALLS, f"{self.calls} decode calls: the scheduler does not progress"
+        for src, dst in self.copies:
+            assert self.pool._used[src] and self.pool._used[dst]
+            kv[dst] = kv[src]
+        self.copies = []
+        owned = [pg for s in np.flatnonzero(self.slot_req >= 0) for pg in self.private[s]]
+        assert len(owned) == len(set(owned)), "a private page belongs to two slots"
+        S, C, N = self.spec.num_slots, self.spec.decode_chunk, self.sp.max_new_tokens
+        out_t = np.full((S, C), self.sp.pad_id, np.int32)
+        stp, live_out = self.stp.copy(), live_S.copy()
+        for s in np.flatnonzero(live_S):
+            r = int(self.slot_req[s])
+            prompt = self.prompts[self.row_prompt[r]].tokens
+            pos, tok = int(self.pos[s]), int(self.tok[s])
+            for c in range(C):
+                if not live_out[s]:
+                    break
+                page = self.table[s, pos // self.page]
+                assert page in self.private[s], f"slot {s} writes position {pos} into page {page}, not its own"
+                kv[page, pos % self.page] = tok
+                pages = self.table[s, :pos // self.page + 1]
+                assert self.pool._used[pages].all()
+                np.testing.assert_array_equal(kv[pages].ravel()[:pos + 1],
+                                              np.concatenate([prompt, self.want[r, :stp[s]]]))
+                tok = int(self.want[r, stp[s]])
+                out_t[s, c] = tok
+                stp[s] += 1
+                pos += 1
+                live_out[s] = tok not in self.sp.eos_ids and stp[s] < N
+        return kv, out_t, np.zeros((S, C), np.float32), stp, live_out
+
+
+def _random_case(rng):
+    """A batch (groups of repeated prompts, lengths 1..17), engine geometry and a pool size near
+    the largest single request's need, so both refusals and heavy preemption occur."""
+    page, chunk = int(rng.choice([1, 2, 3, 4, 8])), int(rng.integers(1, 9))
+    N, slots = int(rng.integers(1, 13)), int(rng.integers(1, 7))
+    lens = rng.integers(1, 18, int(rng.integers(1, 6)))
+    group = int(rng.integers(1, 4))
+    rows = np.repeat(lens, group)
+    B, P = len(rows), 17
+    ids = np.zeros((B, P), np.int32)
+    mask = np.zeros((B, P), np.int32)
+    prompts = {n: rng.integers(6, 48, n) for n in set(lens.tolist())}
+    for b, n in enumerate(rows):
+        ids[b, P - n:], mask[b, P - n:] = prompts[n], 1
+    worst = max(_hand_pages(int(n), N, page) for n in lens)
+    # a third of the pools at the boundary (the largest request just fits / just does not), the
+    # rest up to about two requests
+    capacity = [worst - 1, worst, max(1, worst + int(rng.integers(-3, worst + 3)))][int(rng.integers(0, 3))]
+    capacity = max(1, capacity)
+    spec = eng.EngineSpec(num_slots=slots, page_size=page, num_pages=capacity + 1, max_prompt_len=P,
+                          decode_chunk=chunk)
+    # each row's script: tokens 6..47, EOS (5) at a random step or never
+    want = rng.integers(6, 48, (B, N)).astype(np.int32)
+    eos_at = rng.integers(0, 2 * N, B)
+    want[eos_at < N, eos_at[eos_at < N]] = EOS
+    sp = sampler.SamplingParams(max_new_tokens=N, eos_ids=(EOS,), pad_id=0)
+    return spec, ids, mask, sp, want, eos_at, worst > capacity
+
+
+def test_scheduler_always_finishes_or_refuses_property():
+    """Random prompt lengths, groups, pool, page and chunk sizes through the real host scheduler
+    (device programs modelled on the host): either every row ends (EOS or its length limit) with
+    exactly its scripted tokens and every page returned, or — exactly when some request's
+    hand-counted pages exceed the pool — RequestTooLarge is raised before anything runs."""
+    rng = np.random.default_rng(23)
+    refused = preempted = waited = 0
+    for case in range(300):
+        spec, ids, mask, sp, want, eos_at, too_large = _random_case(rng)
+        where = f"case {case}: {spec}, N={sp.max_new_tokens}, lengths {mask.sum(1).tolist()}"
+        if too_large:
+            with pytest.raises(eng.RequestTooLarge, match="rollout.kv_cache_gib"):
+                _HostRun(spec, ids, mask, sp, want)
+            refused += 1
+            continue
+        run = _HostRun(spec, ids, mask, sp, want)
+        out = run.execute()
+        N = sp.max_new_tokens
+        lengths = np.where(eos_at < N, eos_at + 1, N)
+        np.testing.assert_array_equal(out.lengths, lengths, err_msg=where)
+        np.testing.assert_array_equal(out.finished, eos_at < N, err_msg=where)
+        for b in range(len(ids)):
+            np.testing.assert_array_equal(out.tokens[b, :lengths[b]], want[b, :lengths[b]], err_msg=where)
+            assert np.all(out.tokens[b, lengths[b]:] == sp.pad_id), where
+        assert run.pool.num_free == run.pool.capacity, where
+        preempted += run.stats["preemptions"] > 0
+        waited += run.stats["waits"] > 0
+    # the cases exercise every path: refusals, preemption, requests waiting for pages
+    assert refused >= 20 and preempted >= 20 and waited >= 10, (refused, preempted, waited)
+
+
+def test_a_request_never_preempts_itself_or_an_older_one():
+    """Two samples of one 8-token prompt, page 4, 6 new tokens, chunk 1, a pool of 5: the prompt
+    holds 2 pages (one full, one partial) and each sample grows to 3 of its own, so both start but
+    cannot both finish. By hand: the younger waits (keeping its tokens) while the older grows, is
+    preempted once, when the older needs its third page, and restarts after it. It never preempts
+    itself (it used to, then was re-admitted, every chunk: one preemption per chunk)."""
+    spec = eng.EngineSpec(num_slots=2, page_size=4, num_pages=6, max_prompt_len=8, decode_chunk=1)
+    ids, mask = np.tile(np.arange(10, 18, dtype=np.int32), (2, 1)), np.ones((2, 8), np.int32)
+    sp = sampler.SamplingParams(max_new_tokens=6, eos_ids=(EOS,), pad_id=0)
+    want = np.array([[7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]], np.int32)
+    victims = []
+
+    class Watched(_HostRun):
+        def _preempt(self, s):
+            running = np.flatnonzero(self.slot_req >= 0)
+            victims.append((int(self.slot_req[s]), int(self.stp[s]), bool(self.born[s] == self.born[running].min())))
+            super()._preempt(s)
+
+    run = Watched(spec, ids, mask, sp, want)
+    out = run.execute()
+    np.testing.assert_array_equal(out.tokens, want)
+    assert run.pool.num_free == run.pool.capacity
+    # row 1 had its first token (position 7, in its copied page) and waited while row 0 wrote
+    # positions 8..11 (page 2); row 0's position 12 needs a third page: row 1 is preempted
+    assert victims == [(1, 1, False)]
+    assert run.stats["waits"] == 4
+
+
+def test_no_progress_guard_raises_instead_of_spinning():
+    """A scheduler that never lets a request finish (simulated: the decode model emits nothing) is
+    stopped by the guard with an error, within its round limit."""
+    spec = eng.EngineSpec(num_slots=2, page_size=4, num_pages=16, max_prompt_len=9, decode_chunk=2)
+    ids, mask = np.full((2, 9), 9, np.int32), np.ones((2, 9), np.int32)
+    sp = sampler.SamplingParams(max_new_tokens=6, pad_id=0)
+
+    class Stuck(_HostRun):
+        def _decode(self, kv, live_S):
+            self.calls += 1
+            S, C = self.spec.num_slots, self.spec.decode_chunk
+            return kv, np.zeros((S, C), np.int32), np.zeros((S, C), np.float32), self.stp.copy(), live_S.copy()
+
+    run = Stuck(spec, ids, mask, sp, np.full((2, 6), 7, np.int32))
+    with pytest.raises(RuntimeError, match="made no progress"):
+        run.execute()
+    assert run.calls == run._round_limit() + 1
+
+
+def test_tight_pool_generate_matches_a_roomy_one_or_refuses(tiny):
+    """Real `generate` calls on a pool of 4 pages (page 4, 6 new tokens, chunk 2): random batches
+    either give exactly the tokens of a 63-page pool (T = 1, so preemption and waiting must not
+    change a row's tokens) or, when the hand count says some request cannot fit alone, raise
+    RequestTooLarge; one engine each, so the programs compile once."""
+    cfg, model = tiny
+    tight, roomy = (_engine(cfg, slots=3, page=4, pages=n, chunk=2, prompt_len=11) for n in (5, 64))
+    params = tight.prepare_params(_params(model))
+    sp = sampler.SamplingParams(max_new_tokens=6, temperature=1.0, eos_ids=(EOS,), pad_id=0)
+    rng = np.random.default_rng(5)
+    outcomes = []
+    for case in range(6):
+        lens = np.repeat(rng.integers(1, 12, 3), 2)
+        ids = rng.integers(6, 48, (6, 11)).astype(np.int32)
+        mask = (np.arange(11)[None] >= 11 - lens[:, None]).astype(np.int32)
+        ids[1::2] = ids[::2]  # groups of two
+        key = jax.random.key(case)
+        if max(_hand_pages(int(n), 6, 4) for n in lens) > 4:  # 8, 10, 11 tokens: 5 pages; 9: 4
+            with pytest.raises(eng.RequestTooLarge):
+                tight.generate(params, ids, mask, key, sp)
+            outcomes.append("refused")
+            continue
+        out, ref = tight.generate(params, ids, mask, key, sp), roomy.generate(params, ids, mask, key, sp)
+        np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=f"case {case}")
+        np.testing.assert_array_equal(out.lengths, ref.lengths, err_msg=f"case {case}")
+        assert tight.last_stats["pages_free_at_end"] == tight.last_stats["pages_capacity"]
+        outcomes.append("short" if tight.last_stats.get("preemptions", 0) + tight.last_stats.get("waits", 0) else "ok")
+    assert "refused" in outcomes and "short" in outcomes, outcomes

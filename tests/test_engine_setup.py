@@ -53,6 +53,16 @@ def test_plan_sizes_slots_and_pages(setup):
     assert engine_setup.plan(cfg, arch, tp=1, budget_bytes=1e9, rows=6, device=cpu).num_slots == 6  # ≤ rows
     with pytest.raises(ConfigError, match="rollout.kv_cache_gib"):
         engine_setup.plan(cfg, arch, tp=1, budget_bytes=per_token * page, rows=8, device=cpu)
+    # room for a request's own pages and a quarter of its prompt's (a group of 4 shares them) but
+    # not the whole prompt it holds when alone: refused here, not at the first rollout
+    cfg.rollout.page_size = page = 8
+    per_request, per_prompt = -(-(N + page) // page), -(-P // page)
+    short = 1 + per_request + per_prompt - 1
+    assert per_prompt >= 2 and (short - 1) // (per_request + per_prompt / 4) >= 1
+    with pytest.raises(ConfigError, match="rollout.kv_cache_gib"):
+        engine_setup.plan(cfg, arch, tp=1, budget_bytes=short * page * per_token, rows=8, device=cpu)
+    spec = engine_setup.plan(cfg, arch, tp=1, budget_bytes=(short + 1) * page * per_token, rows=8, device=cpu)
+    assert max(eng.request_pages(n, N, page) for n in range(1, P + 1)) <= spec.num_pages - 1
 
 
 def test_inference_params_tensor_parallel_and_greedy_tokens(setup):

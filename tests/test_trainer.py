@@ -155,6 +155,48 @@ def test_malformed_data_file_names_file_and_row(tmp_path):
     assert "train.jsonl" in str(e.value) and "row 1" in str(e.value) and "ground_truth" in str(e.value)
 
 
+def _long_prompt_parquet(tmp_path) -> tuple[str, list[str]]:
+    """8 problems for the tiny config's max_prompt_len=25: the chat template adds 19 tokens, so
+    rows 2 and 5 (12 characters: 31 tokens) are too long, the rest (4: 23 tokens) fit; the demo
+    tokenizer saved next to it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jaxrl_entropy.data.tokenizer import build_demo_tokenizer
+
+    contents = ["1+2=", "3+4=", "What is 5+6?", "7+8=", "9+1=", "Compute 2+3.", "4+4=", "6+1="]
+    rows = [{"prompt": [{"role": "user", "content": c}], "reward_model": {"ground_truth": "0"}} for c in contents]
+    path = str(tmp_path / "dapo_like.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    build_demo_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    return path, ["--config.data.kind=files", f"--config.data.train_files={path}",
+                  f"--config.tokenizer={tmp_path / 'tok'}", "--config.train.sft_steps=0", "--config.train.steps=1",
+                  "--config.eval.every=0", "--config.data.synthetic.eval_size=0"]
+
+
+def test_over_long_prompts_stop_the_cli_by_default_and_name_the_way_out(tmp_path, capsys):
+    path, flags = _long_prompt_parquet(tmp_path)
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={tmp_path / 'run'}", *TINY_CLI_FLAGS, *flags])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"{path}, row 2 " in err and "31 tokens" in err and "max_prompt_len=25" in err, err
+    assert "--config.data.max_prompt_len=31" in err and "--config.data.truncation=left" in err, err
+
+
+def test_over_long_prompts_dropped_through_the_cli_are_logged_and_counted(tmp_path, caplog):
+    path, flags = _long_prompt_parquet(tmp_path)
+    workdir = str(tmp_path / "run")
+    with caplog.at_level("WARNING", logger="jaxrl_entropy"):
+        code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", *TINY_CLI_FLAGS, *flags,
+                         "--config.data.truncation=drop"])
+    assert code == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and path in r.getMessage()]
+    assert len(warned) == 1 and "2 of 8" in warned[0] and "data.truncation" in warned[0], warned
+    first = _rows(workdir)[0]
+    assert first["step"] == 0
+    assert (first["data/prompts_dropped"], first["data/prompts_truncated"]) == (2, 0)
+
+
 def test_eval_a_hf_directory(make_hf_qwen3, tmp_path, capsys):
     """`eval --hf=DIR` reads weights and tokenizer from a local HF directory (nothing downloaded)."""
     import shutil

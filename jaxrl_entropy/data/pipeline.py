@@ -15,12 +15,16 @@ a run can resume on a different number of hosts.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
 
-from jaxrl_entropy.data.sources import DataError
+from jaxrl_entropy.data.sources import DataError, prompt_key_of
+
+log = logging.getLogger("jaxrl_entropy")
 
 _STATE_VERSION = 1
 # What the trainer sets each resumable field from, for error messages.
@@ -31,6 +35,8 @@ _STATE_CONFIG_KEYS = {
     "num_records": "the same data: `data.train_files` and `data.dedupe`, or `data.synthetic.*`",
 }
 _TRUNCATIONS = ("left", "right", "error")
+# What a run does with prompts longer than `data.max_prompt_len` (config `data.truncation`).
+TRUNCATION_MODES = ("error", "drop", "left")
 
 
 def render_prompt(
@@ -118,8 +124,8 @@ class PromptEncoder:
                 raise DataError(
                     f"Prompt of record {index} (data_source {record['data_source']!r}, "
                     f"extra_info {record.get('extra_info')}) has {len(ids)} tokens, more than "
-                    f"max_prompt_len={self.max_prompt_len}. Raise max_prompt_len (config key "
-                    "`data.max_prompt_len`) or pass truncation='left' (keeps the end of the prompt)."
+                    f"max_prompt_len={self.max_prompt_len}. Raise --config.data.max_prompt_len, or set "
+                    "--config.data.truncation=left (keeps the end of the prompt) or =drop."
                 )
             # verl's "left" truncation keeps the end: the question and the generation prompt.
             ids = ids[-self.max_prompt_len:] if self.truncation == "left" else ids[: self.max_prompt_len]
@@ -132,6 +138,111 @@ class PromptEncoder:
             "prompt_text": text,
             "record_index": np.int64(index),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthReport:
+    """Prompts of one data set longer than the limit: `over` holds (record index, token length)
+    in record order; `mode` says what was done with them (see `fit_prompt_lengths`)."""
+    source: str
+    mode: str
+    limit: int
+    num_records: int
+    over: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def truncated(self) -> int:
+        return len(self.over) if self.mode == "left" else 0
+
+    @property
+    def dropped(self) -> int:
+        return len(self.over) if self.mode == "drop" else 0
+
+
+def prompt_lengths(records: Sequence[dict[str, Any]], tokenizer: Any, *, use_chat_template: bool | None = None,
+                   chat_template_kwargs: dict[str, Any] | None = None) -> np.ndarray:
+    """`[N]` token length of every record's rendered prompt, as `PromptEncoder` tokenises it.
+    Each distinct prompt is rendered once (DAPO-Math-17k repeats each problem 100×)."""
+    encoder = PromptEncoder(records, tokenizer, max_prompt_len=1, use_chat_template=use_chat_template,
+                            chat_template_kwargs=chat_template_kwargs)
+    seen: dict[tuple, int] = {}
+    out = np.zeros(len(records), np.int64)
+    for i, record in enumerate(records):
+        key = prompt_key_of(record["prompt"])
+        if key not in seen:
+            seen[key] = len(encoder.token_ids(i)[1])
+        out[i] = seen[key]
+    return out
+
+
+def _where(records: Sequence[dict[str, Any]], index: int, source: str) -> str:
+    """A record's file and row when `load_records` read it, else its index in `source`."""
+    return records[index].get("where") or f"{source}, record {index} (0-based)"
+
+
+def fit_prompt_lengths(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_prompt_len: int,
+    truncation: str,
+    source: str,
+    use_chat_template: bool | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], LengthReport]:
+    """Apply `data.truncation` to the prompts longer than `max_prompt_len` tokens, once, before
+    any batch is made (a mid-run error, or a silently shorter prompt, is what this replaces).
+
+    truncation: "error" raises `DataError` naming the first such row, its length, the limit and
+    both ways out; "drop" returns the records without them; "left" keeps them all (the encoder
+    left-truncates them: the end of the prompt, question and generation prompt, survives; the
+    paper's and verl's recipe). Every mode logs a WARNING with the count, naming `source` (the file
+    or the config key the records came from) and the key to change.
+
+    Returns (records, report); a record's index in the returned list is what batches carry as
+    `record_index`, so callers must use the returned list everywhere.
+    """
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES} (config data.truncation), got {truncation!r}")
+    lengths = prompt_lengths(records, tokenizer, use_chat_template=use_chat_template,
+                             chat_template_kwargs=chat_template_kwargs)
+    over_idx = np.flatnonzero(lengths > max_prompt_len)
+    report = LengthReport(source, truncation, max_prompt_len, len(records),
+                          tuple((int(i), int(lengths[i])) for i in over_idx))
+    if not len(over_idx):
+        return list(records), report
+    action = {"error": "stopping (data.truncation=error)",
+              "drop": "dropping them (data.truncation=drop)",
+              "left": "keeping their last tokens (data.truncation=left)"}[truncation]
+    log.warning("%s: %d of %d prompts are longer than data.max_prompt_len=%d tokens (longest %d); %s. "
+                "Change --config.data.max_prompt_len or --config.data.truncation=error|drop|left",
+                source, len(over_idx), len(records), max_prompt_len, int(lengths[over_idx].max()), action)
+    if truncation == "error":
+        first = int(over_idx[0])
+        raise DataError(
+            f"{_where(records, first, source)}: the prompt has {int(lengths[first])} tokens (chat template "
+            f"included), more than data.max_prompt_len={max_prompt_len}; {len(over_idx)} of {len(records)} "
+            f"prompts in {source} are too long (longest {int(lengths[over_idx].max())}). Raise the limit "
+            f"(--config.data.max_prompt_len={int(lengths[over_idx].max())} fits them all), or set "
+            f"--config.data.truncation=left (keep each prompt's last tokens) or "
+            f"--config.data.truncation=drop (leave those prompts out)."
+        )
+    if truncation == "left":
+        return list(records), report
+    keep = np.ones(len(records), bool)
+    keep[over_idx] = False
+    if not keep.any():
+        raise DataError(f"{source}: every one of its {len(records)} prompts is longer than data.max_prompt_len="
+                        f"{max_prompt_len} tokens, so data.truncation=drop leaves none; raise "
+                        f"--config.data.max_prompt_len or use --config.data.truncation=left.")
+    return [r for r, k in zip(records, keep) if k], report
+
+
+def encoder_truncation(truncation: str) -> str:
+    """The `PromptEncoder` mode for records that went through `fit_prompt_lengths(truncation)`:
+    it left-truncates only under "left"; otherwise nothing is too long any more, and a prompt that
+    were would be an error, never a silent cut."""
+    return "left" if truncation == "left" else "error"
 
 
 def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -278,6 +278,7 @@ def normalise_row(
         "reward_model": {"ground_truth": ground_truth, "style": str(style)},
         "data_source": data_source,
         "extra_info": dict(extra_info),
+        "where": where,  # for later messages about the row (a prompt too long for data.max_prompt_len)
     }
 
 
@@ -326,7 +327,7 @@ def load_records(
 
     Returns:
       Records `{"prompt", "reward_model": {"ground_truth": str, "style"}, "data_source",
-      "extra_info"}`.
+      "extra_info", "where"}` ("where": the file and row it was read from).
     """
     records: list[dict[str, Any]] = []
     for path in resolve_paths(paths):

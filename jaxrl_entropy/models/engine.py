@@ -22,6 +22,10 @@ How a rollout runs (host loop, `generate`):
   will write. When the pool runs dry it first drops prompts no running request reads, then
   preempts the youngest request (frees its pages, puts it back at the head of the queue: it
   restarts from its prompt and, its randomness being its own, samples the same tokens again).
+- Progress is guaranteed: a request that cannot fit in the pool alone (`request_pages`) is refused
+  up front (`RequestTooLarge`); a request being grown takes pages only from younger ones (with
+  none younger it waits a chunk, keeping its pages), so the oldest running request is never
+  preempted, always grows, and finishes within ⌈max_new_tokens / decode_chunk⌉ chunks.
 - Randomness: request r samples its t-th token with `fold_in(fold_in(key, row_id[r]), t)`, so its
   tokens do not depend on the slot it runs in, the chunk size, preemption or the rest of the batch.
 """
@@ -52,6 +56,36 @@ log = logging.getLogger("jaxrl_entropy")
 
 class RequestTooLarge(ValueError):
     """A single request (prompt + max_new_tokens) needs more pages than the whole pool holds."""
+
+
+# ------------------------------------------------------------------------------ page arithmetic
+# The one account of what a request holds, used by the fit check and by the scheduler alike. A
+# prompt of n tokens prefills its first n − 1 into `shared_pages` full pages (read-only, shared by
+# its samples) and, when n − 1 is not a whole number of pages, one partial page: the copy source
+# of each sample's first private page, kept while any sample of the prompt runs. So the need is
+# not monotone in n: with page 4 and 6 new tokens, 9 tokens need 4 pages but 8 tokens need 5.
+def shared_pages(prompt_len: int, page_size: int) -> int:
+    """Full prompt pages (of the n − 1 prefilled tokens) a prompt's samples share read-only."""
+    return (prompt_len - 1) // page_size
+
+
+def prompt_pages(prompt_len: int, page_size: int) -> int:
+    """Pages a resident prompt holds: its full pages plus the partial last one, if any."""
+    return pages_for(prompt_len - 1, page_size)
+
+
+def private_pages(prompt_len: int, steps: int, page_size: int) -> int:
+    """Private pages of a sample after `steps` ≥ 1 decode steps: those holding positions
+    n − 1 .. n + steps − 2 (the copied partial page included) beyond the shared ones."""
+    last = prompt_len - 1 + steps - 1
+    return last // page_size + 1 - shared_pages(prompt_len, page_size)
+
+
+def request_pages(prompt_len: int, max_new_tokens: int, page_size: int) -> int:
+    """Pages one request holds at its longest, alone in the pool: its prompt's pages plus its
+    private pages after `max_new_tokens` steps. A pool of fewer (null page excluded) can never
+    finish it."""
+    return prompt_pages(prompt_len, page_size) + private_pages(prompt_len, max_new_tokens, page_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +406,7 @@ class _Run:
         self.table = np.zeros((S, self.width), np.int32)
         self.private: list[list[int]] = [[] for _ in range(S)]
         self.born = np.zeros(S, np.int64)
+        self.waiting = np.zeros(S, bool)   # running but skipping this chunk: no pages to grow into
         self.admissions = 0
         self.copies: list[tuple[int, int]] = []
         self.to_prefill: list[int] = []
@@ -385,26 +420,32 @@ class _Run:
 
     # -------------------------------------------------------------- page arithmetic
     def _shared_blocks(self, prompt: _Prompt) -> int:
-        return (prompt.n - 1) // self.page
+        return shared_pages(prompt.n, self.page)
 
     def _prompt_pages(self, prompt: _Prompt) -> int:
-        return self._shared_blocks(prompt) + (1 if (prompt.n - 1) % self.page else 0)
+        return prompt_pages(prompt.n, self.page)
 
     def _private_needed(self, prompt: _Prompt, steps: int) -> int:
         """Private pages a request needs to run its next chunk from `steps` generated tokens."""
-        pos = prompt.n - 1 + steps
-        last = pos + min(self.spec.decode_chunk, self.sp.max_new_tokens - steps) - 1
-        return last // self.page + 1 - self._shared_blocks(prompt)
+        chunk = min(self.spec.decode_chunk, self.sp.max_new_tokens - steps)
+        return private_pages(prompt.n, steps + chunk, self.page)
 
     def _check_fits(self):
-        longest = max(self.prompts, key=lambda p: p.n)
-        need = self._prompt_pages(longest) + (
-            (longest.n - 1 + self.sp.max_new_tokens - 1) // self.page + 1 - self._shared_blocks(longest))
-        if need > self.spec.num_pages - 1:
+        """Refuse a batch with a request the pool cannot hold even alone (it could never finish:
+        the scheduler would preempt and re-admit it forever). Every distinct prompt is sized, not
+        the longest: the need is not monotone in the prompt's length (see `prompt_pages`)."""
+        N, capacity = self.sp.max_new_tokens, self.spec.num_pages - 1
+        needs = [request_pages(p.n, N, self.page) for p in self.prompts]
+        j = int(np.argmax(needs))
+        if needs[j] > capacity:
+            p, row = self.prompts[j], int(np.flatnonzero(self.row_prompt == j)[0])
             raise RequestTooLarge(
-                f"one request (a prompt of {longest.n} tokens + {self.sp.max_new_tokens} new tokens) needs {need} "
-                f"KV pages of {self.page} tokens but the pool holds {self.spec.num_pages - 1}; raise "
-                f"rollout.kv_cache_gib (or lower rollout.max_new_tokens / data.max_prompt_len)")
+                f"rollout engine: prompt row {row} ({p.n} tokens) + max_new_tokens={N} needs {needs[j]} KV pages "
+                f"of {self.page} tokens ({self._prompt_pages(p)} for its prompt, kept while it runs, + "
+                f"{needs[j] - self._prompt_pages(p)} of its own) but the whole pool holds {capacity}, so it could "
+                f"never finish. Raise rollout.kv_cache_gib (--config.rollout.kv_cache_gib; 0 = automatic sizing), "
+                f"or lower rollout.max_new_tokens / data.max_prompt_len; "
+                f"rollout.page_size changes the rounding to pages")
 
     # -------------------------------------------------------------- scheduling
     def _free_pages_for(self, need: int, keep_prompt: int | None = None) -> bool:
@@ -433,26 +474,43 @@ class _Run:
         p.users -= 1
         self.slot_req[s] = -1
         self.table[s] = NULL_PAGE
+        self.waiting[s] = False
         self.out_tokens[r] = self.sp.pad_id
         self.out_logp[r] = 0.0
         self.queue.appendleft(r)
         self.stats["preemptions"] += 1
 
     def _grow(self):
-        """Reserve the pages every running request writes in the next chunk (oldest first);
-        preempt the youngest when the pool is short."""
+        """Reserve the pages every running request writes in the next chunk, oldest first.
+
+        When the pool is short, the request being grown preempts the youngest running requests
+        *younger than itself*; with none younger it waits this chunk out (`self.waiting`, keeping
+        its pages and tokens) for older ones to finish. So no request ever preempts itself or an
+        older one: the oldest running request is never preempted, and since `_check_fits` made
+        sure it fits alone (everything else can be freed), it always grows and runs. It failing
+        to is an accounting error, raised here rather than looped on."""
         running = sorted(np.flatnonzero(self.slot_req >= 0), key=lambda s: self.born[s])
-        for s in running:
-            if self.slot_req[s] < 0:  # preempted below
+        self.waiting[:] = False
+        for i, s in enumerate(running):
+            if self.slot_req[s] < 0:  # preempted by an older request
                 continue
             p = self.prompts[self.row_prompt[self.slot_req[s]]]
             extra = self._private_needed(p, int(self.stp[s])) - len(self.private[s])
             while extra > 0 and not self._free_pages_for(extra):
-                victim = max(np.flatnonzero(self.slot_req >= 0), key=lambda v: self.born[v])
-                self._preempt(victim)
-                if victim == s:
+                younger = [v for v in running[i + 1:] if self.slot_req[v] >= 0]
+                if younger:
+                    self._preempt(younger[-1])
+                elif i > 0:  # older requests hold the pages: wait for them (they finish)
+                    self.waiting[s] = True
+                    self.stats["waits"] += 1
                     break
-            if self.slot_req[s] < 0 or extra <= 0:
+                else:
+                    raise RuntimeError(
+                        f"rollout engine: the oldest running request (row {int(self.slot_req[s])}, prompt of "
+                        f"{p.n} tokens, {int(self.stp[s])} tokens generated) cannot get {extra} more KV pages "
+                        f"with every other request preempted ({self.pool.num_free} of {self.pool.capacity} "
+                        f"free): a page accounting error in the engine, not a setting (the fit check passed)")
+            if self.waiting[s] or extra <= 0:
                 continue
             new = self.pool.alloc(extra)
             first = self._shared_blocks(p) + len(self.private[s])
@@ -460,7 +518,10 @@ class _Run:
             self.private[s] += new
 
     def _admit(self):
-        """Queued requests into free slots while pages last."""
+        """Queued requests into free slots while pages last (none while a running request waits
+        for pages: it would only be preempted again by the one waiting)."""
+        if self.waiting.any():
+            return
         free_slots = list(np.flatnonzero(self.slot_req < 0))
         while self.queue and free_slots:
             r = self.queue[0]
@@ -533,21 +594,29 @@ class _Run:
                 self.stats["prefill_tokens"] += int(seg.sum())
         return cache
 
-    def _run_chunk(self, cache):
+    def _new_cache(self):
+        return self.e.new_cache()
+
+    def _decode(self, cache, live_S: np.ndarray):
+        """One decode program call for the slots in `live_S` (the pending page copies first).
+        Returns (cache, tokens `[S, C]`, log-probs `[S, C]`, steps `[S]`, live `[S]`) on the host."""
         S = self.spec.num_slots
-        live = self.slot_req >= 0
         keys = np.zeros((S,) + self.keys.shape[1:], self.keys.dtype)
-        keys[live] = self.keys[self.slot_req[live]]
+        keys[live_S] = self.keys[self.slot_req[live_S]]
         src = np.full(S, NULL_PAGE, np.int32)
         dst = np.full(S, NULL_PAGE, np.int32)
         for i, (a, b) in enumerate(self.copies):
             src[i], dst[i] = a, b
         self.copies = []
         put = self.e._put
-        args = (put(self.tok), put(self.pos), put(self.stp), put(live),
+        args = (put(self.tok), put(self.pos), put(self.stp), put(live_S),
                 jax.random.wrap_key_data(put(keys), impl=self.key_impl), put(self.table), put(src), put(dst))
-        cache, out_t, out_lp, stp, live_out = self.e.decode_fn(self.sp)(self.params, cache, *args)
-        out_t, out_lp, stp, live_out = (np.asarray(x) for x in (out_t, out_lp, stp, live_out))
+        cache, *out = self.e.decode_fn(self.sp)(self.params, cache, *args)
+        return (cache, *(np.asarray(x) for x in out))
+
+    def _run_chunk(self, cache):
+        live = (self.slot_req >= 0) & ~self.waiting
+        cache, out_t, out_lp, stp, live_out = self._decode(cache, live)
         eos = set(self.sp.eos_ids)
         for s in np.flatnonzero(live):
             r, t0, n = int(self.slot_req[s]), int(self.stp[s]), int(stp[s] - self.stp[s])
@@ -563,20 +632,37 @@ class _Run:
         self.stats["chunks"] += 1
         return cache
 
+    def _round_limit(self) -> int:
+        """Scheduling rounds allowed without a request finishing. The oldest running request runs
+        in every chunk and finishes within ⌈max_new_tokens / decode_chunk⌉ of them (`_grow`), so
+        ten times that (plus slack) is never reached by a scheduler that works."""
+        return 10 * (-(-self.sp.max_new_tokens // self.spec.decode_chunk) + 2)
+
     def execute(self) -> SampleOutput:
         t0 = time.perf_counter()
-        cache = self.e.new_cache()
+        cache = self._new_cache()
         bar = _Progress(len(self.done), self.progress, self.e._log)
+        limit, idle_rounds = self._round_limit(), 0
         try:
             while self.queue or np.any(self.slot_req >= 0):
+                done_before = int(self.done.sum())
                 self._grow()
                 self._admit()
-                if not np.any(self.slot_req >= 0):
+                if not np.any((self.slot_req >= 0) & ~self.waiting):
                     raise RuntimeError("rollout engine: no request could be admitted with an empty batch "
                                        "(page accounting error)")
                 if self.to_prefill:
                     cache = self._run_prefills(cache)
                 cache = self._run_chunk(cache)
+                idle_rounds = 0 if self.done.sum() > done_before else idle_rounds + 1
+                if idle_rounds > limit:  # a guard, not a schedule: raise rather than spin
+                    raise RuntimeError(
+                        f"rollout engine made no progress: no request finished in {idle_rounds} scheduling rounds "
+                        f"(at most {-(-self.sp.max_new_tokens // self.spec.decode_chunk)} are needed; "
+                        f"{int(self.done.sum())}/{len(self.done)} rows done, {int(np.sum(self.slot_req >= 0))} "
+                        f"running, {len(self.queue)} queued, {self.pool.num_free}/{self.pool.capacity} pages free, "
+                        f"{self.stats['preemptions']} preemptions): a scheduler bug in the engine; as a workaround "
+                        f"raise rollout.kv_cache_gib or lower rollout.max_slots")
                 bar.update(int(self.done.sum()), self.stats["tokens"], int(np.sum(self.slot_req >= 0)),
                            1.0 - self.pool.num_free / self.pool.capacity)
         finally:

@@ -7,6 +7,7 @@ import os
 import ml_collections
 
 from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.data.pipeline import LengthReport, fit_prompt_lengths
 from jaxrl_entropy.data.sources import load_records
 from jaxrl_entropy.data.synthetic import ArithmeticTask
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer, load_tokenizer
@@ -64,3 +65,41 @@ def datasets(cfg: ml_collections.ConfigDict):
         files = [p.strip() for p in cfg.data.train_files.split(",") if p.strip()]
         train = load_records(files, dedupe=cfg.data.dedupe)
     return train, eval_sets(cfg), task
+
+
+def train_source(cfg: ml_collections.ConfigDict) -> str:
+    """Where the training records come from, for messages."""
+    if cfg.data.kind == "synthetic":
+        return "the synthetic task (data.synthetic.*)"
+    return f"data.train_files={cfg.data.train_files}"
+
+
+def eval_source(cfg: ml_collections.ConfigDict, name: str) -> str:
+    """Where evaluation set `name` comes from, for messages."""
+    path = parse_benchmarks(cfg.eval.benchmarks).get(name)
+    return f"eval.benchmarks {name}={path}" if path else f"the synthetic task's held-out split ({name})"
+
+
+def fit_prompts(cfg: ml_collections.ConfigDict, tokenizer, records: list[dict],
+                source: str) -> tuple[list[dict], LengthReport]:
+    """`records` under `data.truncation` for prompts longer than `data.max_prompt_len` (see
+    `pipeline.fit_prompt_lengths`: raises, drops or keeps them, and logs the count)."""
+    return fit_prompt_lengths(records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                              truncation=cfg.data.truncation, source=source)
+
+
+def fit_eval_sets(cfg: ml_collections.ConfigDict, tokenizer,
+                  evals: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], list[LengthReport]]:
+    """`fit_prompts` for every evaluation set."""
+    fitted, reports = {}, []
+    for name, records in evals.items():
+        fitted[name], report = fit_prompts(cfg, tokenizer, records, eval_source(cfg, name))
+        reports.append(report)
+    return fitted, reports
+
+
+def length_metrics(train: LengthReport, evals: list[LengthReport] = ()) -> dict[str, int]:
+    """Step-0 metrics: prompts truncated / dropped for length, training and evaluation data."""
+    return {"data/prompts_truncated": train.truncated, "data/prompts_dropped": train.dropped,
+            "data/eval_prompts_truncated": sum(r.truncated for r in evals),
+            "data/eval_prompts_dropped": sum(r.dropped for r in evals)}

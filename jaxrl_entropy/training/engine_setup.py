@@ -141,7 +141,9 @@ def plan(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, *, tp: int, bu
     per_prompt = pages_for(P, page)
     budget_pages = paged_cache.num_pages_for_budget(budget_bytes, arch, dtype, page, tp)
     fit = int((budget_pages - 1) // (per_request + per_prompt / G))
-    if fit < 1:
+    # a group shares its prompt's pages, but one request alone still holds them all: a pool
+    # smaller than that would refuse it at the first rollout (engine.RequestTooLarge)
+    if fit < 1 or budget_pages - 1 < per_request + per_prompt:
         need = (per_request + per_prompt) * page * paged_cache.bytes_per_token(arch, dtype) / tp
         raise ConfigError(f"the KV budget of {budget_bytes / GIB:.2f} GiB per device holds no request of "
                           f"{P} + {N} tokens ({need / GIB:.2f} GiB): raise config.rollout.kv_cache_gib (or "

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from jaxrl_entropy import parallel, stats
-from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.data.pipeline import PromptBatcher, encoder_truncation
 from jaxrl_entropy.rl.rewards import score_responses
 
 
@@ -21,6 +21,7 @@ class EvalSpec:
     max_problems: int = 0                 # 0 = all
     max_prompt_len: int = 1024
     tail_chars: int = 300
+    truncation: str = "error"             # over-long prompts: "error", or "left" (keep the end)
 
 
 def decode_responses(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
@@ -47,7 +48,8 @@ def score_benchmark(sample: Callable[[np.ndarray, np.ndarray, int], Any], tokeni
     # problems; the padding is scored but dropped
     padded = [records[i % n] for i in range(-(-n // batch) * batch)]
     batcher = PromptBatcher(padded, tokenizer, batch_size=batch, max_prompt_len=spec.max_prompt_len,
-                            seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+                            seed=0, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
+                            truncation=spec.truncation)
     correct = np.zeros((len(padded), spec.k), bool)
     for call, b in enumerate(batcher):
         if call and should_stop is not None and should_stop():
@@ -101,7 +103,9 @@ def spec_for(cfg: ml_collections.ConfigDict, mesh) -> EvalSpec:
     unit = d // math.gcd(d, e.k)
     batch = max(1, cfg.rl.prompts_per_step * cfg.rl.group_size // e.k)
     return EvalSpec(k=e.k, batch_prompts=-(-batch // unit) * unit, max_problems=e.max_problems,
-                    max_prompt_len=cfg.data.max_prompt_len)
+                    max_prompt_len=cfg.data.max_prompt_len,
+                    # the sets went through data.truncation (data_setup.fit_prompts) already
+                    truncation=encoder_truncation(cfg.data.truncation))
 
 
 def sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...], pad_id: int):

@@ -99,7 +99,7 @@ def evaluate_for_cli(cfg: ml_collections.ConfigDict, policy: Policy, step: int, 
     from jaxrl_entropy.rl.rewards import MathVerifier
     from jaxrl_entropy.training.rollout import PolicySampler
 
-    eval_sets = data_setup.eval_sets(cfg)
+    eval_sets, _ = data_setup.fit_eval_sets(cfg, tokenizer, data_setup.eval_sets(cfg))
     if not eval_sets:
         return {}
     spec = eval_lib.spec_for(cfg, policy.mesh)

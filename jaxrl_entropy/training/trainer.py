@@ -25,7 +25,7 @@ from jaxrl_entropy.rundir import fileio, progress
 from jaxrl_entropy.training import model_setup, rng, step_programs, warmup
 from jaxrl_entropy import parallel
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
-from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.data.pipeline import PromptBatcher, encoder_truncation
 from jaxrl_entropy.rundir.locking import claim_workdir
 from jaxrl_entropy.rundir.metrics import MetricsWriter
 from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
@@ -64,7 +64,13 @@ class Trainer:
 
         from jaxrl_entropy.training import data_setup  # local: keeps `import trainer` light for tests
         self.tokenizer = data_setup.tokenizer_for(cfg)
-        self.train_records, self.eval_sets, self.task = data_setup.datasets(cfg)
+        train, evals, self.task = data_setup.datasets(cfg)
+        # data.truncation, once, before anything is compiled: an over-long prompt stops the run
+        # here, or is dropped / left-truncated with a warning and counted in the step-0 metrics
+        self.train_records, train_report = data_setup.fit_prompts(cfg, self.tokenizer, train,
+                                                                  data_setup.train_source(cfg))
+        self.eval_sets, eval_reports = data_setup.fit_eval_sets(cfg, self.tokenizer, evals)
+        self.data_metrics = data_setup.length_metrics(train_report, eval_reports)
 
         self.policy = model_setup.load_policy(cfg, self.mesh, self.tokenizer)
         self.params = self.policy.params
@@ -76,7 +82,7 @@ class Trainer:
         self.sampler = PolicySampler(self.policy, cfg, progress=cfg.train.progress)
         self.batcher = PromptBatcher(self.train_records, self.tokenizer, batch_size=cfg.rl.prompts_per_step,
                                      max_prompt_len=cfg.data.max_prompt_len, seed=cfg.seed,
-                                     shuffle=cfg.data.shuffle)
+                                     shuffle=cfg.data.shuffle, truncation=encoder_truncation(cfg.data.truncation))
         self.verifier = MathVerifier(timeout_s=cfg.rl.math_verify_timeout_s) if cfg.rl.math_verify else None
         self.collector = RolloutCollector(cfg, self.tokenizer, self.batcher, self.train_records, self.verifier,
                                           self.eos_ids)
@@ -317,6 +323,8 @@ class Trainer:
             data_state = self.batcher.get_state()
             try:
                 metrics = dict(self._pending)
+                if self.step == 0:
+                    metrics.update(self.data_metrics)
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     metrics.update(self.evaluate(self.step))
                 metrics.update(self.train_step())
@@ -339,7 +347,7 @@ class Trainer:
         bar.close()
         if not stop:
             if self._pending:  # a warm-up-only run (train.steps=0) still records its report
-                last = writer.write(self.step, self._pending)
+                last = writer.write(self.step, dict(self._pending, **(self.data_metrics if self.step == 0 else {})))
                 self._pending = {}
             if cfg.eval.every and not parallel.process_0_value(writer.has_eval(self.step)):
                 try:

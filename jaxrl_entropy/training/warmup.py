@@ -25,7 +25,7 @@ from flax import nnx
 from jaxrl_entropy.training import evaluate as eval_lib
 from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
-from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
+from jaxrl_entropy.data.pipeline import encode_sft_batch, encoder_truncation, trim_padding
 from jaxrl_entropy.rl import train_step as ts
 
 log = logging.getLogger("jaxrl_entropy")
@@ -162,6 +162,7 @@ def sampled_accuracy(cfg: ml_collections.ConfigDict, tokenizer, records, sample,
     `sample(ids, mask, call_index)` returns the sampler's output for those rows."""
     rng = np.random.default_rng([cfg.seed, step])
     recs = [records[j] for j in rng.choice(len(records), CHECK_PROMPTS, replace=False)]
-    spec = eval_lib.EvalSpec(k=CHECK_SAMPLES, batch_prompts=CHECK_PROMPTS, max_prompt_len=cfg.data.max_prompt_len)
+    spec = eval_lib.EvalSpec(k=CHECK_SAMPLES, batch_prompts=CHECK_PROMPTS, max_prompt_len=cfg.data.max_prompt_len,
+                             truncation=encoder_truncation(cfg.data.truncation))
     res = eval_lib.score_benchmark(sample, tokenizer, recs, spec)
     return float(res[f"mean@{CHECK_SAMPLES}"])
