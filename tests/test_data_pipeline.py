@@ -315,7 +315,8 @@ def test_batcher_error_mode_names_the_config_keys(tokenizer):
 
 
 def test_eval_sets_go_through_data_truncation(tokenizer, length_file, caplog):
-    from jaxrl_entropy import data_setup, presets
+    from jaxrl_entropy import presets
+    from jaxrl_entropy.training import data_setup
 
     cfg = presets.demo()
     cfg.eval.benchmarks = f"long={length_file}"
