@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from conftest import TINY_CLI_FLAGS
-from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy import cli
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import presets
 from jaxrl_entropy.config import RULES, Choice, ConfigError, Range, validate, validate_for_runtime

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxrl_entropy import chips, presets
-from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy import cli
 from jaxrl_entropy.aot import dryrun, hlo_stats
 from jaxrl_entropy.training import model_setup
 

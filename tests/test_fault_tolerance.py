@@ -16,7 +16,7 @@ import pytest
 import jax
 
 from conftest import TINY_CLI_FLAGS, metrics_rows, tiny_config
-from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy import cli
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 

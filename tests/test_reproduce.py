@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import TINY_CLI_FLAGS, metrics_rows as _rows
-from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy import cli
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 

@@ -9,7 +9,7 @@ import pytest
 import jax
 
 from conftest import TINY_CLI_FLAGS, metrics_rows as _rows, tiny_config
-from jaxrl_entropy.cli.main import main as cli
+from jaxrl_entropy import cli
 from jaxrl_entropy.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
