@@ -163,6 +163,7 @@ def test_event_loop_leftovers_of_a_failed_orbax_operation_are_not_printed(capsys
     the one real error); those are dropped, during the operation and after it failed."""
     import sys
 
+    ck.install_orbax_noise_filters()  # the application's part (the CLI calls it at start-up)
     with pytest.raises(ValueError):
         with ck._orbax_errors_collected():
             sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
@@ -171,3 +172,26 @@ def test_event_loop_leftovers_of_a_failed_orbax_operation_are_not_printed(capsys
     assert "Event loop is closed" not in capsys.readouterr().err
     sys.excepthook(KeyError, KeyError("something else"), None)   # everything else still shows
     assert "something else" in capsys.readouterr().err
+
+
+def test_the_library_leaves_process_hooks_alone(tmp_path):
+    # a save and a failed save through the library: sys.excepthook and the asyncio logger untouched
+    import subprocess
+    import sys
+
+    probe = f"""
+import logging, sys
+import jax.numpy as jnp
+from jaxrl_entropy.rundir import checkpoint as ck
+hooks = (sys.excepthook, sys.unraisablehook, list(logging.getLogger("asyncio").filters))
+c = ck.Checkpointer({str(tmp_path / "ckpt")!r})
+c.save(1, {{"w": jnp.ones(3)}}, {{"step": 1}})
+try:
+    with ck._orbax_errors_collected():
+        raise ValueError("a failed orbax operation")
+except ValueError:
+    pass
+assert (sys.excepthook, sys.unraisablehook, list(logging.getLogger("asyncio").filters)) == hooks
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

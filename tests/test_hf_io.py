@@ -223,3 +223,30 @@ def test_config_only_directory_rejects_what_loading_rejects(tmp_path, changes, f
 def test_read_hf_config_names_a_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         read_hf_config(str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("max_shard_bytes, stop_at_ask", [(5 * 2**30, 1), (5 * 2**30, 2), (8 << 10, 3)])
+def test_save_honours_a_stop_request_on_every_shard_count(tmp_path, max_shard_bytes, stop_at_ask):
+    # One shard (the whole model under the limit) was never asked: a stop during its export was
+    # ignored and the export finished. Asked before each shard and after the last; the n-th ask says stop.
+    from jaxrl_entropy.rundir.preemption import StopRequested
+
+    cfg = qwen3.Qwen3Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = qwen3.init_random(cfg, seed=0)
+    asks = []
+
+    def should_stop():
+        asks.append(1)
+        return len(asks) == stop_at_ask
+
+    with pytest.raises(StopRequested):
+        hf_io.save(model, str(tmp_path / "out"), max_shard_bytes=max_shard_bytes, should_stop=should_stop)
+    assert len(asks) == stop_at_ask
+    assert not os.path.exists(tmp_path / "out" / "config.json")  # nothing is final without config.json
+
+    # unasked, the same export completes and is asked once per shard plus once at the end
+    asks.clear()
+    hf_io.save(model, str(tmp_path / "full"), max_shard_bytes=max_shard_bytes, should_stop=lambda: asks.append(1) and False)
+    shards = [f for f in os.listdir(tmp_path / "full") if f.endswith(".safetensors")]
+    assert len(asks) == len(shards) + 1 and os.path.exists(tmp_path / "full" / "config.json")

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if len(argv) >= 2 else 2
     command, rest = argv[1], argv[2:]
+    _install_process_hooks()
     if command not in COMMANDS:
         print(f"unknown command {command!r}; choose one of {COMMANDS}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         _prepare_dryrun(rest)
     from jaxrl_entropy.cli import commands as cli_commands
     return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
+
+
+def _install_process_hooks() -> None:
+    """Process-wide settings belong to the application, not the library: set them here, once."""
+    from jaxrl_entropy.rundir.checkpoint import install_orbax_noise_filters
+    install_orbax_noise_filters()
 
 
 def _prepare_dryrun(args: list[str]) -> None:

@@ -8,8 +8,11 @@ Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`); every varia
 that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in their token weights.
 Gradient geometry is logged every `--geometry-every` steps. A run that fails (e.g. dynamic sampling
 finds no group with mixed rewards after a collapse) is recorded as such and the others go on.
-Finally `analyze` writes the plots and the report. Restarting the same command skips finished runs and
-resumes unfinished ones from their latest checkpoint.
+A run is finished when its last recorded step is the configured `train.steps`, not when its process
+exited 0: a run stopped by a signal (SIGTERM, Ctrl-C) saves and exits 0 part-way. Finally `analyze`
+writes the plots and the report over the finished runs only (variants compared at unequal steps would
+mislead); the command exits 1 while any run is unfinished or failed, naming them. Restarting the same
+command skips finished runs and resumes the others from their latest checkpoint.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from jaxrl_entropy import analyze
+from jaxrl_entropy.rundir import metrics
 
 
 def _cli(*args: str) -> list[str]:
@@ -39,13 +45,28 @@ def warmup(out: str, seed: int, overrides: list[str]) -> str:
     return ckpt
 
 
+def progress_of(workdir: str) -> tuple[int | None, int | None]:
+    """(last step in `metrics.jsonl`, the run's configured `train.steps` from its `config.json`);
+    None where the run has not written it."""
+    last = configured = None
+    metrics_path = os.path.join(workdir, metrics.METRICS_FILE)
+    if os.path.exists(metrics_path):
+        rows = metrics.read_metrics(metrics_path, strict=False)
+        last = max((int(r["step"]) for r in rows if "step" in r), default=None)
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            configured = int(json.load(f)["train"]["steps"])
+    return last, configured
+
+
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int) -> dict:
     workdir = os.path.join(out, f"{variant}_seed{seed}")
     status_file = os.path.join(workdir, "status.json")
     if os.path.exists(status_file):  # finished earlier (a restarted reproduction skips it)
         with open(status_file) as f:
             status = json.load(f)
-        if status.get("returncode") == 0:
+        if status.get("finished"):
             return status
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         os.makedirs(os.path.join(workdir, "checkpoints"))
@@ -55,10 +76,14 @@ def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], g
                                f"--config.seed={seed}", "--config.train.progress=False",
                                f"--config.train.geometry_every={geometry_every}", *overrides),
                           capture_output=True, text=True)
+    last, configured = progress_of(workdir)
     status = {"variant": variant, "seed": seed, "returncode": proc.returncode,
-              "minutes": round((time.time() - start) / 60, 2)}
+              "minutes": round((time.time() - start) / 60, 2), "step": last, "steps": configured,
+              "finished": proc.returncode == 0 and last is not None and last == configured}
     if proc.returncode:
         status["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
+    elif not status["finished"]:  # exit 0 part-way: stopped by a signal, saved, resumable
+        status["error"] = f"stopped at step {last} of {configured} (a stop request); run the command again to resume"
     with open(status_file, "w") as f:
         json.dump(status, f)
     print(json.dumps(status), flush=True)
@@ -93,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.geometry_every), jobs))
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(statuses, f, indent=1)
-    from jaxrl_entropy import analyze
-    dirs = [os.path.join(args.out, f"{v}_seed{s}") for v, s in jobs
-            if os.path.exists(os.path.join(args.out, f"{v}_seed{s}", "metrics.jsonl"))]
-    return analyze.main(dirs + (["--out", args.report] if args.report else []))
+    unfinished = [st for st in statuses if not st.get("finished")]
+    for st in unfinished:
+        print(f"jaxrl-entropy reproduce: {st['variant']} seed {st['seed']} did not finish: "
+              f"{st.get('error', '?')}", file=sys.stderr)
+    dirs = [os.path.join(args.out, f"{st['variant']}_seed{st['seed']}") for st in statuses if st.get("finished")]
+    code = analyze.main(dirs + (["--out", args.report] if args.report else [])) if dirs else 0
+    if unfinished:
+        print(f"jaxrl-entropy reproduce: {len(unfinished)} of {len(statuses)} runs unfinished; the report covers "
+              "the finished ones. Run the same command again: finished runs are skipped, stopped ones resume.",
+              file=sys.stderr)
+        return 1
+    return code
 
 
 if __name__ == "__main__":

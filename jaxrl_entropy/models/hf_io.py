@@ -158,6 +158,12 @@ def _write_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
     os.replace(tmp, path)
 
 
+def _stop_if_asked(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        from jaxrl_entropy.rundir.preemption import StopRequested
+        raise StopRequested()
+
+
 def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
          max_shard_bytes: int = 5 * 2**30, should_stop=None) -> None:
     """Write `config.json` + safetensors (sharded with an index past `max_shard_bytes`).
@@ -165,7 +171,8 @@ def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
     `model` needs a `config` with `to_hf_dict` (a `Qwen3Config`). dtype: storage dtype (default:
     the parameters' own). Only process 0 writes on multi-host. Shards are planned from shapes
     first and gathered one shard at a time, so host memory peaks at one shard. `should_stop()` is
-    asked between shards (a collective on several processes); True raises
+    asked before every shard and once after the last (a collective on several processes, asked the
+    same number of times on each; a one-shard model is asked too); True raises
     `preemption.StopRequested`, leaving `out_dir` incomplete (write into a staging directory, as
     `model_io.checkpoint_to_hf` does).
     """
@@ -184,15 +191,14 @@ def save(model: nnx.Module, out_dir: str, *, dtype=None, tokenizer=None,
              [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     writer = jax.process_index() == 0
     weight_map, total = {}, 0
-    for i, (fname, paths) in enumerate(zip(names, plan)):
-        if i and should_stop is not None and should_stop():
-            from jaxrl_entropy.rundir.preemption import StopRequested
-            raise StopRequested()
+    for fname, paths in zip(names, plan):
+        _stop_if_asked(should_stop)
         shard = {hf_name(p): _host_array(params[p], store_dtype, bool(_TRANSPOSED.search(p))) for p in paths}
         if writer:
             _write_safetensors(shard, os.path.join(out_dir, fname))
         weight_map.update({name: fname for name in shard})
         total += sum(a.nbytes for a in shard.values())
+    _stop_if_asked(should_stop)  # a request during the last (or only) shard: before anything is final
     if not writer:
         return
     first = np.dtype(store_dtype or next(iter(params.values())).dtype)

@@ -239,6 +239,10 @@ def _sketch_leaf(x: jax.Array, salt: jax.Array, dim: int) -> jax.Array:
     return jnp.zeros((dim,), jnp.float32).at[bucket].add(sign * x.astype(jnp.float32))
 
 
+def _on_cpu(x: jax.Array) -> bool:
+    return any(d.platform == "cpu" for d in x.devices())
+
+
 class GradientSketch:
     """A fixed random linear map of a gradient pytree to ``[dim]`` (a count sketch).
 
@@ -261,10 +265,18 @@ class GradientSketch:
 
     def __call__(self, tree) -> jax.Array:
         """`[dim]`: the sum of every leaf's sketch (one jitted program per distinct leaf shape)."""
-        out = jnp.zeros((self.dim,), jnp.float32)
+        out = None
         for leaf_idx, leaf in enumerate(jax.tree.leaves(tree)):
-            out = out + _sketch_leaf(leaf, self.leaf_salt(leaf_idx), dim=self.dim)
-        return out
+            sketch = _sketch_leaf(leaf, self.leaf_salt(leaf_idx), dim=self.dim)
+            if _on_cpu(sketch):
+                # The leaves' programs are independent, so asynchronous dispatch lets them all run
+                # at once; each has an all-reduce whose in-process rendezvous needs a thread per
+                # device. On a CPU (many fake devices, few cores) the pool can run out of threads
+                # with every program waiting for its missing participant, and XLA aborts the
+                # process after 40 s ("Termination timeout for all reduce"). One at a time.
+                sketch.block_until_ready()
+            out = sketch if out is None else out + sketch
+        return jnp.zeros((self.dim,), jnp.float32) if out is None else out
 
 
 def sketch_leaf_program(sketch: GradientSketch) -> Callable:

@@ -380,11 +380,14 @@ def _is_disk_full(e: BaseException) -> bool:
 
 
 class _DropUnretrieved(logging.Filter):
+    """asyncio's "exception was never retrieved" reports of a failed orbax operation's futures."""
+
+    def __init__(self, leftovers: "_LoopClosedLeftovers"):
+        super().__init__()
+        self.leftovers = leftovers
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in record.getMessage()
-
-
-_DROP_UNRETRIEVED = _DropUnretrieved()
+        return not (self.leftovers.sticky and "exception was never retrieved" in record.getMessage())
 
 
 class _LoopClosedLeftovers:
@@ -392,7 +395,11 @@ class _LoopClosedLeftovers:
     complete I/O; each then fails to call back into the closed loop and tensorstore prints that
     `RuntimeError: Event loop is closed` through `sys.excepthook` (dozens of tracebacks, before and
     after the real error). While an orbax operation runs — and for good once one failed — those
-    are dropped; every other exception goes to the hooks that were there before."""
+    are dropped; every other exception goes to the hooks that were there before.
+
+    The library only counts the operations (`active`, `sticky`); replacing `sys.excepthook`,
+    `sys.unraisablehook` and filtering the `asyncio` logger are process-wide, so the application
+    does it once at start-up (`install_orbax_noise_filters`, called by the CLI)."""
 
     def __init__(self):
         self.active = 0
@@ -417,10 +424,19 @@ class _LoopClosedLeftovers:
                 previous_unraisable(info)
 
         sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+        logging.getLogger("asyncio").addFilter(_DropUnretrieved(self))
         self._installed = True
 
 
 _LEFTOVERS = _LoopClosedLeftovers()
+
+
+def install_orbax_noise_filters() -> None:
+    """Drop the leftovers of failed orbax operations (tensorstore's `Event loop is closed`
+    tracebacks, asyncio's unretrieved-exception reports) from `sys.excepthook`,
+    `sys.unraisablehook` and the `asyncio` logger. Process-wide: for applications (the CLI calls
+    it at start-up), never called by the library itself. Idempotent."""
+    _LEFTOVERS.install()
 
 
 @contextlib.contextmanager
@@ -441,7 +457,6 @@ def _orbax_errors_collected():
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     for logger in loggers:
         logger.addFilter(hold)
-    _LEFTOVERS.install()
     _LEFTOVERS.active += 1
     failed = True
     try:
@@ -457,8 +472,7 @@ def _orbax_errors_collected():
             log.debug("%d error record(s) from orbax's threads held back", len(held))
             # the failed operation's remaining asyncio futures and tensorstore callbacks report the
             # same failure again when they finish or are finalized, possibly only at interpreter
-            # exit: drop those reports from now on
-            logging.getLogger("asyncio").addFilter(_DROP_UNRETRIEVED)
+            # exit: drop those reports from now on (where the application installed the filters)
             _LEFTOVERS.sticky = True
         else:
             for record in held:

@@ -1,0 +1,75 @@
+"""`reproduce`'s bookkeeping with a stand-in for `train` (a tiny script): a run is finished when its
+last step is the configured one, not when its process exited 0."""
+import json
+import os
+import sys
+
+import pytest
+
+from jaxrl_entropy.cli import reproduce
+
+# writes what `train` leaves in a workdir: config.json (train.steps = 3) and one metrics line per step
+# up to STOP_AT (a file beside the workdirs), appending from where the workdir's metrics end; exit 0
+FAKE_TRAIN = r'''
+import json, os, sys
+workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
+out = os.path.dirname(workdir)
+with open(os.path.join(out, "calls"), "a") as f:
+    f.write(os.path.basename(workdir) + "\n")
+stop_at = int(open(os.path.join(out, "STOP_AT")).read())
+with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"train": {"steps": 3}}, f)
+path = os.path.join(workdir, "metrics.jsonl")
+done = sum(1 for _ in open(path)) if os.path.exists(path) else 0
+with open(path, "a") as f:
+    for step in range(done, stop_at + 1):
+        f.write(json.dumps({"step": step, "reward/mean": 0.0}) + "\n")
+'''
+
+
+@pytest.fixture
+def out(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    runs = tmp_path / "runs"
+    os.makedirs(runs / "warmup_seed0" / "checkpoints" / "0")  # the warm-up is done
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: [sys.executable, str(script), *args])
+    analysed = []
+    monkeypatch.setattr(reproduce.analyze, "main", lambda argv: analysed.append(list(argv)) or 0)
+    return runs, analysed
+
+
+def _calls(runs) -> list[str]:
+    path = runs / "calls"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_run_that_exits_0_part_way_is_not_finished_and_resumes_on_the_next_call(out, capsys):
+    runs, analysed = out
+    argv = ["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"]
+    (runs / "STOP_AT").write_text("1")      # both children stop at step 1 of 3 with exit 0
+    assert reproduce.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "full seed 0 did not finish: stopped at step 1 of 3" in err and "2 of 2 runs unfinished" in err
+    status = json.loads((runs / "full_seed0" / "status.json").read_text())
+    assert (status["returncode"], status["finished"], status["step"], status["steps"]) == (0, False, 1, 3)
+    assert analysed == []                  # no report over runs at unequal or partial steps
+
+    (runs / "STOP_AT").write_text("3")
+    assert reproduce.main(argv) == 0       # both resumed (called again) and finished
+    assert sorted(_calls(runs)) == sorted(["full_seed0", "anchor_seed0"] * 2)
+    assert [os.path.basename(d) for d in analysed[-1]] == ["full_seed0", "anchor_seed0"]
+
+    assert reproduce.main(argv) == 0       # finished runs are skipped
+    assert len(_calls(runs)) == 4
+
+
+def test_a_failed_run_is_reported_and_the_others_analysed(out, capsys, monkeypatch):
+    runs, analysed = out
+    (runs / "STOP_AT").write_text("3")
+    real = reproduce._cli
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: real(*args) if "anchor" not in " ".join(args)
+                        else [sys.executable, "-c", "import sys; sys.exit('DynamicSamplingError: no mixed group')"])
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"]) == 1
+    assert "anchor seed 0 did not finish: DynamicSamplingError: no mixed group" in capsys.readouterr().err
+    assert [os.path.basename(d) for d in analysed[-1]] == ["full_seed0"]
