@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_entropy.models import engine as eng
+from jaxrl_entropy.models import engine_scheduler
 from jaxrl_entropy.models import paged_cache, qwen3, sampler
 
 EOS = 5
@@ -212,14 +213,14 @@ def test_decode_loop_writes_the_pool_in_place_for_tpu(tpu_devices):
 
 def test_row_keys_are_fold_in_of_the_row_id_with_few_compiled_programs():
     base = jax.random.key(7)
-    before = eng._fold_in_rows._cache_size()
+    before = engine_scheduler._fold_in_rows._cache_size()
     for n in (1, 5, 8, 9, 100, 128, 130):
         ids = np.arange(1000, 1000 + n) * 3
         got = eng.row_keys(base, ids)
         want = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, int(i)))) for i in ids])
         np.testing.assert_array_equal(got, want)
     # sizes 1..130 fall in 8, 16, 128, 256: four programs, not one per call size (seven here)
-    assert eng._fold_in_rows._cache_size() - before <= 4
+    assert engine_scheduler._fold_in_rows._cache_size() - before <= 4
 
 
 # ------------------------------------------------------------------ scheduling: progress and fit
@@ -282,8 +283,8 @@ def test_request_that_cannot_fit_alone_is_refused_not_livelocked(tiny):
     assert issubclass(eng.RequestTooLarge, ValueError)
 
 
-class _HostRun(eng._Run):
-    """The engine's host scheduler (`_Run`, unchanged) over a host model of its device programs,
+class _HostRun(eng.HostScheduler):
+    """The engine's host scheduler (`HostScheduler`, unchanged) over a host model of its device programs,
     no compilation: the KV pool holds token ids, the prefill writes a prompt's first n − 1 tokens
     into its pages, the decode copies pending pages, then per live slot and step writes the current
     token at its position, checks that the slot's page table reads back exactly its prompt + the
@@ -293,8 +294,8 @@ class _HostRun(eng._Run):
     MAX_CALLS = 5000  # the test's own guard: a livelocked scheduler fails, it does not hang
 
     def __init__(self, spec, ids, mask, sp, want):
-        engine = type("FakeEngine", (), {"spec": spec, "_log": eng.log, "last_stats": {}})()
-        super().__init__(engine, None, ids, np.asarray(mask, bool), jax.random.key(0), sp, np.arange(len(ids)), False)
+        engine = type("FakeEngine", (), {"spec": spec, "last_stats": {}})()
+        super().__init__(engine, None, ids, np.asarray(mask, bool), jax.random.key(0), sp, np.arange(len(ids)))
         self.want, self.calls = want, 0
 
     def _new_cache(self):

@@ -32,6 +32,7 @@ from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.training.model_setup import DTYPES, Policy
 from jaxrl_entropy.models import paged_cache, qwen3
 from jaxrl_entropy.models.engine import Engine, EngineSpec
+from jaxrl_entropy.rundir.progress import RolloutProgress
 from jaxrl_entropy.models.paged_cache import pages_for
 from jaxrl_entropy.models.sampler import SampleOutput, SamplingParams
 from jaxrl_entropy.training.sampling import rollout_sampling_params
@@ -233,7 +234,12 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
     B = ids.shape[0]
     lo, hi, _ = parallel.process_rows(B)   # one process: all rows
     if hi > lo:
-        out = engine.generate(params, ids[lo:hi], mask[lo:hi], key, sp, row_ids=np.arange(lo, hi), progress=progress)
+        bar = RolloutProgress(hi - lo, progress)
+        try:
+            out = engine.generate(params, ids[lo:hi], mask[lo:hi], key, sp, row_ids=np.arange(lo, hi),
+                                  on_progress=bar.update)
+        finally:
+            bar.close()
         parts = [out.tokens, out.lengths, out.logprobs, out.finished]
     else:
         N = sp.max_new_tokens
