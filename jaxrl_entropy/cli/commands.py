@@ -60,9 +60,11 @@ def _config(fv):
 
 
 def _setup(fv):
-    # force: an import (grain) may already have configured the root logger at WARNING, which would
-    # silence every INFO line (checkpoint saves, progress) of the command
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # An import (grain) may already have configured the root logger, at WARNING: basicConfig then
+    # does nothing, and every INFO line of ours (checkpoint saves, progress) would be lost. Our
+    # logger's own level lets them through whatever handlers the root has (pytest's included).
+    logging.getLogger("jaxrl_entropy").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     explicit = {k: fv[k].value for k in ("coordinator_address", "num_processes", "process_id")
@@ -173,7 +175,7 @@ def _dryrun(fv):
         raise UsageError(str(e)) from None
     chips.prepare_environment(topo)
     cfg = _config(fv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from jaxrl_entropy.aot import dryrun
     report = dryrun.run(cfg, fv.topology, programs=fv.programs, headroom=fv.headroom,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
