@@ -54,7 +54,7 @@ def _tail(path: str, lines: int = 15) -> str:
         return "".join(f.readlines()[-lines:])
 
 
-def _wait(procs, timeout: float = 900, idle: float = 240, straggle: float = 90) -> list[int]:
+def _wait(procs, timeout: float = 900, idle: float = 480, straggle: float = 90) -> list[int]:
     """Exit codes of `procs`, or a failure with both processes' last log lines as soon as the pair
     looks hung: no log output from either for `idle` s (an idle collective), one process still
     running `straggle` s after the other exited (its peer will never answer), or `timeout` s in all."""

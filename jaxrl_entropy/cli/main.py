@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if len(argv) >= 2 else 2
     command, rest = argv[1], argv[2:]
-    _install_process_hooks()
     if command not in COMMANDS:
         print(f"unknown command {command!r}; choose one of {COMMANDS}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -37,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return reproduce.main(rest)
     if command == "dryrun":
         _prepare_dryrun(rest)
+    _install_process_hooks()  # imports jax: after dryrun has chosen its devices
     from jaxrl_entropy.cli import commands as cli_commands
     return cli_commands.run(command, [f"jaxrl-entropy {command}"] + rest)
 

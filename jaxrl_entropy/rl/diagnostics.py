@@ -240,7 +240,8 @@ def _sketch_leaf(x: jax.Array, salt: jax.Array, dim: int) -> jax.Array:
 
 
 def _on_cpu(x: jax.Array) -> bool:
-    return any(d.platform == "cpu" for d in x.devices())
+    """A concrete array on CPU devices (inside a jitted program there is no dispatch to order)."""
+    return not isinstance(x, jax.core.Tracer) and any(d.platform == "cpu" for d in x.devices())
 
 
 class GradientSketch:
