@@ -216,7 +216,8 @@ def _signal_on_call(monkeypatch, obj, name, when):
 
 
 def test_sigterm_in_the_warm_up_saves_its_progress_and_resumes_to_the_same_parameters(tmp_path, monkeypatch):
-    from jaxrl_entropy.training.trainer import WARMUP_DIR, Trainer
+    from jaxrl_entropy.training.trainer import Trainer
+    from jaxrl_entropy.training.warmup import WARMUP_DIR
 
     cfg = dict(**{"train.steps": 0, "train.sft_steps": 5, "train.sft_batch_size": 8,
                   "train.sft_target_accuracy": 0.0, "eval.every": 0})

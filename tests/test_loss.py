@@ -193,3 +193,13 @@ def test_gradient_accumulation_equals_one_batch(normalization, mode):
              for r in micro]
     naive_w = sum(g["W"] for g in naive) / len(micro)
     assert not np.allclose(np.asarray(naive_w), np.asarray(full_grad["W"]), rtol=1e-3)
+
+
+def test_step_metrics_keep_the_public_names_users_read():
+    # metrics.jsonl / TensorBoard names are an interface: these are the ones the docs list
+    from jaxrl_entropy.rl.loss import step_metrics
+    means = {"loss": 0.5, "pg_loss": 0.4, "grad_norm": 2.0, "clip_low": 0.01, "clip_high": 0.03,
+             "dual_clip": 0.002, "approx_kl": 1e-3, "token_count": 100.0}
+    out = step_metrics(means)
+    assert out == {"loss": 0.5, "pg_loss": 0.4, "grad_norm": 2.0, "clip_frac": 0.04, "clip_frac/low": 0.01,
+                   "clip_frac/high": 0.03, "clip_frac/dual": 0.002, "approx_kl": 1e-3}

@@ -173,3 +173,13 @@ def finalize_metrics(summed: dict[str, jax.Array]) -> dict[str, jax.Array]:
         else:
             out[key] = value
     return out
+
+
+def step_metrics(update_means: dict[str, float]) -> dict[str, float]:
+    """The public names (`metrics.jsonl`, TensorBoard) of an RL step's update metrics, from the mean
+    over its optimiser updates of `finalize_metrics` plus `grad_norm`: the one place those names
+    are written, since users' scripts read them."""
+    m = update_means
+    return {"loss": m["loss"], "pg_loss": m["pg_loss"], "grad_norm": m["grad_norm"],
+            "clip_frac": m["clip_low"] + m["clip_high"], "clip_frac/low": m["clip_low"],
+            "clip_frac/high": m["clip_high"], "clip_frac/dual": m["dual_clip"], "approx_kl": m["approx_kl"]}

@@ -20,6 +20,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -344,3 +345,21 @@ def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: St
                     note=f"count sketch of the largest of {len(leaves)} gradient leaves {tuple(largest.shape)} "
                          f"into {sketch.dim} buckets", resident_bytes=resident + 2 * grad_bytes),
     ]
+
+
+def apply_updates(prog: "StepPrograms", params, opt_state, data: dict[str, jax.Array], *, mini_batch_rows: int,
+                  micro_batch_size: int) -> tuple[Any, Any, dict[str, float], int, int]:
+    """One RL step's optimiser updates: `data` (`[M, ...]` per key) in mini-batches of
+    `mini_batch_rows` rows, each run as micro-batches of `micro_batch_size` (gradient accumulation).
+    Returns (params, opt_state, the updates' mean metrics, updates skipped as non-finite, updates)."""
+    M = next(iter(data.values())).shape[0]
+    per_update = []
+    for u in range(M // mini_batch_rows):
+        part = jax.tree.map(lambda x: x[u * mini_batch_rows:(u + 1) * mini_batch_rows].reshape(
+            mini_batch_rows // micro_batch_size, micro_batch_size, *x.shape[1:]), data)
+        part = jax.device_put(part, prog.micro_sharding)  # micro-batch rows over data × fsdp
+        params, opt_state, m = prog.update(params, opt_state, part)
+        per_update.append(m)
+    means = {k: float(np.mean([parallel.to_host(m[k]) for m in per_update])) for k in per_update[0]}
+    skipped = int(sum(int(parallel.to_host(m["skipped"])) for m in per_update))
+    return params, opt_state, means, skipped, len(per_update)

@@ -31,13 +31,12 @@ from jaxrl_entropy.rundir.metrics import MetricsWriter
 from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
 from jaxrl_entropy.rl import diagnostics, entropy_stats
+from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier
 from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, logp_diff_metrics
 
 log = logging.getLogger("jaxrl_entropy")
-
-WARMUP_DIR = "warmup"  # a stopped warm-up's progress (removed once the warm-up is done)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -58,7 +57,8 @@ class Trainer:
             raise
 
     def _build(self, cfg: ml_collections.ConfigDict, workdir: str):
-        self.checkpointer = self._warmup_ck = None
+        self.checkpointer = None
+        self.warmup_store = warmup.WarmupStore(workdir, on_corrupt=cfg.train.on_corrupt_checkpoint)
         self.verifier = None
         self.mesh = model_setup.build_mesh(cfg)
 
@@ -123,7 +123,8 @@ class Trainer:
             if changed:
                 log.warning("resuming %s with a changed config: %s", self.workdir, ", ".join(changed))
         if found is None:
-            self._resume_warmup()
+            if not self.sft_done and (stopped := self.warmup_store.restore(self.cfg, self.params)) is not None:
+                self.params, self._warmup_resume = stopped
             return
         _, state, meta = found
         self.params, self.opt_state = state["params"], state["opt_state"]
@@ -136,40 +137,6 @@ class Trainer:
         if "data" in meta:  # absent in a checkpoint converted from HF weights: the stream's start
             self.batcher.set_state(meta["data"])
         log.info("resumed from step %d (%s)", self.step, self.checkpointer.directory)
-
-    # ------------------------------------------------------------------ a stopped warm-up's progress
-    def _warmup_checkpointer(self) -> Checkpointer:
-        if self._warmup_ck is None:
-            self._warmup_ck = Checkpointer(fileio.join(self.workdir, WARMUP_DIR), keep=1)
-        return self._warmup_ck
-
-    def _resume_warmup(self):
-        if self.sft_done or not fileio.exists(fileio.join(self.workdir, WARMUP_DIR)):
-            return
-        target = {"params": self.params, "sft_opt_state": warmup.init_opt_state(self.cfg, self.params)}
-        found = self._warmup_checkpointer().restore_latest(target, on_corrupt=self.cfg.train.on_corrupt_checkpoint)
-        if found is None:
-            return
-        _, state, meta = found
-        self.params = state["params"]
-        self._warmup_resume = warmup.WarmupProgress.from_meta(meta["sft"], state["sft_opt_state"])
-        log.info("resuming the warm-up at its step %d (%s)", self._warmup_resume.step, self._warmup_ck.directory)
-
-    def _save_warmup(self, progress: warmup.WarmupProgress):
-        ck = self._warmup_checkpointer()
-        if ck.latest_step() == progress.step:  # stopped again before doing a step: nothing new
-            return
-        ck.save(progress.step, {"params": self.params, "sft_opt_state": progress.opt_state}, {"sft": progress.meta()})
-        log.info("saved the warm-up's progress at its step %d in %s", progress.step, ck.directory)
-
-    def _drop_warmup_progress(self):
-        """Once the warm-up is done and its result saved as RL step 0, its partial saves are stale."""
-        path = fileio.join(self.workdir, WARMUP_DIR)
-        if self._warmup_ck is not None:
-            self._warmup_ck.close()
-            self._warmup_ck = None
-        if jax.process_index() == 0 and fileio.exists(path):
-            fileio.rmtree(path)
 
     # ------------------------------------------------------------------ one RL step
     def _sample(self, ids, mask, key, sp):
@@ -205,26 +172,15 @@ class Trainer:
         if cfg.train.geometry_every and step % cfg.train.geometry_every == 0:
             metrics.update(self._geometry(data, st))
 
-        M = mask.shape[0]
-        mb = cfg.rl.mini_batch_prompts * cfg.rl.group_size
-        micro = cfg.rl.micro_batch_size
-        upd_metrics = []
-        for u in range(M // mb):
-            part = jax.tree.map(lambda x: x[u * mb:(u + 1) * mb].reshape(mb // micro, micro, *x.shape[1:]), data)
-            part = jax.device_put(part, prog.micro_sharding)  # micro-batch rows over data × fsdp
-            self.params, self.opt_state, m = prog.update(self.params, self.opt_state, part)
-            upd_metrics.append(m)
-        upd = {k: float(np.mean([parallel.to_host(m[k]) for m in upd_metrics])) for k in upd_metrics[0]}
-        skipped = int(sum(int(parallel.to_host(m["skipped"])) for m in upd_metrics))
+        self.params, self.opt_state, upd, skipped, n_updates = step_programs.apply_updates(
+            prog, self.params, self.opt_state, data, mini_batch_rows=cfg.rl.mini_batch_prompts * cfg.rl.group_size,
+            micro_batch_size=cfg.rl.micro_batch_size)
         self.skipped_total += skipped
-        self.skipped_streak = self.skipped_streak + 1 if skipped == len(upd_metrics) else 0
+        self.skipped_streak = self.skipped_streak + 1 if skipped == n_updates else 0
         if skipped:
             log.warning("step %d: %d update(s) skipped because the loss or gradient was not finite", step, skipped)
-        metrics.update({"loss": upd["loss"], "pg_loss": upd["pg_loss"], "grad_norm": upd["grad_norm"],
-                        "clip_frac": upd["clip_low"] + upd["clip_high"], "clip_frac/low": upd["clip_low"],
-                        "clip_frac/high": upd["clip_high"], "clip_frac/dual": upd["dual_clip"],
-                        "approx_kl": upd["approx_kl"], "skipped_updates": skipped,
-                        "skipped_updates/total": self.skipped_total,
+        metrics.update(loss_lib.step_metrics(upd))
+        metrics.update({"skipped_updates": skipped, "skipped_updates/total": self.skipped_total,
                         "time/rollout_s": t1 - t0, "time/train_s": time.time() - t1})
         return metrics
 
@@ -265,7 +221,7 @@ class Trainer:
             bar.close()
         self._warmup_resume = None
         if stopped is not None:
-            self._save_warmup(stopped)
+            self.warmup_store.save(self.params, stopped)
             return False
         self.sft_done = True
         return True
@@ -313,7 +269,7 @@ class Trainer:
                 return last
             self._pending = dict(self.sft_report)  # goes into the first RL metrics line
             self.save()
-            self._drop_warmup_progress()
+            self.warmup_store.drop()
         if self.step >= cfg.train.steps and not self._pending:
             log.warning("this run already reached config.train.steps=%d in %s: nothing to do (raise "
                         "--config.train.steps to continue it)", cfg.train.steps, self.workdir)
@@ -378,10 +334,10 @@ class Trainer:
 
     def close(self):
         """Close the checkpoint managers and release the workdir (idempotent)."""
-        for ck in (getattr(self, "checkpointer", None), getattr(self, "_warmup_ck", None)):
+        for ck in (getattr(self, "checkpointer", None), getattr(self, "warmup_store", None)):
             if ck is not None:
                 ck.close()
-        self.checkpointer = self._warmup_ck = None
+        self.checkpointer = None
         if getattr(self, "verifier", None) is not None:
             self.verifier.close()
             self.verifier = None

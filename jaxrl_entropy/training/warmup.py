@@ -27,8 +27,12 @@ from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.data.pipeline import encode_sft_batch, encoder_truncation, trim_padding
 from jaxrl_entropy.rl import train_step as ts
+from jaxrl_entropy.rundir import fileio
+from jaxrl_entropy.rundir.checkpoint import Checkpointer
 
 log = logging.getLogger("jaxrl_entropy")
+
+WARMUP_DIR = "warmup"  # a stopped warm-up's progress (removed once the warm-up is done)
 
 CHECK_PROMPTS, CHECK_SAMPLES = 64, 2
 
@@ -166,3 +170,50 @@ def sampled_accuracy(cfg: ml_collections.ConfigDict, tokenizer, records, sample,
                              truncation=encoder_truncation(cfg.data.truncation))
     res = eval_lib.score_benchmark(sample, tokenizer, recs, spec)
     return float(res[f"mean@{CHECK_SAMPLES}"])
+
+
+class WarmupStore:
+    """A stopped warm-up's progress in `WORKDIR/warmup/`: the parameters, the warm-up's optimiser
+    state and its position, so that running the command again continues the warm-up exactly. Kept
+    until the warm-up's result is saved as RL step 0 (`drop`)."""
+
+    def __init__(self, workdir: str, *, on_corrupt: str):
+        self.path = fileio.join(workdir, WARMUP_DIR)
+        self.on_corrupt = on_corrupt
+        self._checkpointer: Checkpointer | None = None
+
+    def _ck(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.path, keep=1)
+        return self._checkpointer
+
+    def restore(self, cfg: ml_collections.ConfigDict, params) -> tuple[Any, WarmupProgress] | None:
+        """(parameters, progress) of a stopped warm-up, or None when there is none."""
+        if not fileio.exists(self.path):
+            return None
+        target = {"params": params, "sft_opt_state": init_opt_state(cfg, params)}
+        found = self._ck().restore_latest(target, on_corrupt=self.on_corrupt)
+        if found is None:
+            return None
+        _, state, meta = found
+        progress = WarmupProgress.from_meta(meta["sft"], state["sft_opt_state"])
+        log.info("resuming the warm-up at its step %d (%s)", progress.step, self.path)
+        return state["params"], progress
+
+    def save(self, params, progress: WarmupProgress) -> None:
+        ck = self._ck()
+        if ck.latest_step() == progress.step:  # stopped again before doing a step: nothing new
+            return
+        ck.save(progress.step, {"params": params, "sft_opt_state": progress.opt_state}, {"sft": progress.meta()})
+        log.info("saved the warm-up's progress at its step %d in %s", progress.step, self.path)
+
+    def drop(self) -> None:
+        """Once the warm-up is done and its result saved as RL step 0, its partial saves are stale."""
+        self.close()
+        if jax.process_index() == 0 and fileio.exists(self.path):
+            fileio.rmtree(self.path)
+
+    def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
