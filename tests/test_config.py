@@ -411,3 +411,31 @@ def test_the_key_scan_catches_a_made_up_key():
     tree = ast.parse('raise ValueError("set `data.batch_size` or config.model.tokenizer")')
     found = [k for _, t in _message_strings(tree) for p in (_FULL, _BARE) for k in p.findall(t)]
     assert set(found) == {"data.batch_size", "model.tokenizer"} and not set(found) & _KNOWN
+
+
+# ------------------------------------------------------------------------ config files that cannot load
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"),
+    ("def get_config(:\n    pass\n", "bad.py:1: invalid syntax"),
+    ("x = 1\n", "bad.py has no get_config()"),
+    ("raise RuntimeError('boom')\n", "bad.py: RuntimeError: boom (raised while loading the config file)"),
+])
+def test_a_config_file_that_cannot_load_is_one_line_naming_it(text, message, tmp_path, capsys, no_trainer):
+    path = tmp_path / "bad.py"
+    if text is not None:
+        path.write_text(text)
+    code = cli.main(["jaxrl-entropy", "train", f"--config={path}", f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.write_text("not a directory")
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", *TINY_CLI_FLAGS,
+                     "--config.train.sft_steps=0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is a file, not a directory" in err and str(workdir) in err, err

@@ -10,6 +10,8 @@ import jax
 
 from conftest import TINY_CLI_FLAGS, metrics_rows as _rows, tiny_config
 from jaxrl_entropy import cli
+from jaxrl_entropy.models.config import CheckpointError
+from jaxrl_entropy.training import model_io
 from jaxrl_entropy.training.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
@@ -126,6 +128,28 @@ def test_eval_and_convert_commands(straight_run, tmp_path, capsys, torch):
     trainer.close()
 
 
+def test_eval_of_a_run_applies_command_line_overrides_to_its_config(straight_run, tmp_path, capsys):
+    # without --config the run's config.json is used (k = 2 there); --config.eval.k=3 must apply
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", "--config.eval.k=3",
+                     f"--out={out_json}"]) == 0
+    metrics = json.loads(out_json.read_text())
+    assert "eval/synthetic_heldout/mean@3" in metrics and not any(k.endswith("@2") for k in metrics)
+    capsys.readouterr()
+    # a bad value is refused like any config value, naming the key
+    assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", "--config.eval.k=0"]) != 0
+    assert "eval.k" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(straight_run, tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir" / "eval.json"
+    assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", f"--out={missing}"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(missing.parent) in err
+    assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", f"--out={tmp_path}"]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_bad_override_fails_before_compiling(capsys):
     code = cli.main(["jaxrl-entropy", "train", "--config.rl.gropu_size=8"])
     assert code != 0
@@ -227,3 +251,19 @@ def test_eval_a_hf_directory(make_hf_qwen3, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(trainer.params["layers"][1]["mlp"]["up_proj"]["kernel"]),
                                   hf["model.layers.1.mlp.up_proj.weight"].T)
     trainer.close()
+    assert not (run / model_io.CONVERSION_MARKER).exists()
+
+    # a conversion killed before its checkpoint was committed: what it had written is its marker and
+    # config.json. `train` refuses it (it would start from random weights); the same command finishes it.
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    shutil.rmtree(killed / "checkpoints")
+    (killed / model_io.CONVERSION_MARKER).write_text(json.dumps({"hf": str(hf_dir)}))
+    with pytest.raises(CheckpointError, match=f"never finished.*convert --hf={hf_dir} --to_orbax={killed}"):
+        Trainer(tiny_config(**{"model.hf_dir": str(hf_dir)}), str(killed))
+    assert cli.main(["jaxrl-entropy", "convert", f"--hf={hf_dir}", f"--to_orbax={killed}",
+                     "--config.rl.prompts_per_step=4", "--config.rl.group_size=4", "--config.rl.mini_batch_prompts=4",
+                     "--config.rl.micro_batch_size=8"]) == 0
+    assert (killed / "checkpoints" / "0").is_dir() and not (killed / model_io.CONVERSION_MARKER).exists()
+    # a workdir without the marker (a real run) is still refused
+    assert cli.main(["jaxrl-entropy", "convert", f"--hf={hf_dir}", f"--to_orbax={killed}"]) == 1

@@ -110,14 +110,46 @@ def _explicit_config(fv):
     return _config(fv) if fv["config"].present else None
 
 
+def _overrides_for_run(fv) -> dict:
+    """Without --config, the run's own config.json is used, and `--config.KEY=VALUE` overrides
+    (`--config.eval.k=32`) go on top of it: key -> value, parsed by the flag for that key's type.
+    With --config they are already part of that config."""
+    if fv["config"].present:
+        return {}
+    out = {}
+    for name in fv:
+        if name.startswith("config.") and fv[name].present:
+            node = fv.config
+            for part in name.split(".")[1:]:
+                node = node[part]
+            out[name[len("config."):]] = node
+    return out
+
+
+def _check_out_file(path: str | None) -> None:
+    """`--out=FILE` is checked before any work: an evaluation that cannot save its result is lost."""
+    if not path:
+        return
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise UsageError(f"--out={path} is a directory; give a file name (e.g. {os.path.join(path, 'metrics.json')})")
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out={path}: the directory {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise UsageError(f"--out={path} is not writable; choose another path")
+
+
 def _eval(fv):
     _params_source(fv)
+    _check_out_file(fv.out)
     cfg = _explicit_config(fv) if fv.checkpoint else _config(fv)
     _setup(fv)
     from jaxrl_entropy.training import evaluate as eval_lib
     from jaxrl_entropy.training import model_io
     if fv.checkpoint:
-        cfg, policy, step, tokenizer = model_io.policy_from_run(cfg, fv.checkpoint)
+        cfg, policy, step, tokenizer = model_io.policy_from_run(cfg, fv.checkpoint,
+                                                                overrides=_overrides_for_run(fv))
     else:
         cfg, policy, tokenizer = model_io.policy_from_hf(cfg, fv.hf)
         step = 0
@@ -144,7 +176,7 @@ def _convert(fv):
         try:
             with guard:
                 model_io.checkpoint_to_hf(cfg, fv.checkpoint, fv.to_hf, overwrite=fv.overwrite,
-                                          should_stop=guard.should_stop)
+                                          should_stop=guard.should_stop, overrides=_overrides_for_run(fv))
         except StopRequested as e:
             print(f"jaxrl-entropy convert: {e}; nothing was written to {fv.to_hf} (the partial export was "
                   "removed): run the command again", file=sys.stderr)
@@ -187,6 +219,31 @@ def _dryrun(fv):
         raise DoesNotFit(dryrun.failure_message(report))
 
 
+def _parse(fv: flags.FlagValues, argv: list[str]) -> list[str]:
+    """`fv(argv)`; a config file that cannot be loaded (missing, a syntax error, no `get_config`, an
+    exception inside it) is one line naming the file, not a traceback from ml_collections."""
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    if given and not os.path.isfile(given[-1].split(":", 1)[0]):
+        raise UsageError(f"--config={given[-1]}: no such file {given[-1].split(':', 1)[0]!r} (a Python file with "
+                         "get_config(); the built-in ones are in configs/)")
+    try:
+        return fv(argv)
+    except flags.Error:
+        raise
+    except Exception as e:  # noqa: BLE001 — whatever the user's config file raises
+        if not given:
+            raise
+        path = given[-1].split(":", 1)[0]
+        if isinstance(e, SyntaxError):
+            what = f"{e.filename or path}:{e.lineno}: {e.msg}"
+        elif isinstance(e, AttributeError) and "get_config" in str(e):
+            what = (f"{path} has no get_config(): a config file defines get_config(variant=None) returning "
+                    "an ml_collections.ConfigDict built from jaxrl_entropy.config.base_config() (see configs/demo.py)")
+        else:
+            what = f"{path}: {type(e).__name__}: {e} (raised while loading the config file)"
+        raise UsageError(f"--config: {what}") from None
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed without a traceback."""
     from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, CheckpointMismatchError
@@ -213,7 +270,7 @@ def run(command: str, argv: list[str]) -> int:
         print(f"usage: jaxrl-entropy {command} [flags]\n\n{fv.main_module_help() or fv}")
         return 0
     try:
-        rest = fv(argv)
+        rest = _parse(fv, argv)
         if len(rest) > 1:
             raise UsageError(f"unexpected arguments {rest[1:]}; flags take the form --name=value")
         code = fn(fv)

@@ -4,6 +4,7 @@ which reaches object stores through fsspec. Object stores have no append and no 
 write here replaces a whole file."""
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -167,6 +168,11 @@ def check_writable(directory: str, what: str) -> None:
     full run directory is found before the first step, not at the first save. Raises StorageError."""
     import socket
     probe = join(directory, f".write-test-{socket.gethostname()}-{os.getpid()}")  # one per process of a pod
+    if exists(directory) and not isdir(directory):
+        err = StorageError(f"{what} {directory} is a file, not a directory: choose another --workdir "
+                           "(or move the file away)")
+        err.errno = errno.ENOTDIR
+        raise err
     try:
         makedirs(directory)
         write_text(probe, "ok")

@@ -12,6 +12,8 @@ directory and swapped in whole; a new orbax workdir must be new (or empty).
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 
@@ -24,6 +26,8 @@ from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, Checkpointer
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 
+log = logging.getLogger("jaxrl_entropy")
+
 
 def run_dir_of(checkpoint: str) -> str:
     """Accept a train workdir or its `checkpoints/` subdirectory (local or gs://)."""
@@ -35,13 +39,26 @@ def run_dir_of(checkpoint: str) -> str:
     return path
 
 
-def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str) -> ml_collections.ConfigDict:
-    """`cfg` when given, else the run's own `config.json`."""
+def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str,
+                   overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """`cfg` when given, else the run's own `config.json` with `overrides` (dotted key -> value,
+    the command line's `--config.KEY=VALUE`) applied on top and checked like any config."""
     saved = fileio.join(workdir, "config.json")
-    if cfg is None:
-        if not fileio.exists(saved):
-            raise FileNotFoundError(f"{saved} not found; pass --config for this run")
-        return config_lib.from_json_text(fileio.read_text(saved), source=saved)
+    if cfg is not None:
+        return cfg
+    if not fileio.exists(saved):
+        raise FileNotFoundError(f"{saved} not found; pass --config for this run")
+    cfg = config_lib.from_json_text(fileio.read_text(saved), source=saved)
+    if overrides:
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = cfg
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        log.info("using %s with the command line's overrides: %s", saved,
+                 ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+        cfg = config_lib.validate(cfg)
     return cfg
 
 
@@ -55,10 +72,10 @@ def _tokenizer(cfg):
     return data_setup.tokenizer_for(cfg)
 
 
-def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str):
+def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str, *, overrides: dict | None = None):
     """(config, policy with the latest checkpoint's parameters, its step, tokenizer) of a train run."""
     workdir = run_dir_of(checkpoint)
-    cfg = _validated(config_for_run(cfg, workdir))
+    cfg = _validated(config_for_run(cfg, workdir, overrides))
     checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), read_only=True)
     try:
         step = checkpointer.latest_step()
@@ -145,15 +162,39 @@ def check_hf_target(out_dir: str, *, overwrite: bool, source: str = "") -> None:
             "--overwrite only replaces an old export: choose another directory, or remove those files yourself.")
 
 
+# Written first by `convert --to_orbax` and removed as its last act: a workdir that holds it is a
+# conversion that never finished (killed, disk full). `train` refuses it (it would otherwise start
+# from random weights); the same `convert` command replaces it.
+CONVERSION_MARKER = ".convert-incomplete"
+
+
+def unfinished_conversion(workdir: str) -> str | None:
+    """The HF directory an unfinished `convert --to_orbax` into `workdir` read from, or None."""
+    marker = fileio.join(workdir, CONVERSION_MARKER)
+    if not fileio.exists(marker):
+        return None
+    try:
+        return json.loads(fileio.read_text(marker)).get("hf", "?")
+    except ValueError:
+        return "?"
+
+
 def check_new_workdir(workdir: str) -> None:
-    """`convert --to_orbax` starts a run: its workdir must be new or empty (two runs never mix)."""
-    if fileio.exists(workdir) and (fileio.is_remote(workdir) or os.listdir(workdir)):
+    """`convert --to_orbax` starts a run: its workdir must be new or empty (two runs never mix),
+    or hold an unfinished conversion, which is then started over."""
+    if not fileio.exists(workdir) or not (fileio.is_remote(workdir) or os.listdir(workdir)):
+        return
+    source = unfinished_conversion(workdir)
+    if source is None:
         raise FileExistsError(f"--to_orbax={workdir} already exists and is not empty (a run?): converting into it "
                               "would mix two runs. Choose a new directory, or delete it first.")
+    log.warning("%s holds a conversion that never finished (from %s): starting it over", workdir, source)
+    fileio.rmtree(workdir)
 
 
 def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out_dir: str, *, dtype=None,
-                     overwrite: bool = False, should_stop=None, max_shard_bytes: int = 5 * 2**30) -> None:
+                     overwrite: bool = False, should_stop=None, max_shard_bytes: int = 5 * 2**30,
+                     overrides: dict | None = None) -> None:
     """The latest checkpoint of a run → a HF directory (weights, config, tokenizer).
 
     Written into `<out_dir>.partial` and renamed into place when complete, so `out_dir` holds
@@ -163,7 +204,7 @@ def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out
     import jax
 
     check_hf_target(out_dir, overwrite=overwrite, source=checkpoint)
-    _, policy, _, tokenizer = policy_from_run(cfg, checkpoint)
+    _, policy, _, tokenizer = policy_from_run(cfg, checkpoint, overrides=overrides)
     out_dir = os.path.abspath(out_dir).rstrip("/")
     staging, replaced = f"{out_dir}.partial", f"{out_dir}.replaced"
     writer = jax.process_index() == 0
@@ -208,11 +249,16 @@ def hf_to_checkpoint(cfg: ml_collections.ConfigDict, hf: str, workdir: str) -> N
     opt_state = jax.jit(tx.init, out_shardings=step_programs.policy_opt_state_shardings(tx, policy))(policy.params)
     lock = claim_workdir(workdir)
     checkpointer = Checkpointer(fileio.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    marker = fileio.join(workdir, CONVERSION_MARKER)
     try:
         if jax.process_index() == 0:
+            fileio.write_text(marker, json.dumps({"hf": fileio.absolute(hf)}))
             fileio.write_text(fileio.join(workdir, "config.json"), config_lib.to_json(cfg))
         checkpointer.save(0, {"params": policy.params, "opt_state": opt_state},
                           {"step": 0, "sft_done": True, "skipped_total": 0})
+        _barrier("jaxrl_to_orbax_saved")
+        if jax.process_index() == 0:
+            fileio.remove(marker)  # the last act: the run is complete
     finally:
         checkpointer.close()
         if lock is not None:

@@ -22,10 +22,11 @@ import numpy as np
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.training import evaluate as eval_lib
 from jaxrl_entropy.rundir import fileio, progress
-from jaxrl_entropy.training import model_setup, rng, step_programs, warmup
+from jaxrl_entropy.training import model_io, model_setup, rng, step_programs, warmup
 from jaxrl_entropy import parallel
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
 from jaxrl_entropy.data.pipeline import PromptBatcher, encoder_truncation
+from jaxrl_entropy.models.config import CheckpointError
 from jaxrl_entropy.rundir.locking import claim_workdir
 from jaxrl_entropy.rundir.metrics import MetricsWriter
 from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
@@ -57,6 +58,12 @@ class Trainer:
             raise
 
     def _build(self, cfg: ml_collections.ConfigDict, workdir: str):
+        source = model_io.unfinished_conversion(workdir)
+        if source is not None:  # before anything is read or compiled
+            raise CheckpointError(
+                f"{workdir} holds a `convert --to_orbax` (from {source}) that never finished: it has no "
+                f"weights to start from. Run `jaxrl-entropy convert --hf={source} --to_orbax={workdir}` "
+                "again to finish it, or choose another --workdir")
         self.checkpointer = None
         self.warmup_store = warmup.WarmupStore(workdir, on_corrupt=cfg.train.on_corrupt_checkpoint)
         self.verifier = None
