@@ -267,3 +267,17 @@ def test_eval_a_hf_directory(make_hf_qwen3, tmp_path, capsys):
     assert (killed / "checkpoints" / "0").is_dir() and not (killed / model_io.CONVERSION_MARKER).exists()
     # a workdir without the marker (a real run) is still refused
     assert cli.main(["jaxrl-entropy", "convert", f"--hf={hf_dir}", f"--to_orbax={killed}"]) == 1
+
+
+def test_a_config_changed_on_resume_is_recorded_where_eval_and_analyze_read_it(tmp_path):
+    workdir = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(**{"train.steps": 1, "eval.every": 0}), workdir)
+    trainer.run()
+    trainer.close()
+    trainer = Trainer(tiny_config(**{"train.steps": 2, "eval.every": 0, "optim.lr": 5e-4}), workdir)
+    trainer.close()
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["optim"]["lr"] == 5e-4 and saved["train"]["steps"] == 2
+    history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+    assert [h["step"] for h in history] == [1]
+    assert any(c.startswith("optim.lr: 0.001 -> 0.0005") for c in history[0]["changes"]), history

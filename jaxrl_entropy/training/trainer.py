@@ -40,6 +40,10 @@ from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, logp
 log = logging.getLogger("jaxrl_entropy")
 
 
+# one JSON line per resume with a changed config: {"step": the first step run with it, "changes": [...]}
+CONFIG_HISTORY = "config_history.jsonl"
+
+
 class TrainingDivergedError(RuntimeError):
     """Every update of `train.max_skipped_steps` consecutive steps was skipped as non-finite."""
 
@@ -128,7 +132,14 @@ class Trainer:
         else:
             changed = _diff(json.loads(fileio.read_text(config_path)), json.loads(config_lib.to_json(self.cfg)))
             if changed:
-                log.warning("resuming %s with a changed config: %s", self.workdir, ", ".join(changed))
+                step = int(found[2]["step"]) if found is not None else 0
+                log.warning("resuming %s at step %d with a changed config: %s (recorded in config.json and %s)",
+                            self.workdir, step, ", ".join(changed), CONFIG_HISTORY)
+                if jax.process_index() == 0:  # what the run says about itself stays true for eval/analyze
+                    history = fileio.join(self.workdir, CONFIG_HISTORY)
+                    previous = fileio.read_text(history) if fileio.exists(history) else ""
+                    fileio.write_text(history, previous + json.dumps({"step": step, "changes": changed}) + "\n")
+                    fileio.write_text(config_path, config_lib.to_json(self.cfg))
         if found is None:
             if not self.sft_done and (stopped := self.warmup_store.restore(self.cfg, self.params)) is not None:
                 self.params, self._warmup_resume = stopped
