@@ -364,3 +364,25 @@ def test_analyze_reads_and_writes_a_bucket(tmp_path, fake_gcs):
     _assert_drawn(fake_gcs["b/exp/analysis/reward.png"].getvalue())
     assert json.loads(fake_gcs["b/exp/analysis/summary.json"].getvalue()) == summary
     assert "## Final evaluation" in fake_gcs["b/exp/analysis/report.md"].getvalue().decode()
+
+
+def test_runs_of_one_variant_that_compute_different_things_are_refused(tmp_path, capsys):
+    root = tmp_path / "runs"
+    root.mkdir()
+    a, _, _ = _write_run(str(root), "full", 0)
+    b, _, _ = _write_run(str(root), "full", 1)
+    # seeds and how a run is executed may differ (seed, progress bar, mesh, KV pool)
+    for d, extra in ((a, {"train": {"progress": True}, "parallel": {"data": 8}}),
+                     (b, {"train": {"progress": False}, "parallel": {"data": 4}})):
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        cfg.update(extra)
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    assert analyze.main([a, b, "--out", str(tmp_path / "ok")]) == 0
+    # what the run computes may not: another group size is another experiment, not another seed
+    cfg = json.load(open(os.path.join(b, "config.json")))
+    cfg["rl"]["group_size"] = 16
+    json.dump(cfg, open(os.path.join(b, "config.json"), "w"))
+    capsys.readouterr()
+    assert analyze.main([a, b, "--out", str(tmp_path / "mixed")]) == 1
+    err = capsys.readouterr().err
+    assert "variant 'full'" in err and "rl.group_size (4 in" in err and "16 in" in err and "--config.name" in err

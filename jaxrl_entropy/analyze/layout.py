@@ -94,9 +94,47 @@ def _geometry_layout(keys: Sequence[str]) -> tuple[list[str], list[str]]:
     return canonical(subsets, SUBSET_ORDER), canonical(metrics, GEOMETRY_METRICS)
 
 
+# Config keys that may differ between the seeds of one variant: the seed itself, and settings that
+# change how a run is executed or recorded, not what it computes.
+PER_RUN_KEYS = ("name", "seed", "train.progress", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.on_corrupt_checkpoint", "parallel.", "rollout.engine",
+                "rollout.kv_cache_gib", "rollout.max_slots", "rollout.decode_chunk", "rollout.prefill_tokens",
+                "rollout.page_size", "rollout.tensor_parallel")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_comparable(groups: dict[str, list[Run]]) -> None:
+    """Runs averaged as the seeds of one variant must be one experiment: refuse (ValueError naming
+    the keys and runs) when their `config.json`s differ beyond `PER_RUN_KEYS` (other data, group
+    size, learning rate, steps...). Runs without a config.json are not checked."""
+    problems = []
+    for variant, rs in groups.items():
+        flats = [(r, _flat(r.config)) for r in rs if r.config]
+        if len(flats) < 2:
+            continue
+        ref_run, ref = flats[0]
+        for r, f in flats[1:]:
+            keys = sorted(k for k in set(ref) | set(f) if ref.get(k) != f.get(k)
+                          and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in PER_RUN_KEYS))
+            if keys:
+                diffs = ", ".join(f"{k} ({ref.get(k)!r} in {ref_run.path}, {f.get(k)!r} in {r.path})" for k in keys[:4])
+                problems.append(f"variant {variant!r}: {diffs}{' …' if len(keys) > 4 else ''}")
+    if problems:
+        raise ValueError("analyze: runs grouped as seeds of one variant (by config.name) differ in what they "
+                         "compute, so their mean would mix experiments: " + "; ".join(problems) +
+                         ". Give such runs different names (--config.name=...) or analyze them separately.")
+
+
 def layout_of(runs: Sequence[Run]) -> Layout:
     variants = canonical(list(dict.fromkeys(r.name for r in runs)), VARIANT_ORDER)
     groups = {v: sorted((r for r in runs if r.name == v), key=lambda r: (r.seed, r.path)) for v in variants}
+    check_comparable(groups)
     keys = _keys(runs)
     main_cols, pass_cols, other_eval = _eval_columns(keys)
     subsets, geo_metrics = _geometry_layout(keys)

@@ -33,6 +33,7 @@ class Run:
     seed: int
     records: list[dict[str, Any]]
     problems: list[str] = dataclasses.field(default_factory=list)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # its config.json
     _series: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict, repr=False, compare=False)
 
@@ -99,7 +100,8 @@ def load_run(run_dir: str, *, keep_last: bool = False) -> Run:
         name = cfg["name"]
     if isinstance(cfg.get("seed"), (int, float)) and not isinstance(cfg.get("seed"), bool):
         seed = int(cfg["seed"])
-    return Run(path=run_dir, name=name, seed=seed, records=[ln.record for ln in lines], problems=problems)
+    return Run(path=run_dir, name=name, seed=seed, records=[ln.record for ln in lines], problems=problems,
+               config=cfg)
 
 
 def discover(run_dirs: Sequence[str]) -> list[str]:
