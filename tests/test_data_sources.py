@@ -267,3 +267,23 @@ def test_remote_paths_go_through_epath(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_epath", lambda: types.SimpleNamespace(Path=_NoDriver))
     with pytest.raises(DataError, match="gs://bucket/a.parquet.*pip install gcsfs"):
         load_records("gs://bucket/a.parquet")
+
+
+def test_an_eval_file_with_repeated_problems_is_scored_once_per_problem(tmp_path, caplog):
+    # verl's AIME-2024 parquet holds each of its 30 problems 32 times; here 3 problems × 4 rows
+    from jaxrl_entropy import presets
+    from jaxrl_entropy.training import data_setup
+
+    problems = [(f"Problem {i}: what is {i}+{i}?", str(2 * i)) for i in range(3)]
+    rows = [{"prompt": _chat(q), "reward_model": {"ground_truth": a, "style": "rule"}, "data_source": "aime24",
+             "extra_info": {"index": i, "repeat": r}}
+            for r in range(4) for i, (q, a) in enumerate(problems)]
+    path = _write_parquet(tmp_path / "aime24.parquet", rows)
+    cfg = presets.demo()
+    cfg.data.synthetic.eval_size = 0
+    cfg.eval.benchmarks = f"aime24={path}"
+    with caplog.at_level("INFO", logger="jaxrl_entropy"):
+        evals = data_setup.eval_sets(cfg)
+    assert [r["prompt"][0]["content"] for r in evals["aime24"]] == [q for q, _ in problems]
+    assert [r["reward_model"]["ground_truth"] for r in evals["aime24"]] == [a for _, a in problems]
+    assert "aime24: 12 rows, 3 distinct problems" in caplog.text

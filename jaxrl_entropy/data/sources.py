@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _GLOB_CHARS = "*?["
+log = logging.getLogger("jaxrl_entropy")
+
 _KNOWN_FIELDS = ("prompt", "reward_model", "data_source", "extra_info")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -301,7 +303,7 @@ def deduplicate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         ):
             conflicts += 1
     if conflicts:
-        logging.warning(
+        log.warning(
             "deduplicate: %d duplicate prompts had a different ground truth than their first "
             "occurrence; the first one was kept.", conflicts,
         )
@@ -334,7 +336,7 @@ def load_records(
         default_source = data_source if data_source is not None else _stem(path)
         rows = _read_located_rows(path)
         if not rows:
-            logging.warning("data file %s has no rows: it adds nothing to the dataset.", path)
+            log.warning("data file %s has no rows: it adds nothing to the dataset.", path)
         records.extend(
             normalise_row(row, where=where, default_source=default_source, prompt_key=prompt_key)
             for where, row in rows

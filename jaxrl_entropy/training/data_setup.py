@@ -2,15 +2,18 @@
 `config.data`, `config.tokenizer` and `config.eval.benchmarks`)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import ml_collections
 
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.data.pipeline import LengthReport, fit_prompt_lengths
-from jaxrl_entropy.data.sources import load_records
+from jaxrl_entropy.data.sources import deduplicate, load_records
 from jaxrl_entropy.data.synthetic import ArithmeticTask
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer, load_tokenizer
+
+log = logging.getLogger("jaxrl_entropy")
 
 
 def tokenizer_for(cfg: ml_collections.ConfigDict):
@@ -50,7 +53,13 @@ def eval_sets(cfg: ml_collections.ConfigDict) -> dict[str, list[dict]]:
     for name, path in parse_benchmarks(cfg.eval.benchmarks).items():
         if not path.startswith("gs://") and not os.path.exists(path) and not any(c in path for c in "*?["):
             raise ConfigError(f"config.eval.benchmarks: file for {name!r} not found: {path}")
-        evals[name] = load_records(path)
+        rows = load_records(path)
+        # verl's AIME files repeat each problem (30 × 32 rows): scored as rows, mean@k would weigh
+        # and cost 32× and mean something else. Each distinct problem is scored once, with eval.k samples.
+        evals[name] = deduplicate(rows)
+        if len(evals[name]) < len(rows):
+            log.info("eval set %s: %d rows, %d distinct problems; each is scored once with eval.k=%d samples",
+                     name, len(rows), len(evals[name]), cfg.eval.k)
     return evals
 
 
