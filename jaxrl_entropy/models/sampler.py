@@ -47,7 +47,11 @@ class SamplingParams:
 class SampleOutput:
     tokens: jax.Array      # [B, N] int32
     lengths: jax.Array     # [B] int32
-    logprobs: jax.Array    # [B, N] float32
+    # [B, N] float32: log-prob of each sampled token under the *untruncated* softmax(logits / T), the
+    # distribution the old-policy forward scores (so `rollout/logp_diff_*` compares like with like).
+    # With top_k / top_p active the tokens were drawn from the truncated, renormalised distribution,
+    # whose log-prob is higher by −log(kept mass): not this field (an off-policy correction needs that).
+    logprobs: jax.Array
     finished: jax.Array    # [B] bool: stopped on an EOS (False = ran out of max_new_tokens)
 
 
@@ -68,7 +72,8 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int, top_p: float) -> jax.Arr
 
 
 def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams):
-    """Next token `[B]` and its log-prob under softmax(logits / temperature) `[B]`."""
+    """Next token `[B]` and its log-prob `[B]` under the untruncated softmax(logits / temperature),
+    also when top_k / top_p truncated the distribution it was drawn from (see `SampleOutput.logprobs`)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if params.temperature == 0.0:
         token = jnp.argmax(logits_BxV, axis=-1)
