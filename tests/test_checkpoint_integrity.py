@@ -195,3 +195,45 @@ assert (sys.excepthook, sys.unraisablehook, list(logging.getLogger("asyncio").fi
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_ctrl_c_during_start_up_is_never_lost_in_a_gc_callback(monkeypatch):
+    # jax's `_xla_gc_callback` runs at every collection; a KeyboardInterrupt raised inside it is
+    # printed as "Exception ignored" and lost. The start-up handler sends the signal again instead.
+    import signal
+    import types
+
+    from jaxrl_entropy.rundir import preemption
+
+    resent = []
+
+    class Timer:
+        def __init__(self, delay, fn, args):
+            self.fn, self.args = fn, args
+
+        def start(self):
+            resent.append(self.args)
+
+    monkeypatch.setattr(preemption.threading, "Timer", Timer)
+
+    def frame(name, back=None):
+        return types.SimpleNamespace(f_code=types.SimpleNamespace(co_name=name), f_back=back)
+
+    inside = frame("_xla_gc_callback", back=frame("compile", back=frame("main")))
+    preemption._interrupt_outside_gc_callbacks(signal.SIGINT, inside)     # no raise: sent again
+    assert resent and resent[0][1] == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        preemption._interrupt_outside_gc_callbacks(signal.SIGINT, frame("load_data", back=frame("main")))
+
+
+def test_a_save_that_never_committed_is_cleaned_up_by_the_next_writer_not_by_readers(saved):
+    # what a job killed mid-save (or a second Ctrl-C during a save) leaves: orbax's temporary directory
+    leftover = os.path.join(saved, "3.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(leftover, "state"))
+    open(os.path.join(leftover, "state", "data"), "wb").write(b"\0" * 4096)
+    reader = Checkpointer(saved, read_only=True)   # eval / convert: never change a run
+    assert os.path.isdir(leftover) and reader.all_steps() == [1, 2]
+    reader.close()
+    writer = Checkpointer(saved, keep=3)           # train resuming: the only writer (the workdir lock)
+    assert not os.path.exists(leftover) and writer.all_steps() == [1, 2]
+    writer.close()

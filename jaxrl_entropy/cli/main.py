@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if len(argv) >= 2 else 2
     command, rest = argv[1], argv[2:]
+    from jaxrl_entropy.rundir.preemption import install_startup_interrupt_handler  # no jax import
+    install_startup_interrupt_handler()
     if command not in COMMANDS:
         print(f"unknown command {command!r}; choose one of {COMMANDS}\n\n{_usage()}", file=sys.stderr)
         return 2

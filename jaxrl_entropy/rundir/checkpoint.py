@@ -80,6 +80,20 @@ class Checkpointer:
             )
         finally:
             absl_log.setLevel(level)
+        if not read_only:
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary directories of saves that never committed (a job killed mid-save, a second
+        Ctrl-C during one): orbax ignores them, so without this they stay, holding their space, for
+        good. The workdir's lock makes this process the only writer, so none is in progress."""
+        if jax.process_index() != 0 or fileio.is_remote(self.directory):
+            return
+        import glob
+        for path in glob.glob(fileio.join(self.directory, "*.orbax-checkpoint-tmp*")):
+            log.warning("removing %s, the temporary directory of a save that never finished", path)
+            with contextlib.suppress(OSError):
+                fileio.rmtree(path)
 
     # ------------------------------------------------------------------ listing
     def all_steps(self) -> list[int]:
