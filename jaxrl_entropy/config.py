@@ -194,6 +194,9 @@ _COUNT = Range("[0, inf)")
 _POSITIVE = Range("(0, inf)")
 _PROBABILITY = Range("[0, 1]")
 _TOP_P = Range("(0, 1]", why="nucleus sampling keeps this share of the probability mass (1 = off)")
+# Upper bounds far past any real model or batch: a typo (hidden_size=1e9, group_size=1e8) otherwise
+# runs into the memory of the machine, or a generation that never ends, instead of this message.
+_SIZE_WHY = "far beyond any real setting: probably a typo"
 _MESH_AXIS = Range("[1, inf)", also=(-1,), why="devices along this mesh axis (-1: all the devices left)")
 
 # Every key's allowed values, in one place. A key that is not here is a free string or a boolean
@@ -208,11 +211,11 @@ RULES: dict[str, Range | Choice] = {
     "model.probe_attention": Choice(PROBE_IMPLS),
     "model.kernel_backend": Choice(("",) + BACKENDS, why='"" picks the backend by platform'),
     "model.logits_chunk": _POSITIVE_INT,
-    "model.arch.hidden_size": _POSITIVE_INT,
-    "model.arch.intermediate_size": _POSITIVE_INT,
-    "model.arch.num_hidden_layers": _POSITIVE_INT,
-    "model.arch.num_attention_heads": _POSITIVE_INT,
-    "model.arch.num_key_value_heads": _POSITIVE_INT,
+    "model.arch.hidden_size": Range("[1, 65536]", why=_SIZE_WHY),
+    "model.arch.intermediate_size": Range("[1, 262144]", why=_SIZE_WHY),
+    "model.arch.num_hidden_layers": Range("[1, 1024]", why=_SIZE_WHY),
+    "model.arch.num_attention_heads": Range("[1, 1024]", why=_SIZE_WHY),
+    "model.arch.num_key_value_heads": Range("[1, 1024]", why=_SIZE_WHY),
     "model.arch.head_dim": Range("[2, inf)", why="RoPE rotates pairs of dimensions (an even number)"),
     "model.arch.rope_theta": _POSITIVE,
     "model.arch.rms_norm_eps": _POSITIVE,
@@ -235,8 +238,9 @@ RULES: dict[str, Range | Choice] = {
     "rollout.kv_cache_gib": Range("[0, inf)", why="0 = automatic: 80% of the memory the training state and inference weights leave, halved (engine_setup)"),
     "rollout.max_slots": Range("[0, inf)", why="0 = as many requests as fit at full length"),
     "rollout.tensor_parallel": Range("[0, inf)", why="0 = all local accelerators"),
-    "rl.prompts_per_step": _POSITIVE_INT,
-    "rl.group_size": Range("[2, inf)", why="GRPO needs at least 2 responses per prompt"),
+    "rl.prompts_per_step": Range("[1, 65536]", why=_SIZE_WHY),
+    "rl.group_size": Range("[2, 4096]", why="GRPO needs at least 2 responses per prompt; more than 4096 is a typo "
+                           "rather than a setting (the paper uses 16)"),
     "rl.mini_batch_prompts": _POSITIVE_INT,
     "rl.micro_batch_size": _POSITIVE_INT,
     "rl.eps_low": Range("[0, 1)", why="the ratio's lower clip 1 - eps_low must stay positive"),

@@ -194,7 +194,7 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rl.group_size", 1, "config.rl.group_size=1 must lie in [2, inf): GRPO needs at least 2"),
+    ("rl.group_size", 1, "config.rl.group_size=1 must lie in [2, 4096]: GRPO needs at least 2"),
     ("rl.group_size", "8", "has type str; expected int"),
     ("weights.mode", "anchors", "weights.mode='anchors' is not one of"),
     ("weights.fraction", 0.0, "weights.fraction=0.0 must lie in (0, 1]"),
@@ -272,6 +272,8 @@ def no_trainer(monkeypatch):
     ("data.synthetic.ops", "+/", "distinct characters from '+-*'"),
     ("model.dtype", "float64", "['float32', 'bfloat16', 'float16']"),
     ("seed", "-3", "[0, 4294967296)"),
+    ("rl.group_size", "100000000", "[2, 4096]"),   # typos that used to run into the memory of the machine
+    ("model.arch.hidden_size", "1000000000", "[1, 65536]"),
 ])
 def test_cli_rejects_bad_values_before_compiling(key, value, allowed, tmp_path, capsys, no_trainer):
     code = cli.main(["jaxrl-entropy", "train", f"--workdir={tmp_path / 'run'}", *TINY_CLI_FLAGS,

@@ -281,3 +281,14 @@ def test_a_config_changed_on_resume_is_recorded_where_eval_and_analyze_read_it(t
     history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
     assert [h["step"] for h in history] == [1]
     assert any(c.startswith("optim.lr: 0.001 -> 0.0005") for c in history[0]["changes"]), history
+
+
+def test_a_damaged_config_json_on_resume_is_one_line_naming_it(straight_run, tmp_path, capsys):
+    import shutil
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight_run, workdir)
+    (workdir / "config.json").write_text((workdir / "config.json").read_text()[:40])  # cut mid-write
+    code = cli.main(["jaxrl-entropy", "train", f"--workdir={workdir}", *TINY_CLI_FLAGS,
+                     f"--config.train.steps={STEPS + 1}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "config.json is damaged" in err and "Traceback" not in err, err

@@ -226,6 +226,11 @@ def _parse(fv: flags.FlagValues, argv: list[str]) -> list[str]:
     if given and not os.path.isfile(given[-1].split(":", 1)[0]):
         raise UsageError(f"--config={given[-1]}: no such file {given[-1].split(':', 1)[0]!r} (a Python file with "
                          "get_config(); the built-in ones are in configs/)")
+    # ml_collections loads every config file as the module `config_config` with the deprecated
+    # `load_module`, which re-runs a new file inside the module object of the previous one: a file
+    # without get_config() would quietly get the previous file's (tests, notebooks: several commands
+    # in one process). Start from no module.
+    sys.modules.pop("config_config", None)
     try:
         return fv(argv)
     except flags.Error:

@@ -130,7 +130,13 @@ class Trainer:
             if jax.process_index() == 0:
                 fileio.write_text(config_path, config_lib.to_json(self.cfg))
         else:
-            changed = _diff(json.loads(fileio.read_text(config_path)), json.loads(config_lib.to_json(self.cfg)))
+            try:
+                recorded = json.loads(fileio.read_text(config_path))
+            except ValueError as e:
+                raise config_lib.ConfigError(
+                    f"{config_path} is damaged ({e}): it records the run's config. Delete it and run the "
+                    "same command again (it is written anew from the command line's config)") from None
+            changed = _diff(recorded, json.loads(config_lib.to_json(self.cfg)))
             if changed:
                 step = int(found[2]["step"]) if found is not None else 0
                 log.warning("resuming %s at step %d with a changed config: %s (recorded in config.json and %s)",
