@@ -62,12 +62,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: ml_collections.ConfigDict, workdir: str):
-        source = model_io.unfinished_conversion(workdir)
-        if source is not None:  # before anything is read or compiled
-            raise CheckpointError(
-                f"{workdir} holds a `convert --to_orbax` (from {source}) that never finished: it has no "
-                f"weights to start from. Run `jaxrl-entropy convert --hf={source} --to_orbax={workdir}` "
-                "again to finish it, or choose another --workdir")
+        _refuse_unfinished_conversion(workdir)  # before anything is read or compiled
         self.checkpointer = None
         self.warmup_store = warmup.WarmupStore(workdir, on_corrupt=cfg.train.on_corrupt_checkpoint)
         self.verifier = None
@@ -125,27 +120,7 @@ class Trainer:
 
     def _resume_or_start(self):
         found = self.checkpointer.restore_latest(self._state(), on_corrupt=self.cfg.train.on_corrupt_checkpoint)
-        config_path = fileio.join(self.workdir, "config.json")
-        if found is None or not fileio.exists(config_path):  # new run, or one started from a copied checkpoint
-            if jax.process_index() == 0:
-                fileio.write_text(config_path, config_lib.to_json(self.cfg))
-        else:
-            try:
-                recorded = json.loads(fileio.read_text(config_path))
-            except ValueError as e:
-                raise config_lib.ConfigError(
-                    f"{config_path} is damaged ({e}): it records the run's config. Delete it and run the "
-                    "same command again (it is written anew from the command line's config)") from None
-            changed = _diff(recorded, json.loads(config_lib.to_json(self.cfg)))
-            if changed:
-                step = int(found[2]["step"]) if found is not None else 0
-                log.warning("resuming %s at step %d with a changed config: %s (recorded in config.json and %s)",
-                            self.workdir, step, ", ".join(changed), CONFIG_HISTORY)
-                if jax.process_index() == 0:  # what the run says about itself stays true for eval/analyze
-                    history = fileio.join(self.workdir, CONFIG_HISTORY)
-                    previous = fileio.read_text(history) if fileio.exists(history) else ""
-                    fileio.write_text(history, previous + json.dumps({"step": step, "changes": changed}) + "\n")
-                    fileio.write_text(config_path, config_lib.to_json(self.cfg))
+        record_config(self.workdir, self.cfg, None if found is None else int(found[2]["step"]))
         if found is None:
             if not self.sft_done and (stopped := self.warmup_store.restore(self.cfg, self.params)) is not None:
                 self.params, self._warmup_resume = stopped
@@ -368,6 +343,42 @@ class Trainer:
         if getattr(self, "_lock", None) is not None:
             self._lock.release()
             self._lock = None
+
+
+def _refuse_unfinished_conversion(workdir: str) -> None:
+    source = model_io.unfinished_conversion(workdir)
+    if source is not None:
+        raise CheckpointError(
+            f"{workdir} holds a `convert --to_orbax` (from {source}) that never finished: it has no "
+            f"weights to start from. Run `jaxrl-entropy convert --hf={source} --to_orbax={workdir}` "
+            "again to finish it, or choose another --workdir")
+
+
+def record_config(workdir: str, cfg: ml_collections.ConfigDict, resumed_step: int | None) -> None:
+    """`config.json` says what the run is: written for a new run; on a resume (`resumed_step`) with a
+    changed config, rewritten, and the change appended to `config_history.jsonl` with the step it
+    took effect (eval and analyze read config.json)."""
+    config_path = fileio.join(workdir, "config.json")
+    if resumed_step is None or not fileio.exists(config_path):  # new, or started from a copied checkpoint
+        if jax.process_index() == 0:
+            fileio.write_text(config_path, config_lib.to_json(cfg))
+        return
+    try:
+        recorded = json.loads(fileio.read_text(config_path))
+    except ValueError as e:
+        raise config_lib.ConfigError(
+            f"{config_path} is damaged ({e}): it records the run's config. Delete it and run the "
+            "same command again (it is written anew from the command line's config)") from None
+    changed = _diff(recorded, json.loads(config_lib.to_json(cfg)))
+    if not changed:
+        return
+    log.warning("resuming %s at step %d with a changed config: %s (recorded in config.json and %s)",
+                workdir, resumed_step, ", ".join(changed), CONFIG_HISTORY)
+    if jax.process_index() == 0:
+        history = fileio.join(workdir, CONFIG_HISTORY)
+        previous = fileio.read_text(history) if fileio.exists(history) else ""
+        fileio.write_text(history, previous + json.dumps({"step": resumed_step, "changes": changed}) + "\n")
+        fileio.write_text(config_path, config_lib.to_json(cfg))
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
