@@ -124,3 +124,18 @@ def test_the_checker_sees_an_upward_import_and_a_circle(tmp_path, monkeypatch):
             assert text in str(e), str(e)
         else:
             raise AssertionError(f"{check.__name__} passed on a broken package")
+
+
+def test_old_module_names_keep_working_with_a_warning_naming_the_new_place():
+    import importlib
+    import warnings
+
+    import jaxrl_entropy as pkg
+    for old, new in (("trainer", "training.trainer"), ("checkpoint", "rundir.checkpoint"),
+                     ("dryrun", "aot.dryrun"), ("cli_commands", "cli.commands")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = getattr(pkg, old)
+        assert module is importlib.import_module(f"jaxrl_entropy.{new}")
+        assert any(issubclass(w.category, DeprecationWarning) and f"jaxrl_entropy.{new}" in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
