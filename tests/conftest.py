@@ -14,8 +14,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import importlib
+import pathlib
 
 import pytest
+
+# the checkout: tests sit in folders that mirror the package, at any depth below tests/
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def require_torch():

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import importlib.util
-import pathlib
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+_PATH = REPO_ROOT / "benchmarks" / "attention.py"
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,8 @@ def test_main_appends_markdown(bench, tmp_path, monkeypatch):
 def test_sampler_benchmark_cache_agrees_with_recompute(capsys):
     """The sampler benchmark asserts the KV-cache tokens equal those of recomputing the prefix."""
     import importlib.util
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sampler.py")
+    path = str(REPO_ROOT / "benchmarks" / "sampler.py")
     spec = importlib.util.spec_from_file_location("bench_sampler", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -80,9 +79,8 @@ def test_sampler_benchmark_cache_agrees_with_recompute(capsys):
 def test_sampler_benchmark_engine_mode(capsys):
     """Engine mode runs end to end; it asserts the engine's greedy tokens equal the dense sampler's."""
     import importlib.util
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sampler.py")
+    path = str(REPO_ROOT / "benchmarks" / "sampler.py")
     spec = importlib.util.spec_from_file_location("bench_sampler_engine", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -3,14 +3,13 @@ anything is compiled; every numeric key has a stated range; error messages name 
 import ast
 import json
 import math
-import os
 import pathlib
 import re
 
 import ml_collections
 import pytest
 
-from conftest import TINY_CLI_FLAGS
+from conftest import REPO_ROOT, TINY_CLI_FLAGS
 from jaxrl_entropy import cli
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import presets
@@ -98,7 +97,7 @@ def test_config_files_expose_the_presets():
     import importlib.util
 
     for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo)):
-        spec = importlib.util.spec_from_file_location("cfgfile", os.path.join(os.path.dirname(__file__), "..", name))
+        spec = importlib.util.spec_from_file_location("cfgfile", str(REPO_ROOT / name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert module.get_config("explorer").to_dict() == make("explorer").to_dict()

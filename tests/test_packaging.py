@@ -5,8 +5,9 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+from conftest import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 DIST = "jaxrl-entropy"
 
 

@@ -7,7 +7,7 @@ ground truth are both put through DAPO's normalisation and compared as strings, 
 when a :class:`MathVerifier` is given, answers that differ as strings are also checked for
 mathematical equivalence with math-verify in worker processes that are killed when they run past
 their time limit. ``docs/design-notes.md`` ("Reward") lists every departure from verl 0.9.1's
-``math_dapo.compute_score``, with an example each; ``tests/data/reward_corpus.jsonl`` holds
+``math_dapo.compute_score``, with an example each; ``tests/fixtures/reward_corpus.jsonl`` holds
 hand-labelled pairs that pin the behaviour.
 
 Modules (one job each):

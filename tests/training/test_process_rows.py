@@ -1,7 +1,7 @@
 """Host-side rows split over processes (`parallel.process_rows` / `gather_rows`): each process
 generates and scores its own share, every process ends with every row. Several processes are
 simulated by threads: `jax.process_index()` is the thread's, `process_allgather` concatenates
-what every thread contributed (the real collective runs in `tests/test_multihost.py`)."""
+what every thread contributed (the real collective runs in `tests/cli/test_multihost.py`)."""
 import threading
 import types
 import zlib

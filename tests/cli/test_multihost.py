@@ -14,11 +14,11 @@ import pytest
 
 import jax
 
-from conftest import TINY_CLI_FLAGS, metrics_rows
+from conftest import REPO_ROOT, TINY_CLI_FLAGS, metrics_rows
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 STEPS = 4
 FLAGS = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=100",  # evaluates at step 0 only
          "--config.train.checkpoint_every=100"]

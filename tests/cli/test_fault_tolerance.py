@@ -15,12 +15,12 @@ import pytest
 
 import jax
 
-from conftest import TINY_CLI_FLAGS, metrics_rows, tiny_config
+from conftest import REPO_ROOT, TINY_CLI_FLAGS, metrics_rows, tiny_config
 from jaxrl_entropy import cli
 
 pytestmark = pytest.mark.slow  # end to end: CLI processes and whole training runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 TINY = [*TINY_CLI_FLAGS, "--config.train.sft_steps=0", "--config.eval.every=0"]
 
 

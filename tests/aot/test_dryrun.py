@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from conftest import REPO_ROOT
 from jaxrl_entropy import chips, presets
 from jaxrl_entropy import cli
 from jaxrl_entropy.aot import dryrun, hlo_stats
@@ -20,7 +21,7 @@ QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_s
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 vocab_size=151936, rope_theta=1000000, tie_word_embeddings=False, rms_norm_eps=1e-6,
                 max_position_embeddings=40960)
-ARCH_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "arch", "qwen3-8b")
+ARCH_DIR = str(REPO_ROOT / "configs" / "arch" / "qwen3-8b")
 
 
 @pytest.fixture
@@ -135,7 +136,7 @@ SMALL = ["--config=configs/qwen3_8b_dapo.py", "--config.data.max_prompt_len=128"
 
 @pytest.fixture
 def in_repo(monkeypatch):
-    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
+    monkeypatch.chdir(REPO_ROOT)
 
 
 def test_dryrun_compiles_the_step_for_a_small_tpu_slice(tpu_devices, tmp_path, capsys, in_repo):
@@ -243,7 +244,7 @@ def test_gpu_estimate_from_a_fresh_process_sets_its_own_devices(tmp_path):
     import sys
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = str(REPO_ROOT)
     proc = subprocess.run([sys.executable, "-m", "jaxrl_entropy.cli", "dryrun"] + SMALL + [
         f"--config.model.hf_dir={_tiny_dir(tmp_path)}", "--topology=h100x8", "--config.rl.micro_batch_size=8",
         "--config.rl.mini_batch_prompts=4", "--programs=update"], cwd=root, env=env, capture_output=True,

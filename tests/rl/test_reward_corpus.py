@@ -1,6 +1,6 @@
-"""The reward against a hand-labelled corpus (tests/data/reward_corpus.jsonl).
+"""The reward against a hand-labelled corpus (tests/fixtures/reward_corpus.jsonl).
 
-Oracle: the hand labels (labelling policy in tests/data/README.md), decided per pair
+Oracle: the hand labels (labelling policy in tests/fixtures/README.md), decided per pair
 independently of any implementation. Every disagreement is listed below with its reason; an
 unlisted disagreement, or a listed pair that now agrees, fails the test (update the list, the
 label, or the code, and say why). Agreement with math-verify (reading the whole response, its
@@ -11,15 +11,15 @@ way.
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 
 import pytest
 
+from conftest import REPO_ROOT
 from jaxrl_entropy.rl.rewards import KillingPool, MathVerifier, score_responses
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CORPUS = _ROOT / "tests" / "data" / "reward_corpus.jsonl"
+_ROOT = REPO_ROOT
+_CORPUS = _ROOT / "tests" / "fixtures" / "reward_corpus.jsonl"
 _DESIGN_NOTES = _ROOT / "docs" / "design-notes.md"
 
 
