@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 COMMANDS = ("train", "eval", "convert", "dryrun", "analyze", "reproduce")
@@ -20,6 +21,15 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `jaxrl-entropy dryrun --help | head`: the reader left, nothing is wrong
+        # Python would print another traceback flushing stdout at exit: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
