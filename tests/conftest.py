@@ -131,18 +131,23 @@ def metrics_rows(workdir: str) -> list[dict]:
     return metrics.read_metrics(fileio.join(workdir, metrics.METRICS_FILE))
 
 
-# The same tiny model and rollout as `tiny_config`, as command-line overrides (for CLI tests).
-TINY_CLI_FLAGS = [
-    "--config.train.progress=False",
-    "--config.model.arch.hidden_size=32", "--config.model.arch.intermediate_size=64",
-    "--config.model.arch.num_hidden_layers=2", "--config.model.arch.head_dim=8",
-    "--config.model.logits_chunk=16", "--config.rollout.max_new_tokens=16",
-    "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
-    "--config.rl.mini_batch_prompts=2", "--config.rl.micro_batch_size=8",
-    "--config.rl.overlong_buffer=4", "--config.rl.dynamic_sampling=False",
-    "--config.optim.lr=0.001", "--config.optim.warmup_steps=0",
-    "--config.eval.k=2", "--config.data.synthetic.eval_size=8",
-]
+# The tiny model and rollout of every test that trains, written once: `tiny_config()` applies them to
+# the demo config (library tests), `TINY_CLI_FLAGS` passes them on the command line (CLI tests).
+TINY = {
+    "train.progress": False,
+    "model.arch.hidden_size": 32, "model.arch.intermediate_size": 64, "model.arch.num_hidden_layers": 2,
+    "model.arch.num_attention_heads": 4, "model.arch.num_key_value_heads": 2, "model.arch.head_dim": 8,
+    "model.logits_chunk": 16, "rollout.max_new_tokens": 16,
+    "rl.prompts_per_step": 4, "rl.group_size": 4, "rl.mini_batch_prompts": 2, "rl.micro_batch_size": 8,
+    "rl.overlong_buffer": 4, "rl.dynamic_sampling": False,
+    "optim.lr": 1e-3, "optim.warmup_steps": 0,
+    "eval.k": 2, "data.synthetic.eval_size": 8,
+}
+TINY_CLI_FLAGS = [f"--config.{key}={value}" for key, value in TINY.items()]
+
+# what library tests also want by default: a 3-step run without the warm-up, saving and evaluating often
+_TINY_LIBRARY = {"train.steps": 3, "train.sft_steps": 0, "train.checkpoint_every": 2, "eval.every": 2,
+                 "parallel.data": -1, "parallel.fsdp": 1, "parallel.tensor": 1}
 
 
 def tiny_config(**overrides):
@@ -150,18 +155,7 @@ def tiny_config(**overrides):
     from jaxrl_entropy import presets
 
     c = presets.demo()
-    c.model.arch.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, head_dim=8))
-    c.model.logits_chunk = 16
-    c.rollout.max_new_tokens = 16
-    c.rl.update(dict(prompts_per_step=4, group_size=4, mini_batch_prompts=2, micro_batch_size=8,
-                     overlong_buffer=4, dynamic_sampling=False))
-    c.optim.update(dict(lr=1e-3, warmup_steps=0))
-    c.train.update(dict(steps=3, sft_steps=0, checkpoint_every=2, progress=False))
-    c.eval.update(dict(every=2, k=2))
-    c.data.synthetic.eval_size = 8
-    c.parallel.update(dict(data=-1, fsdp=1, tensor=1))
-    for key, value in overrides.items():
+    for key, value in {**TINY, **_TINY_LIBRARY, **overrides}.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
