@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from jaxrl_entropy.data import synthetic
-from jaxrl_entropy.data.pipeline import TRUNCATION_MODES
+from jaxrl_entropy.data.truncation import TRUNCATION_MODES
 from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
 from jaxrl_entropy.models.config import DTYPES
 from jaxrl_entropy.rl.loss import NORMALIZATIONS
@@ -311,6 +311,20 @@ def _schema_keys(d: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def get_key(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at a dotted key (`"eval.k"`), as `--config.eval.k` names it."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def set_key(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Set the value at a dotted key (`"eval.k"`); the key must exist (the config is locked)."""
+    parent, _, leaf = key.rpartition(".")
+    (get_key(cfg, parent) if parent else cfg)[leaf] = value
 
 
 def _check_types(schema: dict[str, Any], given: dict[str, Any]) -> None:

@@ -153,14 +153,11 @@ _TINY_LIBRARY = {"train.steps": 3, "train.sft_steps": 0, "train.checkpoint_every
 def tiny_config(**overrides):
     """A trainer config that runs a step in seconds on a CPU: a 2-layer Qwen3 on the synthetic task."""
     from jaxrl_entropy import presets
+    from jaxrl_entropy.config import set_key
 
     c = presets.demo()
     for key, value in {**TINY, **_TINY_LIBRARY, **overrides}.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_key(c, key, value)
     return c
 
 

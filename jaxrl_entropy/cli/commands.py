@@ -116,14 +116,9 @@ def _overrides_for_run(fv) -> dict:
     With --config they are already part of that config."""
     if fv["config"].present:
         return {}
-    out = {}
-    for name in fv:
-        if name.startswith("config.") and fv[name].present:
-            node = fv.config
-            for part in name.split(".")[1:]:
-                node = node[part]
-            out[name[len("config."):]] = node
-    return out
+    from jaxrl_entropy.config import get_key
+    keys = [name[len("config."):] for name in fv if name.startswith("config.") and fv[name].present]
+    return {key: get_key(fv.config, key) for key in keys}
 
 
 def _check_out_file(path: str | None) -> None:

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from jaxrl_entropy.data.sources import DataError, prompt_key_of
+from jaxrl_entropy.data.truncation import TRUNCATION_MODES
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -35,8 +36,6 @@ _STATE_CONFIG_KEYS = {
     "num_records": "the same data: `data.train_files` and `data.dedupe`, or `data.synthetic.*`",
 }
 _TRUNCATIONS = ("left", "right", "error")
-# What a run does with prompts longer than `data.max_prompt_len` (config `data.truncation`).
-TRUNCATION_MODES = ("error", "drop", "left")
 
 
 def render_prompt(
@@ -236,13 +235,6 @@ def fit_prompt_lengths(
                         f"{max_prompt_len} tokens, so data.truncation=drop leaves none; raise "
                         f"--config.data.max_prompt_len or use --config.data.truncation=left.")
     return [r for r, k in zip(records, keep) if k], report
-
-
-def encoder_truncation(truncation: str) -> str:
-    """The `PromptEncoder` mode for records that went through `fit_prompt_lengths(truncation)`:
-    it left-truncates only under "left"; otherwise nothing is too long any more, and a prompt that
-    were would be an error, never a silent cut."""
-    return "left" if truncation == "left" else "error"
 
 
 def collate(elements: Sequence[dict[str, Any]]) -> dict[str, Any]:

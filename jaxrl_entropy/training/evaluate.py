@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 
 from jaxrl_entropy import parallel, stats
-from jaxrl_entropy.data.pipeline import PromptBatcher, encoder_truncation
+from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.data.truncation import encoder_truncation
 from jaxrl_entropy.rl.rewards import score_responses
 
 

@@ -51,11 +51,7 @@ def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str,
     cfg = config_lib.from_json_text(fileio.read_text(saved), source=saved)
     if overrides:
         for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = cfg
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+            config_lib.set_key(cfg, key, value)
         log.info("using %s with the command line's overrides: %s", saved,
                  ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
         cfg = config_lib.validate(cfg)

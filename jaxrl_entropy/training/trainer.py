@@ -25,7 +25,8 @@ from jaxrl_entropy.rundir import fileio, progress
 from jaxrl_entropy.training import model_io, model_setup, rng, step_programs, warmup
 from jaxrl_entropy import parallel
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
-from jaxrl_entropy.data.pipeline import PromptBatcher, encoder_truncation
+from jaxrl_entropy.data.pipeline import PromptBatcher
+from jaxrl_entropy.data.truncation import encoder_truncation
 from jaxrl_entropy.models.config import CheckpointError
 from jaxrl_entropy.rundir.locking import claim_workdir
 from jaxrl_entropy.rundir.metrics import MetricsWriter

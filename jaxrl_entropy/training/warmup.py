@@ -25,7 +25,8 @@ from flax import nnx
 from jaxrl_entropy.training import evaluate as eval_lib
 from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
-from jaxrl_entropy.data.pipeline import encode_sft_batch, encoder_truncation, trim_padding
+from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
+from jaxrl_entropy.data.truncation import encoder_truncation
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
