@@ -230,7 +230,7 @@ RULES: dict[str, Range | Choice] = {
     "rollout.max_new_tokens": _POSITIVE_INT,
     "rollout.temperature": Range("(0, inf)", why="the policy's log-probs are taken at this temperature"),
     "rollout.top_p": _TOP_P,
-    "rollout.top_k": Range("[0, inf)", why="0 = off"),
+    "rollout.top_k": Range("[0, inf)", also=(-1,), why="0 or -1 (vLLM's convention) = off"),
     "rollout.engine": Choice(("paged", "dense")),
     "rollout.page_size": _POSITIVE_INT,
     "rollout.decode_chunk": _POSITIVE_INT,

@@ -266,7 +266,7 @@ def no_trainer(monkeypatch):
     ("train.sft_steps", "-1", "[0, inf)"),
     ("rl.incorrect_score", "nan", "(-inf, inf)"),
     ("eval.top_p", "0", "(0, 1]"),
-    ("rollout.top_k", "-1", "[0, inf)"),
+    ("rollout.top_k", "-2", "[0, inf) or -1"),
     ("data.synthetic.digits", "0", "[1, 9]"),
     ("data.synthetic.ops", "+/", "distinct characters from '+-*'"),
     ("model.dtype", "float64", "['float32', 'bfloat16', 'float16']"),

@@ -76,6 +76,12 @@ def _setup(fv):
         # collectives between CPU processes (the CPU test of a pod, CPU-only clusters); the
         # setting only concerns the CPU backend, so it is harmless next to TPUs or GPUs
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Each CPU process matches gloo collectives by the order its programs reach them. With
+        # async dispatch, two programs that both hold cross-process collectives (a step and a
+        # diagnostic, say) can run at once and reach them in different orders on the two
+        # processes: both then wait forever (seen ~1 run in 9). Synchronous dispatch runs one
+        # program at a time, in the order Python called them, which is the same everywhere.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
         jax.distributed.initialize(**explicit)
 
 

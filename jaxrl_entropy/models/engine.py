@@ -109,7 +109,7 @@ class Engine:
             self._programs[key] = jax.jit(
                 lambda p, c, *a: decode_program(self.graphdef, self.spec, sp, self.mesh, p, c, *a),
                 in_shardings=(self.param_shardings, cache_sh) + (rep,) * 8,
-                out_shardings=(cache_sh, rep, rep, rep, rep), donate_argnums=self._donate())
+                out_shardings=(cache_sh, rep, rep, rep, rep, rep), donate_argnums=self._donate())
         return self._programs[key]
 
     def cache_shardings(self) -> PagedKVCache:

@@ -34,7 +34,8 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
     Inputs per slot: the current token and its position, response tokens generated so far,
     live flag, the request's key, its page table; `copy_src → copy_dst` page copies run first
     (the prompt's partial page into a new sample's first page).
-    Returns (cache, tokens `[S, C]`, log-probs `[S, C]`, steps `[S]`, live `[S]`): a slot emitted
+    Returns (cache, tokens `[S, C]`, log-probs `[S, C]`, behaviour log-probs `[S, C]` (see
+    `sampler.SampleOutput`), steps `[S]`, live `[S]`): a slot emitted
     `steps_out − steps_in` tokens; live False = finished (EOS or max_new_tokens) or idle.
     """
     model = nnx.merge(graphdef, params)
@@ -46,7 +47,7 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
     attend_fn = _attention_fn(spec, mesh, sm_scale)
 
     def step(carry):
-        c, cache, tok, pos, stp, live, out_t, out_lp = carry
+        c, cache, tok, pos, stp, live, out_t, out_lp, out_blp = carry
 
         def attend(i, q, k, v, cache):
             kp = paged_cache.write_token(cache.k[i], k, table_SxM, pos, live)
@@ -60,20 +61,20 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
         # f32 accumulation as in the training forward's `token_logprobs`
         logits = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
         row_keys = jax.vmap(jax.random.fold_in)(keys_S, stp)
-        new, lp = jax.vmap(lambda l, k: sample_token(l[None], k, sp))(logits, row_keys)
-        new, lp = new[:, 0], lp[:, 0]
+        new, lp, blp = sample_token(logits, row_keys, sp, per_row=True)
         new = jnp.where(live, new, sp.pad_id)
         out_t = out_t.at[:, c].set(new)
         out_lp = out_lp.at[:, c].set(jnp.where(live, lp, 0.0))
+        out_blp = out_blp.at[:, c].set(jnp.where(live, blp, 0.0))
         stp_next = stp + live
         done = live & (jnp.isin(new, eos) | (stp_next >= N))
-        return (c + 1, cache, jnp.where(live, new, tok), pos + live, stp_next, live & ~done, out_t, out_lp)
+        return (c + 1, cache, jnp.where(live, new, tok), pos + live, stp_next, live & ~done, out_t, out_lp, out_blp)
 
     init = (jnp.zeros((), jnp.int32), cache, tokens_S, positions_S, steps_S, live_S,
-            jnp.full((S, C), sp.pad_id, jnp.int32), jnp.zeros((S, C), jnp.float32))
-    _, cache, _, _, stp, live, out_t, out_lp = jax.lax.while_loop(
+            jnp.full((S, C), sp.pad_id, jnp.int32), jnp.zeros((S, C), jnp.float32), jnp.zeros((S, C), jnp.float32))
+    _, cache, _, _, stp, live, out_t, out_lp, out_blp = jax.lax.while_loop(
         lambda carry: (carry[0] < C) & jnp.any(carry[5]), step, init)
-    return cache, out_t, out_lp, stp, live
+    return cache, out_t, out_lp, out_blp, stp, live
 
 
 def _attention_fn(spec: EngineSpec, mesh, sm_scale: float) -> Callable:

@@ -96,6 +96,7 @@ class HostScheduler:
         self.to_prefill: list[int] = []
         self.out_tokens = np.full((B, N), sp.pad_id, np.int32)
         self.out_logp = np.zeros((B, N), np.float32)
+        self.out_behaviour_logp = np.zeros((B, N), np.float32)
         self.lengths = np.zeros(B, np.int32)
         self.finished = np.zeros(B, bool)
         self.done = np.zeros(B, bool)
@@ -161,6 +162,7 @@ class HostScheduler:
         self.waiting[s] = False
         self.out_tokens[r] = self.sp.pad_id
         self.out_logp[r] = 0.0
+        self.out_behaviour_logp[r] = 0.0
         self.queue.appendleft(r)
         self.stats["preemptions"] += 1
 
@@ -283,7 +285,8 @@ class HostScheduler:
 
     def _decode(self, cache, live_S: np.ndarray):
         """One decode program call for the slots in `live_S` (the pending page copies first).
-        Returns (cache, tokens `[S, C]`, log-probs `[S, C]`, steps `[S]`, live `[S]`) on the host."""
+        Returns (cache, tokens `[S, C]`, log-probs `[S, C]`, behaviour log-probs `[S, C]`, steps `[S]`,
+        live `[S]`) on the host."""
         S = self.spec.num_slots
         keys = np.zeros((S,) + self.keys.shape[1:], self.keys.dtype)
         keys[live_S] = self.keys[self.slot_req[live_S]]
@@ -300,12 +303,13 @@ class HostScheduler:
 
     def _run_chunk(self, cache):
         live = (self.slot_req >= 0) & ~self.waiting
-        cache, out_t, out_lp, stp, live_out = self._decode(cache, live)
+        cache, out_t, out_lp, out_blp, stp, live_out = self._decode(cache, live)
         eos = set(self.sp.eos_ids)
         for s in np.flatnonzero(live):
             r, t0, n = int(self.slot_req[s]), int(self.stp[s]), int(stp[s] - self.stp[s])
             self.out_tokens[r, t0:t0 + n] = out_t[s, :n]
             self.out_logp[r, t0:t0 + n] = out_lp[s, :n]
+            self.out_behaviour_logp[r, t0:t0 + n] = out_blp[s, :n]
             self.stats["tokens"] += n
             if n:
                 self.tok[s] = out_t[s, n - 1]
@@ -357,4 +361,4 @@ class HostScheduler:
         self.e.last_stats = dict(self.stats, seconds=elapsed, tokens_per_s=self.stats["tokens"] / max(elapsed, 1e-9),
                                  pages_free_at_end=self.pool.num_free, pages_capacity=self.pool.capacity)
         return SampleOutput(tokens=self.out_tokens, lengths=self.lengths, logprobs=self.out_logp,
-                            finished=self.finished)
+                            finished=self.finished, behaviour_logprobs=self.out_behaviour_logp)

@@ -5,6 +5,7 @@
     out.tokens    # [B, N] int32, pad_id after a row's EOS
     out.lengths   # [B] int32 response length, EOS included
     out.logprobs  # [B, N] float32 log-prob of each sampled token under softmax(logits / T); 0 after the end
+    out.behaviour_logprobs  # [B, N] the same under the top-k / top-p truncated distribution sampled
 
 The whole generation is one jitted program (compiled once per shape and `SamplingParams`); the loop
 stops early when every row has finished.
@@ -23,7 +24,7 @@ from jaxrl_entropy.models.qwen3 import Qwen3, positions_from_segments
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy. top_k 0 = off; top_p 1.0 = off. eos_ids stop a row."""
+    """temperature 0 = greedy. top_k 0 or -1 = off (stored as 0); top_p 1.0 = off. eos_ids stop a row."""
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -38,8 +39,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0, or -1 for off (vLLM's convention), got {self.top_k}")
+        object.__setattr__(self, "top_k", max(int(self.top_k), 0))
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
 
 
@@ -50,39 +52,84 @@ class SampleOutput:
     # [B, N] float32: log-prob of each sampled token under the *untruncated* softmax(logits / T), the
     # distribution the old-policy forward scores (so `rollout/logp_diff_*` compares like with like).
     # With top_k / top_p active the tokens were drawn from the truncated, renormalised distribution,
-    # whose log-prob is higher by −log(kept mass): not this field (an off-policy correction needs that).
+    # whose log-prob is higher by −log(kept mass): that is `behaviour_logprobs`.
     logprobs: jax.Array
     finished: jax.Array    # [B] bool: stopped on an EOS (False = ran out of max_new_tokens)
+    # [B, N] float32: log-prob of each sampled token under the distribution it was drawn from (top-k /
+    # top-p truncated and renormalised; 0 for greedy), for off-policy corrections; equal to `logprobs`
+    # when neither is active. None where a caller (a test's stub) does not give it.
+    behaviour_logprobs: jax.Array | None = None
+
+
+# Top-p without sorting the vocabulary: the nucleus is sought among the NUCLEUS_CANDIDATES largest
+# logits (one `top_k`). Only when some row's candidates hold less than top_p of its mass (a near-
+# uniform distribution: random weights, a high temperature) does the step sort the whole vocabulary;
+# the result is the same either way. At Qwen3's 151,936 tokens a full sort every decode step costs
+# more than the model's head (benchmarks/top_p.py).
+NUCLEUS_CANDIDATES = 1024
+
+
+def _nucleus_threshold(desc_BxK: jax.Array, log_norm_Bx1: jax.Array, top_p: float):
+    """The smallest logit `[B, 1]` of the nucleus among logits sorted descending, and `[B]` whether
+    they hold at least `top_p` of the mass (`log_norm`: the log partition function of the row)."""
+    probs = jnp.exp(desc_BxK - log_norm_Bx1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+    kept = jnp.where(mass_before < top_p, desc_BxK, jnp.inf)
+    return jnp.min(kept, axis=-1, keepdims=True), mass_before[:, -1] + probs[:, -1] >= top_p
 
 
 def filter_logits(logits_BxV: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
-    """Set logits outside the top-k / nucleus to -inf (static switches: off costs nothing)."""
-    if top_k > 0 and top_k < logits_BxV.shape[-1]:
-        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+    """Set logits outside the top-k and then the nucleus (top-p of the top-k's renormalised mass) to
+    -inf. Static switches: off costs nothing; top_k <= 0 (0, or vLLM's -1) is off."""
+    V = logits_BxV.shape[-1]
+    top = None
+    if 0 < top_k < V:
+        top = jax.lax.top_k(logits_BxV, top_k)[0]          # [B, k], descending
+        logits_BxV = jnp.where(logits_BxV < top[:, -1:], -jnp.inf, logits_BxV)
     if top_p < 1.0:
-        sorted_desc = -jnp.sort(-logits_BxV, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
-        kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        log_norm = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+        K = min(NUCLEUS_CANDIDATES, V)
+        if top is not None:
+            candidates = top[:, :K]
+        elif K < V:
+            candidates = jax.lax.top_k(logits_BxV, K)[0]
+        else:
+            candidates = -jnp.sort(-logits_BxV, axis=-1)
+        threshold, reached = _nucleus_threshold(candidates, log_norm, top_p)
+        if candidates.shape[-1] < V:
+            threshold = jax.lax.cond(
+                jnp.all(reached), lambda: threshold,
+                lambda: _nucleus_threshold(-jnp.sort(-logits_BxV, axis=-1), log_norm, top_p)[0])
         logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
     return logits_BxV
 
 
-def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams):
-    """Next token `[B]` and its log-prob `[B]` under the untruncated softmax(logits / temperature),
-    also when top_k / top_p truncated the distribution it was drawn from (see `SampleOutput.logprobs`)."""
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams, *, per_row: bool = False):
+    """Next token `[B]`, its log-prob `[B]` under the untruncated softmax(logits / temperature), and
+    its log-prob `[B]` under the behaviour policy, the truncated, renormalised distribution it was
+    drawn from (0 for greedy: a deterministic choice); the two log-probs are equal when top_k and
+    top_p are off (see `SampleOutput`). `rng`: one key, or with `per_row` one key per row `[B]`
+    (row b then draws as a batch of one with its own key, whatever the other rows are)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if params.temperature == 0.0:
         token = jnp.argmax(logits_BxV, axis=-1)
         logp = jax.nn.log_softmax(logits_BxV, axis=-1)
+        behaviour = jnp.zeros_like(logp)
     else:
         scaled = logits_BxV / params.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
-        token = jax.random.categorical(rng, filter_logits(scaled, top_k=params.top_k, top_p=params.top_p))
-    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        # the filter runs on the whole batch, outside any vmap: its top-p fallback is a `lax.cond`
+        # that a vmap would turn into computing both branches
+        filtered = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p)
+        if per_row:
+            token = jax.vmap(lambda f, k: jax.random.categorical(k, f[None])[0])(filtered, rng)
+        else:
+            token = jax.random.categorical(rng, filtered)
+        truncated = params.top_p < 1.0 or 0 < params.top_k < logits_BxV.shape[-1]
+        behaviour = jax.nn.log_softmax(filtered, axis=-1) if truncated else logp
+    pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), pick(logp), pick(behaviour)
 
 
 def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, params: SamplingParams):
@@ -96,29 +143,30 @@ def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, params: Sam
     eos = jnp.asarray(params.eos_ids or (-1,), jnp.int32)
 
     def cond(carry):
-        step, _, _, _, _, done, _ = carry
+        step, _, _, _, _, _, done, _ = carry
         return (step < N) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, logits, tokens, logprobs, done, rng = carry
+        step, cache, logits, tokens, logprobs, behaviour, done, rng = carry
         rng, key = jax.random.split(rng)
-        tok, lp = sample_token(logits, key, params)
+        tok, lp, blp = sample_token(logits, key, params)
         tok = jnp.where(done, params.pad_id, tok)
-        lp = jnp.where(done, 0.0, lp)
         tokens = tokens.at[:, step].set(tok)
-        logprobs = logprobs.at[:, step].set(lp)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, lp))
+        behaviour = behaviour.at[:, step].set(jnp.where(done, 0.0, blp))
         done = done | jnp.isin(tok, eos)
         logits, cache = model.decode(tok[:, None], (next_pos + step)[:, None], jnp.ones((B, 1), bool), cache)
-        return step + 1, cache, logits, tokens, logprobs, done, rng
+        return step + 1, cache, logits, tokens, logprobs, behaviour, done, rng
 
     init = (jnp.zeros((), jnp.int32), cache, logits, jnp.full((B, N), params.pad_id, jnp.int32),
-            jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), rng)
-    _, _, _, tokens, logprobs, _, _ = jax.lax.while_loop(cond, body, init)
+            jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool), rng)
+    _, _, _, tokens, logprobs, behaviour, _, _ = jax.lax.while_loop(cond, body, init)
     is_eos = jnp.isin(tokens, eos)
     first_eos = jnp.argmax(is_eos, axis=1)
     finished = jnp.any(is_eos, axis=1)
     lengths = jnp.where(finished, first_eos + 1, N).astype(jnp.int32)
-    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=finished)
+    return SampleOutput(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=finished,
+                        behaviour_logprobs=behaviour)
 
 
 _generate_jit = jax.jit(_generate, static_argnames=("graphdef", "params"))

@@ -240,10 +240,11 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
                                   on_progress=bar.update)
         finally:
             bar.close()
-        parts = [out.tokens, out.lengths, out.logprobs, out.finished]
+        parts = [out.tokens, out.lengths, out.logprobs, out.finished, out.behaviour_logprobs]
     else:
         N = sp.max_new_tokens
-        parts = [np.zeros((0, N), np.int32), np.zeros(0, np.int32), np.zeros((0, N), np.float32), np.zeros(0, bool)]
+        parts = [np.zeros((0, N), np.int32), np.zeros(0, np.int32), np.zeros((0, N), np.float32), np.zeros(0, bool),
+                 np.zeros((0, N), np.float32)]
     return SampleOutput(*parallel.gather_rows(parts, B))
 
 

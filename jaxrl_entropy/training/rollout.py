@@ -82,6 +82,17 @@ def logp_diff_metrics(rollout_logp_MxN, old_logp_MxN, mask_MxN) -> dict[str, flo
     return {"rollout/logp_diff_max": float(diff.max()), "rollout/logp_diff_mean": float(diff.mean())}
 
 
+def behaviour_gap_metrics(behaviour_logp_MxN, rollout_logp_MxN, mask_MxN) -> dict[str, float]:
+    """With top-k / top-p sampling, tokens are drawn from the truncated, renormalised distribution:
+    its log-prob exceeds the untruncated one by −log(mass kept). The mean of that gap over response
+    tokens, and the largest, say how far the behaviour policy is from the policy the loss scores."""
+    mask = np.asarray(mask_MxN, bool)
+    if not mask.any():
+        return {"rollout/behaviour_logp_gap_mean": 0.0, "rollout/behaviour_logp_gap_max": 0.0}
+    gap = (np.asarray(behaviour_logp_MxN, np.float64) - np.asarray(rollout_logp_MxN, np.float64))[mask]
+    return {"rollout/behaviour_logp_gap_mean": float(gap.mean()), "rollout/behaviour_logp_gap_max": float(gap.max())}
+
+
 class RolloutCollector:
     """Prompt batches → scored groups of G responses → a full rollout batch."""
 
@@ -113,6 +124,7 @@ class RolloutCollector:
         out = sample(ids, mask, key, self.sampling)
         tokens, lengths = parallel.to_host(out.tokens), parallel.to_host(out.lengths)
         logprobs = parallel.to_host(out.logprobs)
+        behaviour = logprobs if out.behaviour_logprobs is None else parallel.to_host(out.behaviour_logprobs)
         # each process decodes and scores its share of the rows (the verifier is the costly part),
         # then every process gets every row's reward
         lo, hi, _ = parallel.process_rows(len(tokens))
@@ -126,6 +138,7 @@ class RolloutCollector:
             reward = reward + overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens,
                                                buffer_len=cfg.rl.overlong_buffer, factor=cfg.rl.overlong_factor)
         return {"prompt_ids": ids, "prompt_mask": mask, "response": tokens, "lengths": lengths, "logprobs": logprobs,
+                "behaviour_logprobs": behaviour,
                 "reward": reward.astype(np.float32), "correct": correct,
                 "finished": parallel.to_host(out.finished)}
 

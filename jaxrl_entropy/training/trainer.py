@@ -36,7 +36,7 @@ from jaxrl_entropy.rl import diagnostics, entropy_stats
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier
-from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, logp_diff_metrics
+from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, behaviour_gap_metrics, logp_diff_metrics
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -167,6 +167,8 @@ class Trainer:
         metrics.update({k: v for k, v in dyn.items() if not k.endswith("threshold")})
 
         metrics.update(logp_diff_metrics(batch["logprobs"], parallel.to_host(st["old_logp"]), host["response_mask"]))
+        if self.collector.sampling.top_k or self.collector.sampling.top_p < 1.0:
+            metrics.update(behaviour_gap_metrics(batch["behaviour_logprobs"], batch["logprobs"], host["response_mask"]))
         data = dict(seqs, old_logp=st["old_logp"], weights=weights)
         data = {k: data[k] for k in step_programs.UPDATE_KEYS}
         if cfg.train.geometry_every and step % cfg.train.geometry_every == 0:

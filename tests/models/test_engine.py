@@ -342,7 +342,7 @@ class _HostRun(eng.HostScheduler):
                 stp[s] += 1
                 pos += 1
                 live_out[s] = tok not in self.sp.eos_ids and stp[s] < N
-        return kv, out_t, np.zeros((S, C), np.float32), stp, live_out
+        return kv, out_t, np.zeros((S, C), np.float32), np.zeros((S, C), np.float32), stp, live_out
 
 
 def _random_case(rng):
@@ -444,7 +444,8 @@ def test_no_progress_guard_raises_instead_of_spinning():
         def _decode(self, kv, live_S):
             self.calls += 1
             S, C = self.spec.num_slots, self.spec.decode_chunk
-            return kv, np.zeros((S, C), np.int32), np.zeros((S, C), np.float32), self.stp.copy(), live_S.copy()
+            return (kv, np.zeros((S, C), np.int32), np.zeros((S, C), np.float32), np.zeros((S, C), np.float32),
+                    self.stp.copy(), live_S.copy())
 
     run = Stuck(spec, ids, mask, sp, np.full((2, 6), 7, np.int32))
     with pytest.raises(RuntimeError, match="made no progress"):

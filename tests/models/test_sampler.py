@@ -95,6 +95,84 @@ def test_filter_logits_against_numpy():
         assert set(np.flatnonzero(keep)) == set(np.argsort(-row)[:5])
 
 
+def _nucleus_oracle(row: np.ndarray, top_k: int, top_p: float) -> set:
+    """The kept token ids by hand: the top k (ties at the k-th value kept), then the smallest prefix
+    of the rest, sorted descending in float64, whose renormalised mass reaches top_p."""
+    row = row.astype(np.float64)
+    if 0 < top_k < len(row):
+        row = np.where(row < np.sort(row)[::-1][top_k - 1], -np.inf, row)
+    order = np.argsort(-row, kind="stable")
+    p = np.exp(row[order] - row.max())
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep = (p > 0) & ((before < top_p) if top_p < 1.0 else True)
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("top_k", [0, 3, 1500])
+def test_nucleus_at_a_vocabulary_past_the_candidate_count(top_k):
+    # V > NUCLEUS_CANDIDATES: peaked rows find their nucleus among the candidates; a near-uniform row
+    # (its top candidates hold ~V_c / V of the mass) needs the full sort; a batch mixing both takes the
+    # full sort for every row. Each must keep exactly the hand-computed set.
+    V = 3 * sampler.NUCLEUS_CANDIDATES
+    rng = np.random.RandomState(top_k)
+    peaked = rng.randn(3, V).astype(np.float32) * 4.0
+    flat = rng.randn(2, V).astype(np.float32) * 0.01
+    for logits in (peaked, flat, np.concatenate([peaked, flat])):
+        for top_p in (0.5, 0.95):
+            got = np.isfinite(np.asarray(sampler.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p)))
+            for row, keep in zip(logits, got):
+                assert set(np.flatnonzero(keep).tolist()) == _nucleus_oracle(row, top_k, top_p), (top_p, top_k)
+
+
+def test_top_p_does_not_sort_the_vocabulary_when_the_candidates_suffice():
+    # the compiled program sorts the whole vocabulary only inside the fallback branch of a cond
+    V = 4 * sampler.NUCLEUS_CANDIDATES
+    hlo = jax.jit(lambda x: sampler.filter_logits(x, top_k=0, top_p=0.7)).lower(
+        jax.ShapeDtypeStruct((2, V), jnp.float32)).as_text()
+    assert "conditional" in hlo or "case" in hlo
+
+
+def test_top_k_minus_one_is_off_as_in_vllm():
+    assert sampler.SamplingParams(4, top_k=-1).top_k == 0
+    with pytest.raises(ValueError, match="top_k"):
+        sampler.SamplingParams(4, top_k=-2)
+
+
+def test_behaviour_logprobs_by_hand():
+    rng = np.random.RandomState(3)
+    logits = jnp.asarray(rng.randn(6, 40).astype(np.float32) * 2)
+    for top_k, top_p in ((0, 1.0), (4, 1.0), (0, 0.6), (7, 0.8)):
+        params = sampler.SamplingParams(4, temperature=0.7, top_k=top_k, top_p=top_p)
+        tok, logp, behaviour = (np.asarray(x) for x in sampler.sample_token(logits, jax.random.key(1), params))
+        for b, row in enumerate(np.asarray(logits, np.float64) / 0.7):
+            full = row - np.log(np.sum(np.exp(row)))
+            kept = sorted(_nucleus_oracle(row, top_k, top_p))
+            assert tok[b] in kept
+            assert logp[b] == pytest.approx(full[tok[b]], abs=1e-5)
+            assert behaviour[b] == pytest.approx(full[tok[b]] - np.log(np.sum(np.exp(full[kept]))), abs=1e-5)
+
+
+def test_behaviour_logprobs_of_top_k_one_are_zero_in_both_samplers(models):
+    # top-k 1 is a deterministic choice: log 1 = 0 under the behaviour policy, while `logprobs`
+    # stays the full softmax's (< 0), in the dense sampler and in the paged engine alike
+    from jaxrl_entropy.models import engine as eng
+
+    _, model = models
+    ids, mask = _prompts()
+    sp = sampler.SamplingParams(6, temperature=1.3, top_k=1)
+    dense = sampler.generate(model, ids, mask, jax.random.key(5), sp)
+    spec = eng.EngineSpec(num_slots=2, page_size=4, max_prompt_len=7, decode_chunk=3, num_pages=16, prefill_tokens=32)
+    e = eng.Engine(model.config, spec)
+    from flax import nnx
+    paged = e.generate(e.prepare_params(nnx.to_pure_dict(nnx.state(model))), ids, mask, jax.random.key(5), sp)
+    for out in (dense, paged):
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(dense.tokens))
+        resp = np.arange(6)[None] < np.asarray(out.lengths)[:, None]
+        assert np.all(np.asarray(out.behaviour_logprobs)[resp] == 0.0)
+        assert np.all(np.asarray(out.logprobs)[resp] < 0.0)
+
+
 def test_eos_stops_rows_and_pads():
     # Zero attention/MLP outputs and positive embeddings: the final hidden state is positive, so a
     # head that only scores token 7 makes 7 the greedy choice at every step; 7 is an EOS id.

@@ -12,7 +12,7 @@ from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.models import engine as eng
 from jaxrl_entropy.models import paged_cache, sampler
-from jaxrl_entropy.training.rollout import PolicySampler, logp_diff_metrics
+from jaxrl_entropy.training.rollout import PolicySampler, behaviour_gap_metrics, logp_diff_metrics
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,17 @@ def test_logp_diff_metrics_by_hand():
     assert m["rollout/logp_diff_max"] == pytest.approx(6.7)
     assert m["rollout/logp_diff_mean"] == pytest.approx(np.mean(diffs))
     assert logp_diff_metrics(rollout, old, np.zeros_like(mask))["rollout/logp_diff_max"] == 0.0
+
+
+def test_behaviour_gap_metrics_by_hand():
+    full = np.log(np.array([[0.5, 0.2, 0.1], [0.6, 0.3, 0.9]]))
+    kept_mass = np.array([[0.8, 0.5, 1.0], [0.9, 0.9, 0.2]])
+    behaviour = full - np.log(kept_mass)
+    mask = np.array([[1, 1, 0], [1, 1, 0]], bool)
+    m = behaviour_gap_metrics(behaviour, full, mask)
+    gaps = -np.log([0.8, 0.5, 0.9, 0.9])   # the masked-out 1.0 and 0.2 excluded
+    assert m["rollout/behaviour_logp_gap_mean"] == pytest.approx(gaps.mean())
+    assert m["rollout/behaviour_logp_gap_max"] == pytest.approx(-np.log(0.5))
 
 
 def test_engine_programs_compile_for_tpu(tpu_devices):

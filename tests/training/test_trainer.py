@@ -283,6 +283,19 @@ def test_a_config_changed_on_resume_is_recorded_where_eval_and_analyze_read_it(t
     assert any(c.startswith("optim.lr: 0.001 -> 0.0005") for c in history[0]["changes"]), history
 
 
+def test_top_p_sampling_reports_how_far_the_behaviour_policy_is(straight_run, tmp_path):
+    # nucleus sampling keeps at least top_p of the mass: the gap −log(mass kept) lies in [0, −log top_p];
+    # top_k = -1 is vLLM's "off"; without truncation (the straight run) the metric is not written
+    workdir = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(**{"train.steps": 1, "eval.every": 0, "rollout.top_p": 0.8,
+                                     "rollout.top_k": -1}), workdir)
+    trainer.run()
+    trainer.close()
+    row = [r for r in _rows(workdir) if "loss" in r][0]
+    assert 0.0 < row["rollout/behaviour_logp_gap_mean"] <= row["rollout/behaviour_logp_gap_max"] <= -np.log(0.8) + 1e-5
+    assert not any("behaviour_logp_gap" in k for r in _rows(straight_run) for k in r)
+
+
 def test_a_damaged_config_json_on_resume_is_one_line_naming_it(straight_run, tmp_path, capsys):
     import shutil
     workdir = tmp_path / "copy"
