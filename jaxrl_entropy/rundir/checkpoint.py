@@ -45,6 +45,11 @@ class CheckpointCorruptError(Exception):
     """A checkpoint step whose files do not match its checksum manifest, or that orbax cannot read."""
 
 
+class CheckpointRotatedError(CheckpointCorruptError):
+    """A step that vanished while it was read: the run writing the workdir rotated it away after
+    saving newer ones (`train.keep_checkpoints`). Nothing is damaged; the newest step is readable."""
+
+
 class CheckpointMismatchError(ValueError):
     """A readable checkpoint whose arrays do not fit this run's model / optimiser."""
 
@@ -250,11 +255,25 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_params)}
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-        self.verify(step)
-        out = self._orbax_restore(step, ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-            meta=ocp.args.JsonRestore()))
+        try:
+            self.verify(step)
+            out = self._orbax_restore(step, ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                meta=ocp.args.JsonRestore()))
+        except (CheckpointCorruptError, OSError):
+            # a live run may remove the step under a reader (eval / convert of a running workdir):
+            # that is rotation, not damage, and "corrupt" would send the user to the fallback mode
+            if not fileio.exists(self.step_dir(step)):
+                raise CheckpointRotatedError(
+                    f"checkpoint step {step} in {self.directory} was removed while it was being read: the run "
+                    f"writing this workdir keeps its newest train.keep_checkpoints steps and rotated this one "
+                    f"away after saving newer ones. Nothing is damaged.") from None
+            raise
         return out["state"]["params"], out["meta"]
+
+    def reload(self) -> None:
+        """See the steps as they are on disk now (another process may have saved or rotated some)."""
+        self._manager.reload()
 
     def _orbax_restore(self, step: int, args) -> Any:
         try:

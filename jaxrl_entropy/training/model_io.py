@@ -22,7 +22,7 @@ import ml_collections
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.training import model_setup
-from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, Checkpointer
+from jaxrl_entropy.rundir.checkpoint import CheckpointCorruptError, CheckpointRotatedError, Checkpointer
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 
@@ -68,6 +68,10 @@ def _tokenizer(cfg):
     return data_setup.tokenizer_for(cfg)
 
 
+# a live run that saves faster than a reader reads could rotate every step it picks
+_ROTATION_RETRIES = 3
+
+
 def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str, *, overrides: dict | None = None):
     """(config, policy with the latest checkpoint's parameters, its step, tokenizer) of a train run."""
     workdir = run_dir_of(checkpoint)
@@ -81,7 +85,20 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str, *, o
         mesh = model_setup.build_mesh(cfg)
         policy = model_setup.abstract_policy(cfg, mesh, model_setup.architecture(cfg, tokenizer))
         try:
-            policy.params, _ = checkpointer.restore_params(step, policy.params)
+            for attempt in range(_ROTATION_RETRIES + 1):
+                try:
+                    policy.params, _ = checkpointer.restore_params(step, policy.params)
+                    break
+                except CheckpointRotatedError as e:
+                    checkpointer.reload()
+                    newest = checkpointer.latest_step()
+                    if attempt == _ROTATION_RETRIES or newest is None:
+                        raise CheckpointRotatedError(f"{e} It happened {attempt + 1} times in a row; stop the run "
+                                                     "or copy a step aside, then read the copy.") from None
+                    log.warning("%s Reading the newest step, %d, instead.", e, newest)
+                    step = newest
+        except CheckpointRotatedError:
+            raise
         except CheckpointCorruptError as e:
             older = [s for s in checkpointer.all_steps() if s < step]
             raise CheckpointCorruptError(

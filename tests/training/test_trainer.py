@@ -296,6 +296,33 @@ def test_top_p_sampling_reports_how_far_the_behaviour_policy_is(straight_run, tm
     assert not any("behaviour_logp_gap" in k for r in _rows(straight_run) for k in r)
 
 
+def test_eval_of_a_live_run_reads_on_when_its_step_is_rotated_away(straight_run, tmp_path, monkeypatch, caplog):
+    # a live run removes (rotates) the step that eval is reading: that is said as such, not called
+    # "corrupt", and the newest step on disk is read instead
+    import shutil
+
+    from jaxrl_entropy.rundir import checkpoint as ckpt
+
+    workdir = str(tmp_path / "live")
+    shutil.copytree(straight_run, workdir)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(steps) >= 2, steps
+    verify = ckpt.Checkpointer.verify
+    rotated = []
+
+    def rotate_then_verify(self, step):
+        if not rotated:
+            rotated.append(step)
+            shutil.rmtree(self.step_dir(step))
+        return verify(self, step)
+
+    monkeypatch.setattr(ckpt.Checkpointer, "verify", rotate_then_verify)
+    _, _, step, _ = model_io.policy_from_run(None, workdir)
+    assert rotated == [steps[-1]] and step == steps[-2]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"step {steps[-1]}" in said and "rotated" in said and "corrupt" not in said
+
+
 def test_a_damaged_config_json_on_resume_is_one_line_naming_it(straight_run, tmp_path, capsys):
     import shutil
     workdir = tmp_path / "copy"
