@@ -126,6 +126,14 @@ def base_config() -> ml_collections.ConfigDict:
         steps=200, log_every=1, checkpoint_every=20, keep_checkpoints=3, geometry_every=0,
         sft_steps=0, sft_lr=1e-3, sft_batch_size=64, sft_grad_clip=1.0, sft_target_accuracy=0.0, sft_check_every=25,
         progress=True))
+    # gradient geometry (with geometry_every): also probe at step s + 1 after each probe at s, so that
+    # cos_prev compares consecutive optimiser steps (geometry/steps_since_prev says the gap); random
+    # subsets of these token fractions besides `random` (geometry/random@f/*: cos_full against the
+    # subset's size in tokens); each subset's gradient on two disjoint halves of the rows
+    # (geometry/<subset>/cos_halves: its variance within one batch; doubles the gradients computed)
+    c.train.geometry_consecutive = False
+    c.train.geometry_random_fractions = ()
+    c.train.geometry_halves = False
     # a damaged newest checkpoint: "fail" (stop, naming the step and file) or "fallback" (log it, move
     # it aside to <step>.corrupt, resume from the newest intact step). "fail" by default: damage means
     # the storage lost data, which a person should see before more compute is spent on it.
@@ -407,6 +415,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if sum(v == -1 for v in c.parallel.values()) > 1:
         raise ConfigError(f"at most one of config.parallel.data/fsdp/tensor may be -1 (all the devices left); "
                           f"got {c.parallel.to_dict()}")
+    fractions = c.train.geometry_random_fractions
+    for f in (fractions if isinstance(fractions, (tuple, list)) else (fractions,)):
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ConfigError(f"config.train.geometry_random_fractions item {f!r} must be a token fraction in (0, 1]")
     layers = _probe_layers(c)
     if not layers:
         raise ConfigError("config.entropy.layers is empty; give at least one probe layer (index or depth fraction)")

@@ -26,6 +26,9 @@ __all__ = [
     "tree_norm_and_dot",
     "cosine_tree",
     "geometry_subsets",
+    "random_subset_name",
+    "split_halves",
+    "split_half_metrics",
     "policy_subset_loss",
     "subset_gradients",
     "geometry_from_grads",
@@ -65,12 +68,56 @@ def cosine_tree(a, b) -> jax.Array:
     return _safe_cos(tree_dot(a, b), tree_norm(a), tree_norm(b))
 
 
+# suffixes of the two row halves of a subset (`split_halves`); never metric names of their own
+HALF_A, HALF_B = "#half_a", "#half_b"
+
+
+def random_subset_name(fraction: float) -> str:
+    """``random@0.05``: a random subset of `fraction` of the tokens (the token-count curve)."""
+    return f"random@{fraction:g}"
+
+
 def geometry_subsets(mask_BxT: jax.Array, attn_entropy_BxT: jax.Array, *, fraction: float = 0.2,
-                     rng: jax.Array) -> dict[str, jax.Array]:
-    """The standard subsets: ``full``, ``anchor``, ``explorer`` and ``random`` (same size k)."""
-    common = dict(mask_BxT=mask_BxT, attn_entropy_BxT=attn_entropy_BxT, fraction=fraction, rng=rng)
-    return {name: token_weights(name, **common)[0]
-            for name in ("full", "anchor", "explorer", "random")}
+                     rng: jax.Array, random_fractions: tuple[float, ...] = (),
+                     halves: bool = False) -> dict[str, jax.Array]:
+    """The standard subsets: ``full``, ``anchor``, ``explorer`` and ``random`` (same size k), each
+    ``[B, T]``; plus a random subset per entry of ``random_fractions`` (``random@f``: cos_full against
+    the number of tokens a subset holds); with ``halves`` each subset's restriction to the first and
+    to the second half of the rows (``<name>#half_a`` / ``#half_b``, see :func:`split_half_metrics`)."""
+    common = dict(mask_BxT=mask_BxT, attn_entropy_BxT=attn_entropy_BxT, rng=rng)
+    subsets = {name: token_weights(name, fraction=fraction, **common)[0]
+               for name in ("full", "anchor", "explorer", "random")}
+    for i, f in enumerate(random_fractions):
+        subsets[random_subset_name(f)] = token_weights(
+            "random", fraction=f, **dict(common, rng=jax.random.fold_in(rng, i + 1)))[0]
+    if halves:
+        subsets.update(split_halves(subsets))
+    return subsets
+
+
+def split_halves(subsets: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Each subset `[B, T]` restricted to rows `[0, B/2)` and to rows `[B/2, B)`: two disjoint halves
+    of the same batch (whole groups of G adjacent rows when B/2 is a multiple of G)."""
+    out = {}
+    for name, w in subsets.items():
+        first = (jnp.arange(w.shape[0]) < w.shape[0] // 2)[:, None]
+        out[name + HALF_A] = jnp.where(first, w, 0.0)
+        out[name + HALF_B] = jnp.where(first, 0.0, w)
+    return out
+
+
+def split_half_metrics(metrics: dict[str, jax.Array], sketches: dict[str, object]
+                       ) -> tuple[dict[str, jax.Array], dict[str, object]]:
+    """Volatility within one batch: ``<name>/cos_halves``, the cosine between the subset's gradients
+    on two disjoint halves of the rows (from their sketches), in place of the halves' own metrics;
+    returns (metrics, sketches) without the halves."""
+    is_half = lambda name: name.endswith(HALF_A) or name.endswith(HALF_B)
+    out = {k: v for k, v in metrics.items() if not is_half(k.split("/")[0])}
+    kept = {n: s for n, s in sketches.items() if not is_half(n)}
+    for name in kept:
+        if name + HALF_A in sketches and name + HALF_B in sketches:
+            out[f"{name}/cos_halves"] = cosine_tree(sketches[name + HALF_A], sketches[name + HALF_B])
+    return out, kept
 
 
 def policy_subset_loss(logp_fn: Callable[[object], jax.Array], *, old_logp: jax.Array,

@@ -107,6 +107,22 @@ class GeometryPrograms:
         return metrics, sketches, self.projections(params, part, g_full)
 
 
+def geometry_probe_due(cfg: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether RL step `step` runs the gradient-geometry probe: every `train.geometry_every` steps,
+    and the step after each with `train.geometry_consecutive`."""
+    every = cfg.train.geometry_every
+    return bool(every) and (step % every == 0 or (cfg.train.geometry_consecutive and step % every == 1))
+
+
+def geometry_calls_per_step(cfg: ml_collections.ConfigDict) -> tuple[float, int]:
+    """(probes per RL step on average, subset gradients per probe): what `dryrun` multiplies the
+    geometry programs' costs by."""
+    every = cfg.train.geometry_every
+    probes = (2.0 if cfg.train.geometry_consecutive and every > 1 else 1.0) / every
+    subsets = 4 + len(tuple(cfg.train.geometry_random_fractions))
+    return probes, subsets * (3 if cfg.train.geometry_halves else 1)
+
+
 def geometry_programs(graphdef, spec: ts.StepSpec, sketch: diagnostics.GradientSketch, *, params_sharding,
                       rows_sharding: NamedSharding, jvp_graphdef=None) -> GeometryPrograms:
     """`GeometryPrograms` for a policy. `jvp_graphdef`: the module for the forward-mode pass of the
@@ -317,10 +333,11 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.Gradi
 
 def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: StepShapes, n_dev: int, *,
                   resident: int) -> list[Program]:
-    """The geometry programs as the host loop runs them every `train.geometry_every` steps: 4 subset
-    gradients, 4 norms and dots, 4 sketches, 1 projection pass. The sketch compiles once per
+    """The geometry programs as the host loop runs them (`geometry_calls_per_step`): per probe, n subset
+    gradients, n norms and dots, n sketches (n = 4, more with random fractions, ×3 with halves), 1
+    projection pass. The sketch compiles once per
     distinct leaf shape; the largest leaf's stands for them (the others are smaller copies)."""
-    every = cfg.train.geometry_every
+    probes, n = geometry_calls_per_step(cfg)
     part = _rollout_arrays(sh, rows_sh, (sh.micro,))
     w = _abstract((sh.micro, sh.response_len), jnp.float32, rows_sh)
     grad = jax.tree.map(lambda p: _abstract(p.shape, jnp.float32, p.sharding), params)
@@ -331,17 +348,17 @@ def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: St
     salt = jax.ShapeDtypeStruct((), jnp.uint32)
     gradient_units = _kernel_units(cfg, arch, backward=True, probe=False)
     return [
-        Program("geometry/gradient", geometry.gradient, (params, part, w), calls_per_step=4.0 / every,
+        Program("geometry/gradient", geometry.gradient, (params, part, w), calls_per_step=n * probes,
                     note=f"one subset's gradient on {sh.micro} rows × {sh.seq_len} tokens",
                     kernel_flops=attention_flops(arch, sh.micro, sh.seq_len, gradient_units) / n_dev,
                     resident_bytes=resident + grad_bytes),   # the full gradient, kept while the others run
-        Program("geometry/projections", geometry.projections, (params, part, grad), calls_per_step=1.0 / every,
+        Program("geometry/projections", geometry.projections, (params, part, grad), calls_per_step=probes,
                     note=f"per-token JVP along the full gradient on {sh.micro} rows (XLA attention)",
                     resident_bytes=resident),
-        Program("geometry/norm_and_dot", geometry.norm_and_dot, (grad, grad), calls_per_step=4.0 / every,
+        Program("geometry/norm_and_dot", geometry.norm_and_dot, (grad, grad), calls_per_step=n * probes,
                     note="|g| and <g, g_full> over all parameters", resident_bytes=resident + grad_bytes),
         Program("geometry/sketch", diagnostics.sketch_leaf_program(sketch), (largest, salt),
-                    calls_per_step=4.0 * len(leaves) / every,
+                    calls_per_step=n * len(leaves) * probes,
                     note=f"count sketch of the largest of {len(leaves)} gradient leaves {tuple(largest.shape)} "
                          f"into {sketch.dim} buckets", resident_bytes=resident + 2 * grad_bytes),
     ]

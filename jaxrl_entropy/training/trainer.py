@@ -83,6 +83,7 @@ class Trainer:
         self.params = self.policy.params
         self.eos_ids = model_setup.eos_ids(self.tokenizer, self.policy.arch)
         self.geometry = diagnostics.GeometryTracker() if cfg.train.geometry_every else None
+        self._last_geometry_step: int | None = None
         self.programs = step_programs.build(cfg, self.policy, step_programs.optimizer_from_config(cfg),
                                             sketch=self.geometry.sketch if self.geometry else None)
         self.opt_state = self.programs.init_opt_state(self.params)
@@ -171,7 +172,7 @@ class Trainer:
             metrics.update(behaviour_gap_metrics(batch["behaviour_logprobs"], batch["logprobs"], host["response_mask"]))
         data = dict(seqs, old_logp=st["old_logp"], weights=weights)
         data = {k: data[k] for k in step_programs.UPDATE_KEYS}
-        if cfg.train.geometry_every and step % cfg.train.geometry_every == 0:
+        if step_programs.geometry_probe_due(cfg, step):
             metrics.update(self._geometry(data, st))
 
         self.params, self.opt_state, upd, skipped, n_updates = step_programs.apply_updates(
@@ -193,9 +194,17 @@ class Trainer:
         cfg, n = self.cfg, self.cfg.rl.micro_batch_size
         part = jax.device_put(jax.tree.map(lambda x: x[:n], data), self.programs.batch_sharding)
         subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n], fraction=cfg.weights.fraction,
-                                               rng=rng.step_key(cfg.seed, self.step, rng.GEOMETRY))
+                                               rng=rng.step_key(cfg.seed, self.step, rng.GEOMETRY),
+                                               random_fractions=tuple(cfg.train.geometry_random_fractions),
+                                               halves=cfg.train.geometry_halves)
         metrics, sketches, align = self.programs.geometry(self.params, part, subsets)
+        metrics, sketches = diagnostics.split_half_metrics(metrics, sketches)
         out = {f"geometry/{k}": float(v) for k, v in self.geometry.update(metrics, sketches).items()}
+        out.update({f"geometry/{name}/tokens": float(np.sum(parallel.to_host(w) > 0))
+                    for name, w in subsets.items() if name in sketches})
+        if self._last_geometry_step is not None:
+            out["geometry/steps_since_prev"] = float(self.step - self._last_geometry_step)
+        self._last_geometry_step = self.step
         out.update(diagnostics.alignment_controls(
             parallel.to_host(align), parallel.to_host(st["hnorm"][:n]), parallel.to_host(st["pred_entropy"][:n]),
             parallel.to_host(part["response_mask"]), fraction=cfg.weights.fraction, seed=self.step))

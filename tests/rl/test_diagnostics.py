@@ -177,3 +177,50 @@ def test_token_projections_equal_explicit_per_token_gradients():
             g = jax.grad(lambda p: per_token(p)[b, t])(params)
             g_flat = np.concatenate([np.ravel(g["b"]), np.ravel(g["w"])])
             assert got[b, t] == pytest.approx(g_flat @ d_flat / np.linalg.norm(d_flat), rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------- volatility within a batch, the token-count curve
+def _linear_loss(x_BxTxD):
+    """loss(p, w) = Σ w·(x·p) / Σ w: its gradient is Σ w x / Σ w, by hand."""
+    def loss_fn(params, w_BxT):
+        per_token = jnp.einsum("btd,d->bt", x_BxTxD, params["p"])
+        return jnp.sum(w_BxT * per_token) / jnp.maximum(jnp.sum(w_BxT), 1e-9)
+    return loss_fn
+
+
+def test_split_halves_are_disjoint_row_halves_that_add_up():
+    w = jnp.asarray(np.random.RandomState(0).rand(6, 5) > 0.4, jnp.float32)
+    halves = diagnostics.split_halves({"anchor": w})
+    a, b = (np.asarray(halves["anchor" + h]) for h in (diagnostics.HALF_A, diagnostics.HALF_B))
+    np.testing.assert_array_equal(a + b, np.asarray(w))
+    assert not a[3:].any() and not b[:3].any()
+
+
+def test_cos_halves_is_the_cosine_of_the_two_halves_gradients_by_hand():
+    rng = np.random.RandomState(1)
+    x = rng.randn(4, 6, 3).astype(np.float32)
+    mask = np.ones((4, 6), bool)
+    subsets = diagnostics.geometry_subsets(jnp.asarray(mask), jnp.asarray(rng.rand(4, 6), jnp.float32),
+                                           fraction=0.5, rng=jax.random.key(0), halves=True)
+    metrics, sketches = diagnostics.geometry_and_sketches(_linear_loss(jnp.asarray(x)), {"p": jnp.zeros(3)},
+                                                          subsets, method="loop", sketch=lambda g: g)
+    metrics, sketches = diagnostics.split_half_metrics(metrics, sketches)
+    assert set(sketches) == {"full", "anchor", "explorer", "random"}
+    assert not any("#" in k for k in metrics)
+    for name in sketches:
+        w = np.asarray(subsets[name])
+        grads = [np.einsum("bt,btd->d", w[rows], x[rows]) / w[rows].sum() for rows in (slice(0, 2), slice(2, 4))]
+        want = grads[0] @ grads[1] / np.linalg.norm(grads[0]) / np.linalg.norm(grads[1])
+        assert float(metrics[f"{name}/cos_halves"]) == pytest.approx(want, abs=1e-5), name
+
+
+def test_random_fractions_add_random_subsets_of_those_sizes():
+    mask = np.zeros((4, 50), bool)
+    mask[:, :40] = True                       # 160 response tokens
+    subsets = diagnostics.geometry_subsets(jnp.asarray(mask), jnp.zeros((4, 50)), fraction=0.2,
+                                           rng=jax.random.key(3), random_fractions=(0.05, 0.5))
+    assert diagnostics.random_subset_name(0.05) == "random@0.05"
+    for f in (0.05, 0.5):
+        w = np.asarray(subsets[f"random@{f:g}"])
+        assert abs(int((w > 0).sum()) - f * 160) <= 1 and not w[~mask].any()
+    assert not np.array_equal(np.asarray(subsets["random"]) > 0, np.asarray(subsets["random@0.5"]) > 0)

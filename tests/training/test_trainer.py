@@ -323,6 +323,25 @@ def test_eval_of_a_live_run_reads_on_when_its_step_is_rotated_away(straight_run,
     assert f"step {steps[-1]}" in said and "rotated" in said and "corrupt" not in said
 
 
+def test_geometry_at_consecutive_steps_with_halves_and_a_token_count_curve(tmp_path):
+    workdir = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(**{"train.steps": 3, "eval.every": 0, "train.geometry_every": 2,
+                                     "train.geometry_consecutive": True, "train.geometry_halves": True,
+                                     "train.geometry_random_fractions": (0.5,)}), workdir)
+    trainer.run()
+    trainer.close()
+    rows = {r["step"]: r for r in _rows(workdir) if "loss" in r}
+    assert [s for s in sorted(rows) if "geometry/full/cos_full" in rows[s]] == [0, 1, 2]
+    assert "geometry/steps_since_prev" not in rows[0]
+    assert rows[1]["geometry/steps_since_prev"] == 1 and rows[2]["geometry/steps_since_prev"] == 1
+    assert "geometry/anchor/cos_prev" in rows[1]
+    for r in rows.values():
+        assert r["geometry/full/cos_full"] == pytest.approx(1.0, abs=1e-5)
+        assert -1.0 <= r["geometry/anchor/cos_halves"] <= 1.0
+        assert abs(r["geometry/random@0.5/tokens"] - r["geometry/full/tokens"] / 2) <= 1
+        assert not any("#half" in k for k in r)
+
+
 def test_a_damaged_config_json_on_resume_is_one_line_naming_it(straight_run, tmp_path, capsys):
     import shutil
     workdir = tmp_path / "copy"
