@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dedupe = True
     c.data.shuffle = True
     c.data.synthetic = ml_collections.ConfigDict(dict(
-        digits=2, num_terms=2, ops="+", chat=True, train_size=20000, eval_size=200))
+        digits=2, num_terms=2, ops="+", chat=True, train_size=20000, eval_size=200,
+        scratchpad="auto"))   # the warm-up's reference solutions: data/synthetic.py's SCRATCHPADS
 
     c.rollout = ml_collections.ConfigDict(dict(
         max_new_tokens=8192, temperature=1.0, top_p=1.0, top_k=0,
@@ -234,6 +235,7 @@ RULES: dict[str, Range | Choice] = {
     "data.synthetic.digits": Range(f"[{synthetic.DIGITS[0]}, {synthetic.DIGITS[1]}]"),
     "data.synthetic.num_terms": Range(f"[{synthetic.NUM_TERMS[0]}, {synthetic.NUM_TERMS[1]}]"),
     "data.synthetic.train_size": _POSITIVE_INT,
+    "data.synthetic.scratchpad": Choice(synthetic.SCRATCHPADS),
     "data.synthetic.eval_size": Range("[0, inf)", why="0 = no held-out evaluation"),
     "rollout.max_new_tokens": _POSITIVE_INT,
     "rollout.temperature": Range("(0, inf)", why="the policy's log-probs are taken at this temperature"),
@@ -433,7 +435,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def _check_synthetic(c: ml_collections.ConfigDict) -> None:
     s = c.data.synthetic
     try:
-        task = synthetic.ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat)
+        task = synthetic.ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat,
+                                        scratchpad=s.scratchpad)
     except ValueError as e:  # the task names its own field: say which config key that is
         raise ConfigError(str(e).replace("ArithmeticTask.", "config.data.synthetic.")) from None
     most = task.max_records("test")

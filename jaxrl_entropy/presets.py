@@ -51,6 +51,19 @@ def demo(variant: str = "full") -> ml_collections.ConfigDict:
     return apply_variant(c, variant)
 
 
+def multiplication(variant: str = "full") -> ml_collections.ConfigDict:
+    """The study's second, longer-reasoning task: 2-digit long multiplication with a digit-by-digit
+    scratchpad (responses of 104–145 tokens against the demo's 15–40) on a deeper random-init model
+    (8 layers), otherwise the demo's settings. Probe layers: `--config.entropy.layers` takes depth
+    fractions, e.g. (0.25,), (0.55,), (0.9,) for early / middle / late."""
+    c = demo(variant)
+    c.data.synthetic.update(dict(ops="*", scratchpad="long"))
+    c.model.arch.num_hidden_layers = 8
+    c.rollout.max_new_tokens = 160
+    c.rl.overlong_buffer = 16
+    return c
+
+
 # TPU slices the 8B preset is sized for (checked by `jaxrl-entropy dryrun`, docs/scaling.md). Each
 # micro-batch puts one 9216-token sequence on every chip: micro_batch_size = the data-parallel size.
 SLICES: dict[str, dict] = {

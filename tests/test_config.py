@@ -32,7 +32,7 @@ def _set(c, key, value):
 # ------------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("variant", presets.PAPER_VARIANTS)
 def test_presets_validate(variant):
-    for make in (presets.demo, presets.qwen3_8b_dapo):
+    for make in (presets.demo, presets.qwen3_8b_dapo, presets.multiplication):
         cfg = validate(make(variant))
         assert cfg.name == variant and cfg.weights.mode == variant
 
@@ -96,7 +96,8 @@ def test_cli_default_is_the_demo_and_needs_no_configs_dir(tmp_path, monkeypatch)
 def test_config_files_expose_the_presets():
     import importlib.util
 
-    for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo)):
+    for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo),
+                       ("configs/multiplication.py", presets.multiplication)):
         spec = importlib.util.spec_from_file_location("cfgfile", str(REPO_ROOT / name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -6,6 +6,12 @@ maths and has tokens of different roles (copying the operands, column sums, carr
 
     23+58: 3+8=11 c1, 2+5+1=8 so \\boxed{81}            (scratchpad="columns", ops="+")
     12-34*5: 34*5=170, 12-170=-158 so \\boxed{-158}      (scratchpad="steps")
+    47*28: 47*8: 7*8=56 c5, 4*8+5=37 so 376; 47*2: 7*2=14 c1, 4*2+1=9 so 94, 940;
+        376+940: 6+0=6, 7+4=11 c1, 3+9+1=13 so \\boxed{1316}     (scratchpad="long", one line here)
+
+"long" is the long-reasoning variant: long multiplication digit by digit, each partial product's
+carries, then the column addition of the shifted partial products; 3 × 3 digits give responses
+of ~150 tokens with the demo's character tokenizer.
 
 Records use verl's layout (`prompt`, `reward_model.ground_truth`, `data_source`, `extra_info`).
 Splits are disjoint by construction: every expression belongs to exactly one split, chosen by a
@@ -25,7 +31,7 @@ SPLITS = ("train", "test")
 DIGITS = (1, 9)      # allowed range of `digits` (inclusive)
 NUM_TERMS = (2, 8)   # allowed range of `num_terms` (inclusive)
 _OPS = "+-*"
-_SCRATCHPADS = ("auto", "columns", "steps", "none")
+SCRATCHPADS = ("auto", "columns", "steps", "long", "none")
 _MAX_DRAWS_PER_PROBLEM = 10_000
 _EXPRESSION_RE = re.compile(r"^\d+([+\-*]\d+)+$")
 
@@ -39,7 +45,8 @@ class ArithmeticTask:
       num_terms: number of operands in the expression (>= 2).
       ops: operators to draw from, a non-empty subset of "+-*" (usual precedence applies).
       scratchpad: "columns" (column-wise addition with carries; needs ops == "+"), "steps" (one
-        binary operation per step, in evaluation order), "none" (answer only), or "auto"
+        binary operation per step, in evaluation order), "long" (long multiplication digit by
+        digit; needs ops == "*" and num_terms == 2), "none" (answer only), or "auto"
         (columns when ops == "+", else steps).
       heldout_fraction: share of all expressions that belong to the "test" split.
       chat: prompts as chat messages `[{"role": "user", ...}]` (True) or plain strings.
@@ -67,9 +74,14 @@ class ArithmeticTask:
             raise ValueError(
                 f"ArithmeticTask.ops must be distinct characters from {_OPS!r}, got {self.ops!r}."
             )
-        if self.scratchpad not in _SCRATCHPADS:
+        if self.scratchpad not in SCRATCHPADS:
             raise ValueError(
-                f"ArithmeticTask.scratchpad must be one of {_SCRATCHPADS}, got {self.scratchpad!r}."
+                f"ArithmeticTask.scratchpad must be one of {SCRATCHPADS}, got {self.scratchpad!r}."
+            )
+        if self.scratchpad == "long" and (self.ops != "*" or self.num_terms != 2):
+            raise ValueError(
+                "ArithmeticTask.scratchpad='long' is long multiplication of two numbers (ops='*', "
+                f"num_terms=2); got ops={self.ops!r}, num_terms={self.num_terms}."
             )
         if self.scratchpad == "columns" and self.ops != "+":
             raise ValueError(
@@ -171,6 +183,9 @@ class ArithmeticTask:
             return f"\\boxed{{{answer}}}"
         if style == "columns":
             work = ", ".join(column_addition_steps([int(t) for t in expression.split("+")]))
+        elif style == "long":
+            a, b = (int(t) for t in expression.split("*"))
+            return f"{expression}: {long_multiplication_work(a, b)} so \\boxed{{{answer}}}"
         else:
             work = ", ".join(evaluation_steps(expression))
         return f"{expression}: {work} so \\boxed{{{answer}}}"
@@ -246,3 +261,35 @@ def column_addition_steps(terms: list[int]) -> list[str]:
         note = f" c{carry}" if carry and position > 0 else ""
         steps.append("+".join(parts) + f"={total}" + note)
     return steps
+
+
+def long_multiplication_work(a: int, b: int) -> str:
+    """Long multiplication of `a` by `b`: one partial product per digit of `b` (right to left), each
+    digit by digit with its carries, shifted by its place; then the column addition of the shifted
+    partials (omitted when `b` has one digit). The final "so \\boxed{}" is the caller's.
+
+    47*28 → "47*8: 7*8=56 c5, 4*8+5=37 so 376; 47*2: 7*2=14 c1, 4*2+1=9 so 94, 940;
+    376+940: 6+0=6, 7+4=11 c1, 3+9+1=13"
+    """
+    partials, parts = [], []
+    for place, digit in enumerate(int(d) for d in reversed(str(b))):
+        steps, carry = [], 0
+        a_digits = [int(d) for d in reversed(str(a))]
+        for i, x in enumerate(a_digits):
+            carry_in = carry
+            total = x * digit + carry_in
+            carry = total // 10
+            # the last digit names no carry: its product already shows the leading digits
+            steps.append(f"{x}*{digit}" + (f"+{carry_in}" if carry_in else "") + f"={total}"
+                         + (f" c{carry}" if carry and i < len(a_digits) - 1 else ""))
+        product = a * digit
+        shifted = product * 10 ** place
+        text = f"{a}*{digit}: {', '.join(steps)} so {product}"
+        if place:
+            text += f", {shifted}"
+        parts.append(text)
+        partials.append(shifted)
+    work = "; ".join(parts)
+    if len(partials) > 1:
+        work += f"; {'+'.join(str(p) for p in partials)}: {', '.join(column_addition_steps(partials))}"
+    return work

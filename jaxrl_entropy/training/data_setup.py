@@ -28,7 +28,8 @@ def tokenizer_for(cfg: ml_collections.ConfigDict):
 
 def synthetic_task(cfg: ml_collections.ConfigDict) -> ArithmeticTask:
     s = cfg.data.synthetic
-    return ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat, seed=cfg.seed)
+    return ArithmeticTask(digits=s.digits, num_terms=s.num_terms, ops=s.ops, chat=s.chat, scratchpad=s.scratchpad,
+                          seed=cfg.seed)
 
 
 def parse_benchmarks(spec: str) -> dict[str, str]:

@@ -128,6 +128,7 @@ TASKS = [
     ArithmeticTask(digits=2, num_terms=2, ops="-"),
     ArithmeticTask(digits=2, num_terms=2, ops="*", chat=False),
     ArithmeticTask(digits=2, scratchpad="none"),
+    ArithmeticTask(digits=3, ops="*", scratchpad="long"),
 ]
 
 
@@ -161,6 +162,27 @@ def test_column_scratchpad_matches_example():
     steps = ArithmeticTask(ops="+-*", num_terms=3)
     record = {"prompt": "12-34*5=", "extra_info": {}}
     assert steps.reference_solution(record) == "12-34*5: 34*5=170, 12-170=-158 so \\boxed{-158}"
+
+
+def test_long_multiplication_scratchpad_by_hand(tokenizer):
+    task = ArithmeticTask(digits=2, ops="*", scratchpad="long")
+    record = {"prompt": "47*28=", "extra_info": {}}
+    assert task.reference_solution(record) == (
+        "47*28: 47*8: 7*8=56 c5, 4*8+5=37 so 376; 47*2: 7*2=14 c1, 4*2+1=9 so 94, 940; "
+        "376+940: 6+0=6, 7+4=11 c1, 3+9+1=13 so \\boxed{1316}")
+    task3 = ArithmeticTask(digits=3, ops="*", scratchpad="long")
+    partial = re.compile(r"(\d+)\*(\d): [^;]*? so (\d+)(?:, (\d+))?")
+    lengths = []
+    for record in task3.records("train", 100, seed=1):
+        a, b = (int(t) for t in _prompt_text(record)[:-1].split("*"))
+        solution = task3.reference_solution(record)
+        found = partial.findall(solution)
+        assert [int(d) for _, d, _, _ in found] == [int(d) for d in reversed(str(b))]
+        for place, (x, d, product, shifted) in enumerate(found):
+            assert int(x) == a and int(product) == a * int(d)
+            assert int(shifted or product) == a * int(d) * 10 ** place
+        lengths.append(len(tokenizer(solution, add_special_tokens=False)["input_ids"]))
+    assert min(lengths) >= 100   # the longer-reasoning task: 100+ response tokens
 
 
 def test_default_task_response_length_suits_cpu_rl(tokenizer):
@@ -212,6 +234,7 @@ def test_invalid_task_configs_raise():
     for kwargs in (
         {"ops": "/"}, {"ops": ""}, {"ops": "++"}, {"num_terms": 1}, {"digits": 0},
         {"scratchpad": "columns", "ops": "+-"}, {"scratchpad": "bogus"},
+        {"scratchpad": "long", "ops": "+"}, {"scratchpad": "long", "ops": "*", "num_terms": 3},
         {"heldout_fraction": 0.0},
     ):
         with pytest.raises(ValueError):
