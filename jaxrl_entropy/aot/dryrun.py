@@ -241,7 +241,9 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
     P_all = sum(math.prod(x.shape) for x in jax.tree.leaves(policy.params))
     layer = (arch.hidden_size * (arch.num_attention_heads + 2 * arch.num_key_value_heads) * arch.head_dim
              + arch.num_attention_heads * arch.head_dim * arch.hidden_size + 3 * arch.hidden_size * arch.intermediate_size)
-    pbytes = 4 if cfg.model.param_dtype == "float32" else 2
+    pbytes = jnp.dtype(model_setup.DTYPES[cfg.model.param_dtype]).itemsize
+    # AdamW's moments, and for bf16 parameters the float32 master copy: 8 or 12 bytes per parameter
+    optimiser = step_programs.optimizer_bytes_per_param(cfg) * P_all / n
     cbytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     D, I, L, V = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
     qkv = (arch.num_attention_heads * 2 + 2 * arch.num_key_value_heads) * arch.head_dim
@@ -256,18 +258,18 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
     hbm_bytes = 0.0   # estimated only where a program is memory-bound by construction (decode)
     if program.name in ("update", "geometry/gradient"):
         rows = sh.micro / n
-        parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=gathered,
+        parts.update(optimiser=optimiser, gradients=2 * 4 * P_all / n, gathered_weights=gathered,
                      saved_layer_inputs=L * rows * T * D * cbytes, layer_backward=layer_work(rows),
                      logits_chunk=3 * rows * C * V * 4)
         flops = (8 if cfg.model.remat else 6) * P_all * (sh.mini if program.name == "update" else sh.micro) * T / n
     elif program.name.startswith("geometry/"):   # projections (forward + tangents), norms, sketches
         rows = sh.micro / n
-        parts.update(optimiser=2 * 4 * P_all / n, gradients=2 * 4 * P_all / n, gathered_weights=2 * gathered,
+        parts.update(optimiser=optimiser, gradients=2 * 4 * P_all / n, gathered_weights=2 * gathered,
                      layer_forward=layer_work(rows), logits_chunk=4 * rows * C * V * 4)
         flops = 4 * P_all * sh.micro * T / n if program.name == "geometry/projections" else 0.0
     elif program.name in ("rollout_stats", "token_weights"):
         rows = sh.micro / n
-        parts.update(optimiser=2 * 4 * P_all / n, gathered_weights=gathered, layer_forward=layer_work(rows) / 2,
+        parts.update(optimiser=optimiser, gathered_weights=gathered, layer_forward=layer_work(rows) / 2,
                      logits_chunk=2 * rows * C * V * 4, outputs=3 * sh.rows * sh.response_len * 4 / n)
         flops = 2 * P_all * sh.rows * T / n if program.name == "rollout_stats" else 0.0
     elif program.name.startswith(("rollout/", "eval/")):  # the paged engine: one host's tensor-parallel copy
@@ -293,7 +295,7 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
     else:  # generation / eval
         rows = program.args[1].shape[0] / n
         S = program.args[1].shape[1] + (cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-        parts.update(optimiser=2 * 4 * P_all / n, kv_cache=rows * S * L * 2 * arch.num_key_value_heads
+        parts.update(optimiser=optimiser, kv_cache=rows * S * L * 2 * arch.num_key_value_heads
                      * arch.head_dim * cbytes, gathered_weights=gathered, logits=rows * V * 4 * 2)
         flops = 2 * P_all * rows * S
     total = sum(parts.values())

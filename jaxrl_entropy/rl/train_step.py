@@ -22,7 +22,7 @@ from flax import nnx
 from jaxrl_entropy import kernels
 from jaxrl_entropy import parallel
 from jaxrl_entropy.models import qwen3
-from jaxrl_entropy.rl import diagnostics
+from jaxrl_entropy.rl import diagnostics, master_weights
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl.token_weights import normalized_entropy
 
@@ -124,8 +124,14 @@ def minibatch_loss(graphdef, params, micro: dict[str, jax.Array], spec: StepSpec
         pred_entropy=pred_entropy if spec.entropy_coef else None, entropy_coef=spec.entropy_coef)
 
 
+def _accumulator_dtype(dtype):
+    """Gradients are summed in float32 at least (bf16 parameters give bf16 micro-batch gradients)."""
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def accumulate_grads(graphdef, params, minibatch: dict[str, jax.Array], spec: StepSpec, denom, token_denom):
-    """Sum of micro-batch gradients (leading axis of `minibatch`) = the mini-batch gradient."""
+    """Sum of micro-batch gradients (leading axis of `minibatch`) = the mini-batch gradient, in
+    float32 (at least) whatever the parameters' dtype."""
     grad_fn = jax.grad(lambda p, m: minibatch_loss(graphdef, p, m, spec, denom, token_denom), has_aux=True)
     mesh = nnx.merge(graphdef, params).options.kernel_mesh
 
@@ -134,10 +140,11 @@ def accumulate_grads(graphdef, params, minibatch: dict[str, jax.Array], spec: St
         g, m = grad_fn(params, micro)
         # each micro-batch's gradient lands on the parameters' shards (a reduce-scatter), never whole
         g = parallel.constrain_params(g, mesh)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+        g_acc = jax.tree.map(lambda a, x: a + x.astype(a.dtype), g_acc, g)
+        return (g_acc, jax.tree.map(jnp.add, m_acc, m)), None
 
     first = jax.tree.map(lambda x: x[0], minibatch)
-    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulator_dtype(p.dtype)), params)
     zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first)[1]))
     (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), minibatch)
     return grads, metrics
@@ -157,6 +164,9 @@ def update(graphdef, params, opt_state, minibatch: dict[str, jax.Array], spec: S
     metrics = loss_lib.finalize_metrics(summed)
     grad_norm = diagnostics.tree_norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    if not isinstance(opt_state, master_weights.MasterWeightsState):
+        # an optimiser without a master copy steps the parameters' own dtype (its state is in it)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     params, opt_state, applied = apply_if_finite(tx, grads, opt_state, params, finite)
     metrics.update(grad_norm=grad_norm, skipped=(~applied).astype(jnp.int32))
     return params, opt_state, metrics
@@ -188,10 +198,14 @@ def apply_if_finite(tx: optax.GradientTransformation, grads, opt_state, params, 
 
 
 def make_optimizer(lr: float, *, b1: float, b2: float, weight_decay: float, warmup_steps: int,
-                   grad_clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warm-up and global-norm clipping (counted in optimiser updates)."""
+                   grad_clip: float, param_dtype=jnp.float32) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and global-norm clipping (counted in optimiser updates).
+    `param_dtype`: the parameters' storage dtype; narrower than float32 (bf16), AdamW runs on a
+    float32 master copy of them with float32 moments (`master_weights`)."""
     # always a schedule (never a bare float), so the optimiser-state tree, and with it every
     # checkpoint, has the same structure whatever warmup_steps is
     schedule = optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0 else optax.constant_schedule(lr)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    master = master_weights.master_dtype(param_dtype)
+    return tx if master is None else master_weights.wrap(tx, master)

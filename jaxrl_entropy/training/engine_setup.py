@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxrl_entropy.training import step_programs
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import chips, parallel
 from jaxrl_entropy.config import ConfigError
@@ -249,6 +250,14 @@ def generate(engine: Engine, params, ids_BxP, mask_BxP, key, sp: SamplingParams,
 
 
 # ------------------------------------------------------------------------- ahead of time
+def training_bytes_per_device(cfg: ml_collections.ConfigDict, n_params: int, devices: int) -> float:
+    """The training state each device holds, FSDP-sharded over `devices`: the parameters, AdamW's
+    two moments and, for bf16 parameters, the float32 master copy (4 + 8 = 12 bytes per parameter
+    in float32; 2 + 4 + 8 = 14 with bf16 parameters)."""
+    per_param = jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + step_programs.optimizer_bytes_per_param(cfg)
+    return n_params * per_param / devices
+
+
 def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, training_devices: int | None = None,
                  hosts: int | None = None, sizing_device=None, eval_decode: bool = False) -> list[Program]:
     """The engine's programs (one host's: prefill at the longest bucket, the decode chunk) at the
@@ -265,8 +274,7 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     sizing = sizing_device or devices[0]
     tp = tensor_parallel(cfg, arch, len(devices), sizing.platform)
     n_params = param_count(arch)
-    # training state per device: parameters + Adam's two moments, FSDP-sharded over the whole mesh
-    training = n_params * (jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + 8) / (training_devices or mesh.size)
+    training = training_bytes_per_device(cfg, n_params, training_devices or mesh.size)
     budget = kv_budget_bytes(cfg, arch, [sizing], tp, training_bytes_per_device=training)
     hosts = hosts or len({d.process_index for d in mesh.devices.flat})
     rows = -(-max(cfg.rl.prompts_per_step * cfg.rl.group_size, 1) // hosts)

@@ -16,6 +16,7 @@ out over the mesh.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Callable
 
@@ -32,10 +33,13 @@ from jaxrl_entropy import config, parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
-from jaxrl_entropy.rl import diagnostics
+from jaxrl_entropy.rundir.checkpoint import Checkpointer, CheckpointMismatchError
+from jaxrl_entropy.rl import diagnostics, master_weights
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.token_weights import SoftConfig, token_weights
+
+log = logging.getLogger("jaxrl_entropy")
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response")
 UPDATE_KEYS = ("input_ids", "attention_mask", "response", "response_mask", "old_logp", "advantage", "weights")
@@ -58,14 +62,54 @@ def step_spec(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> ts.Ste
 
 
 def optimizer_from_config(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW as `optim` says; for parameters stored narrower than float32 (`model.param_dtype`:
+    bf16), on a float32 master copy of them, held in the optimiser state (`master_weights`)."""
     o = cfg.optim
     return ts.make_optimizer(o.lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                             warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
+                             warmup_steps=o.warmup_steps, grad_clip=o.grad_clip,
+                             param_dtype=model_setup.DTYPES[cfg.model.param_dtype])
+
+
+def optimizer_bytes_per_param(cfg: ml_collections.ConfigDict) -> int:
+    """Bytes of `optimizer_from_config`'s state per parameter (AdamW's two moments, and the master
+    copy for bf16 parameters): 8 with float32 parameters, 12 with bf16 ones."""
+    return master_weights.optimizer_bytes_per_param(model_setup.DTYPES[cfg.model.param_dtype])
 
 
 def policy_opt_state_shardings(tx: optax.GradientTransformation, policy: Policy) -> Any:
+    """Like the parameters (AdamW's moments and the master copy, leaf by leaf), counts replicated."""
     abstract = jax.eval_shape(tx.init, policy.params)
     return parallel.opt_state_shardings(abstract, policy.shardings, policy.mesh)
+
+
+def restore_latest(checkpointer: Checkpointer, state: dict, *, on_corrupt: str):
+    """`checkpointer.restore_latest(state)` (state: {"params": ..., <optimiser states>...}), that also
+    reads a checkpoint saved before the optimiser kept a float32 master copy of bf16 parameters:
+    its master copy is then the saved parameters and its moments the saved ones, widened (exact),
+    with a warning. Any other mismatch is raised as it is."""
+    try:
+        return checkpointer.restore_latest(state, on_corrupt=on_corrupt)
+    except CheckpointMismatchError as mismatch:
+        upgraded = [k for k, v in state.items() if isinstance(v, master_weights.MasterWeightsState)]
+        if not upgraded:
+            raise
+        param_dtype = jax.tree.leaves(state["params"])[0].dtype
+        legacy = dict(state, **{k: master_weights.legacy_layout(state[k], param_dtype) for k in upgraded})
+        try:
+            found = checkpointer.restore_latest(legacy, on_corrupt=on_corrupt)
+        except CheckpointMismatchError:
+            raise mismatch from None
+        if found is None:
+            raise mismatch from None
+    step, restored, meta = found
+    log.warning("checkpoint step %d in %s was saved without a float32 master copy of its %s parameters (before "
+                "`master_weights`): resuming with the saved parameters as the master copy and the saved %s "
+                "moments widened to float32; from here on the updates are no longer rounded to %s",
+                step, checkpointer.directory, param_dtype, param_dtype, param_dtype)
+    for k in upgraded:
+        shardings = jax.tree.map(lambda x: x.sharding, state[k])
+        restored[k] = jax.jit(master_weights.from_legacy, out_shardings=shardings)(restored[k], restored["params"])
+    return step, restored, meta
 
 
 @dataclasses.dataclass(frozen=True)

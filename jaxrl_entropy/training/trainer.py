@@ -121,7 +121,8 @@ class Trainer:
         log.info("saved checkpoint at step %d in %s", self.step, self.checkpointer.directory)
 
     def _resume_or_start(self):
-        found = self.checkpointer.restore_latest(self._state(), on_corrupt=self.cfg.train.on_corrupt_checkpoint)
+        found = step_programs.restore_latest(self.checkpointer, self._state(),
+                                             on_corrupt=self.cfg.train.on_corrupt_checkpoint)
         record_config(self.workdir, self.cfg, None if found is None else int(found[2]["step"]))
         if found is None:
             if not self.sft_done and (stopped := self.warmup_store.restore(self.cfg, self.params)) is not None:

@@ -27,7 +27,9 @@ from jaxrl_entropy import parallel
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
 from jaxrl_entropy.data.truncation import encoder_truncation
+from jaxrl_entropy.models.config import DTYPES
 from jaxrl_entropy.rl import train_step as ts
+from jaxrl_entropy.training import step_programs
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
 
@@ -89,7 +91,7 @@ def optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
     loss can spike (0.58 → 2.0 in one step of a 64-row run at seed 0), and at 16 rows the warm-up
     needs 760 steps to reach the demo's target, 520 clipped (docs/design-notes.md)."""
     return ts.make_optimizer(cfg.train.sft_lr, b1=0.9, b2=0.999, weight_decay=0.0, warmup_steps=0,
-                             grad_clip=cfg.train.sft_grad_clip)
+                             grad_clip=cfg.train.sft_grad_clip, param_dtype=DTYPES[cfg.model.param_dtype])
 
 
 def init_opt_state(cfg: ml_collections.ConfigDict, params) -> Any:
@@ -193,7 +195,7 @@ class WarmupStore:
         if not fileio.exists(self.path):
             return None
         target = {"params": params, "sft_opt_state": init_opt_state(cfg, params)}
-        found = self._ck().restore_latest(target, on_corrupt=self.on_corrupt)
+        found = step_programs.restore_latest(self._ck(), target, on_corrupt=self.on_corrupt)
         if found is None:
             return None
         _, state, meta = found
