@@ -310,9 +310,8 @@ def test_probe_layers_against_the_model_depth(layers, ok):
 
 
 def test_probe_layers_against_a_config_json_only_checkpoint(tmp_path):
-    from test_hf_io import QWEN3_8B_CONFIG
-
-    (tmp_path / "config.json").write_text(json.dumps(QWEN3_8B_CONFIG))  # no weights at all
+    # the committed config.json of Qwen3-8B, no weights at all
+    (tmp_path / "config.json").write_text((REPO_ROOT / "configs" / "arch" / "qwen3-8b" / "config.json").read_text())
     c = _set(presets.qwen3_8b_dapo(), "model.hf_dir", str(tmp_path))
     assert config_lib.model_num_layers(c) == 36
     validate_for_runtime(c, num_devices=8)  # layer 20 of 36
