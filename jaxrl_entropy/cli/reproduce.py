@@ -2,7 +2,11 @@
 
     jaxrl-entropy reproduce --out runs/repro --seeds 0 1 2 \
         --variants full random anchor explorer soft [--jobs 2] [--report docs/reproduction] \
-        [--config.KEY=VALUE ...]
+        [--config configs/multiplication.py] [--config.KEY=VALUE ...]
+
+A variant `NAME@xK` (e.g. `random@x5`) is NAME with K times the prompts per step and per optimiser
+update (`rl.prompts_per_step` and `rl.mini_batch_prompts` × K: as many updates per step, each over K
+times the tokens): a 20 % subset at ×5 sees as many tokens per update as `full` at ×1.
 
 Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`); every variant then starts RL from
 that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in their token weights.
@@ -33,13 +37,13 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "jaxrl_entropy.cli", *args]
 
 
-def warmup(out: str, seed: int, overrides: list[str]) -> str:
+def warmup(out: str, seed: int, overrides: list[str], config: str | None = None) -> str:
     """The SFT warm-up of one seed, saved as a step-0 checkpoint (run once, reused)."""
     workdir = os.path.join(out, f"warmup_seed{seed}")
     ckpt = os.path.join(workdir, "checkpoints", "0")
     if os.path.isdir(ckpt):
         return ckpt
-    subprocess.run(_cli("train", f"--config={_demo_config()}", f"--workdir={workdir}", f"--config.seed={seed}",
+    subprocess.run(_cli("train", f"--config={config or _demo_config()}", f"--workdir={workdir}", f"--config.seed={seed}",
                         "--config.train.progress=False", *overrides,
                         "--config.train.steps=0", "--config.eval.every=0"), check=True)
     return ckpt
@@ -60,7 +64,23 @@ def progress_of(workdir: str) -> tuple[int | None, int | None]:
     return last, configured
 
 
-def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int) -> dict:
+def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
+    """(the paper variant, its extra overrides) of a `--variants` entry: `NAME` or `NAME@xK` (K times
+    the prompts per step and per update; see the module's docstring)."""
+    name, _, scale = variant.partition("@x")
+    if not scale:
+        return variant, []
+    if not scale.isdigit() or int(scale) < 1:
+        raise ValueError(f"variant {variant!r}: write NAME@xK with K a positive integer (e.g. random@x5)")
+    import runpy
+    base = runpy.run_path(config_file)["get_config"](name)
+    k = int(scale)
+    return name, [f"--config.rl.prompts_per_step={base.rl.prompts_per_step * k}",
+                  f"--config.rl.mini_batch_prompts={base.rl.mini_batch_prompts * k}", f"--config.name={variant}"]
+
+
+def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
+           config: str | None = None) -> dict:
     workdir = os.path.join(out, f"{variant}_seed{seed}")
     status_file = os.path.join(workdir, "status.json")
     if os.path.exists(status_file):  # finished earlier (a restarted reproduction skips it)
@@ -72,9 +92,11 @@ def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], g
         os.makedirs(os.path.join(workdir, "checkpoints"))
         shutil.copytree(ckpt, os.path.join(workdir, "checkpoints", "0"))
     start = time.time()
-    proc = subprocess.run(_cli("train", f"--config={_demo_config()}:{variant}", f"--workdir={workdir}",
+    config = config or _demo_config()
+    name, scaled = variant_overrides(variant, config)
+    proc = subprocess.run(_cli("train", f"--config={config}:{name}", f"--workdir={workdir}",
                                f"--config.seed={seed}", "--config.train.progress=False",
-                               f"--config.train.geometry_every={geometry_every}", *overrides),
+                               f"--config.train.geometry_every={geometry_every}", *scaled, *overrides),
                           capture_output=True, text=True)
     last, configured = progress_of(workdir)
     status = {"variant": variant, "seed": seed, "returncode": proc.returncode,
@@ -104,18 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each uses all cores XLA gives it)")
     ap.add_argument("--geometry-every", type=int, default=10)
     ap.add_argument("--report", default=None, help="directory for the analysis (default <out>/analysis)")
+    ap.add_argument("--config", default=None, help="a config file with get_config(variant) (default: the built-in "
+                                                   "CPU demo); e.g. configs/multiplication.py")
     args, overrides = ap.parse_known_args(argv)
     bad = [a for a in overrides if not a.startswith("--config.")]
     if bad:
         ap.error(f"unrecognised arguments {bad}: only --config.KEY=VALUE overrides (applied to the warm-ups "
                  "and to every RL run) may follow the options")
     args.overrides = overrides
+    config = os.path.abspath(args.config) if args.config else None
+    for v in args.variants:
+        try:
+            variant_overrides(v, config or _demo_config())
+        except ValueError as e:
+            ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
-    ckpts = {seed: warmup(args.out, seed, args.overrides) for seed in args.seeds}
+    ckpts = {seed: warmup(args.out, seed, args.overrides, config) for seed in args.seeds}
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         statuses = list(pool.map(lambda vs: rl_run(args.out, vs[0], vs[1], ckpts[vs[1]], args.overrides,
-                                                     args.geometry_every), jobs))
+                                                     args.geometry_every, config), jobs))
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(statuses, f, indent=1)
     unfinished = [st for st in statuses if not st.get("finished")]

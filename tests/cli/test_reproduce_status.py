@@ -73,3 +73,41 @@ def test_a_failed_run_is_reported_and_the_others_analysed(out, capsys, monkeypat
     assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"]) == 1
     assert "anchor seed 0 did not finish: DynamicSamplingError: no mixed group" in capsys.readouterr().err
     assert [os.path.basename(d) for d in analysed[-1]] == ["full_seed0"]
+
+
+def test_a_token_matched_variant_scales_prompts_and_updates_and_keeps_its_name(out, monkeypatch):
+    runs, analysed = out
+    (runs / "STOP_AT").write_text("3")
+    seen, fake = [], reproduce._cli
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: seen.append(args) or fake(*args))
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "random@x5"]) == 0
+    scaled = next(a for a in seen if "random@x5_seed0" in " ".join(a))
+    # the demo's 16 prompts per step in updates of 8, times 5 (by hand)
+    assert "--config.rl.prompts_per_step=80" in scaled and "--config.rl.mini_batch_prompts=40" in scaled
+    assert "--config.name=random@x5" in scaled and any(a.endswith("presets.py:random") for a in scaled)
+    plain = next(a for a in seen if "full_seed0" in " ".join(a))
+    assert not any("prompts_per_step" in a for a in plain)
+    assert sorted(os.path.basename(d) for d in analysed[0]) == ["full_seed0", "random@x5_seed0"]
+
+
+def test_a_bad_scale_is_refused_before_anything_runs(out, capsys):
+    runs, _ = out
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "random@x0"])
+    assert "NAME@xK" in capsys.readouterr().err and _calls(runs) == []
+
+
+def test_a_config_file_is_used_for_every_run(out, monkeypatch):
+    from conftest import REPO_ROOT
+
+    runs, _ = out
+    (runs / "STOP_AT").write_text("3")
+    seen, fake = [], reproduce._cli
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: seen.append(args) or fake(*args))
+    config = str(REPO_ROOT / "configs" / "multiplication.py")
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "soft", "random@x2",
+                           "--config", config]) == 0
+    assert {next(a for a in args if a.startswith("--config=")) for args in seen} == {
+        f"--config={config}:soft", f"--config={config}:random"}
+    scaled = next(a for a in seen if "random@x2_seed0" in " ".join(a))
+    assert "--config.rl.prompts_per_step=32" in scaled   # multiplication keeps the demo's 16 prompts
