@@ -142,6 +142,50 @@ def geometry_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
+def token_curve_points(lay: Layout, variant: str) -> list[tuple[str, float, float, float]]:
+    """(subset, mean tokens, mean cos_full, std of the runs' means) for every subset of `variant`
+    that logged `geometry/<subset>/tokens`: each run's mean over its probes, then the mean (and the
+    std, ddof=1; NaN for one run) across runs. Sorted by tokens."""
+    points = []
+    for s in lay.subsets:
+        tokens, cos = [], []
+        for run in lay.groups[variant]:
+            t, c = series(run, f"geometry/{s}/tokens")[1], series(run, f"geometry/{s}/cos_full")[1]
+            if t.size and c.size and np.isfinite(c).any():
+                tokens.append(float(np.mean(t)))
+                cos.append(float(np.nanmean(c)))
+        if tokens:
+            points.append((s, float(np.mean(tokens)), float(np.mean(cos)),
+                           float(np.std(cos, ddof=1)) if len(cos) > 1 else math.nan))
+    return sorted(points, key=lambda p: p[1])
+
+
+def token_curve_plot(lay: Layout, path: str) -> str | None:
+    """cos_full of each token subset against the tokens it holds (per probed micro-batch), one panel
+    per variant: random subsets of several sizes (`train.geometry_random_fractions`) draw the curve
+    a subset of that size reaches by chance; anchors and explorers sit above or below it."""
+    per_variant = {v: pts for v in lay.variants if len(pts := token_curve_points(lay, v)) > 1}
+    if not per_variant:
+        return None
+    fig = Figure(figsize=(5.0 * len(per_variant), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(per_variant), squeeze=False)[0]
+    for ax, (v, pts) in zip(axes, per_variant.items()):
+        rand = [p for p in pts if p[0] == "random" or p[0].startswith("random@") or p[0] == "full"]
+        if len(rand) > 1:
+            ax.errorbar([p[1] for p in rand], [p[2] for p in rand], yerr=[p[3] for p in rand],
+                        color="0.4", marker="o", markersize=4, capsize=2, label="random subsets (and full)")
+        for (name, x, y, sd), color in zip([p for p in pts if p not in rand], _colors(len(pts))):
+            ax.errorbar([x], [y], yerr=[sd], color=color, marker="s", markersize=6, capsize=2, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens in the subset (per probed micro-batch)")
+        ax.set_ylabel("cos with the full gradient")
+        ax.set_title(v)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Alignment against subset size (mean over probes, ± std across seeds)")
+    return _save(fig, path)
+
+
 def plot_all(lay: Layout, out_dir: str) -> list[str]:
     """Every plot whose metrics exist, written to `out_dir`; returns their paths."""
     specs: list[tuple[str, Callable[[str], str | None]]] = [
@@ -153,5 +197,6 @@ def plot_all(lay: Layout, out_dir: str) -> list[str]:
                                                  "Training health (mean ± std across seeds)", p)),
         ("entropy_thresholds.png", lambda p: entropy_plot(lay, p)),
         ("gradient_geometry.png", lambda p: geometry_plot(lay, p)),
+        ("geometry_vs_tokens.png", lambda p: token_curve_plot(lay, p)),
     ]
     return [p for name, make in specs if (p := make(fileio.join(out_dir, name)))]

@@ -386,3 +386,37 @@ def test_runs_of_one_variant_that_compute_different_things_are_refused(tmp_path,
     assert analyze.main([a, b, "--out", str(tmp_path / "mixed")]) == 1
     err = capsys.readouterr().err
     assert "variant 'full'" in err and "rl.group_size (4 in" in err and "16 in" in err and "--config.name" in err
+
+
+def test_cos_full_against_subset_size_curve(tmp_path):
+    # two runs of one variant; each logs tokens and cos_full of random subsets of three sizes and of
+    # anchors at two probes: the points are the runs' means over probes, then their mean across runs
+    from jaxrl_entropy.analyze import plots
+    from jaxrl_entropy.analyze.layout import layout_of
+    from jaxrl_entropy.analyze.runs import load_run
+
+    subsets = {"random@0.05": 10, "random": 40, "random@0.5": 100, "anchor": 40, "full": 200}
+    want = {}
+    for seed in (0, 1):
+        d = tmp_path / f"soft_seed{seed}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"name": "soft", "seed": seed}))
+        with open(d / "metrics.jsonl", "w") as f:
+            for step in (0, 1):
+                rec = {"step": step}
+                for s, n in subsets.items():
+                    cos = 0.1 * seed + 0.01 * step + n / 400
+                    rec[f"geometry/{s}/tokens"] = n + step
+                    rec[f"geometry/{s}/cos_full"] = cos
+                    want.setdefault(s, []).append(cos)
+                f.write(json.dumps(rec) + "\n")
+    lay = layout_of([load_run(str(tmp_path / f"soft_seed{s}")) for s in (0, 1)])
+    points = plots.token_curve_points(lay, "soft")
+    assert [p[0] for p in points] == ["random@0.05", "random", "anchor", "random@0.5", "full"] or \
+        [p[0] for p in points] == ["random@0.05", "anchor", "random", "random@0.5", "full"]
+    for name, tokens, cos, sd in points:
+        assert tokens == pytest.approx(subsets[name] + 0.5)
+        per_run = [np.mean(want[name][0:2]), np.mean(want[name][2:4])]
+        assert cos == pytest.approx(np.mean(per_run)) and sd == pytest.approx(np.std(per_run, ddof=1))
+    path = plots.token_curve_plot(lay, str(tmp_path / "curve.png"))
+    _assert_drawn(open(path, "rb").read())
