@@ -13,10 +13,24 @@ from conftest import REPO_ROOT, TINY_CLI_FLAGS
 from jaxrl_entropy import cli
 from jaxrl_entropy import config as config_lib
 from jaxrl_entropy import presets
-from jaxrl_entropy.config import RULES, Choice, ConfigError, Range, validate, validate_for_runtime
+from jaxrl_entropy.config import Choice, ConfigError, Range, validate, validate_for_runtime
 
-PACKAGE = pathlib.Path(config_lib.__file__).parent
-SCHEMA = config_lib._schema_keys(config_lib.base_config())
+PACKAGE = pathlib.Path(config_lib.__file__).parent.parent
+SCHEMA = config_lib.schema_keys()
+
+
+def _field(key: str):
+    """The dataclass field behind a dotted key of the typed schema."""
+    import dataclasses
+
+    cls, *parents, leaf = [config_lib.Config, *key.split(".")]
+    for p in parents:
+        cls = type(getattr(cls(), p))
+    return next(f for f in dataclasses.fields(cls) if f.name == leaf)
+
+
+def _rule(key: str):
+    return _field(key).metadata.get("rule")
 
 
 def _set(c, key, value):
@@ -77,7 +91,7 @@ def _assigned_keys(function_name: str) -> list[str]:
 def test_presets_set_only_what_differs_from_base_config(name):
     keys = _assigned_keys(name)
     assert len(keys) > 5  # the parse found the assignments
-    made = config_lib._schema_keys(getattr(presets, name)("full"))
+    made = config_lib.flatten(getattr(presets, name)("full"))
     restated = [k for k in keys if made[k] == SCHEMA[k]]
     assert not restated, f"presets.{name} restates base_config defaults: {restated}"
 
@@ -106,17 +120,22 @@ def test_config_files_expose_the_presets():
 
 
 # ------------------------------------------------------------------------- the rules table
-def test_every_key_has_a_rule_or_is_free_text():
-    assert set(RULES) <= set(SCHEMA), set(RULES) - set(SCHEMA)
-    assert set(config_lib.FREE_TEXT) <= set(SCHEMA)
+def test_every_key_has_a_rule_or_says_what_it_is():
+    # numbers have an allowed range; names a choice; free text (paths, labels) and switches say
+    # what they mean; every default obeys its own rule. weights.soft.* is token_weights.SoftConfig,
+    # which checks itself (tested in tests/rl/test_token_weights.py).
+    assert set(config_lib.as_dict(config_lib.Config())) == set(config_lib.base_config())
     for key, default in SCHEMA.items():
-        if isinstance(default, bool) or key == "entropy.layers":
+        if key.startswith("weights.soft."):
             continue
-        if isinstance(default, (int, float)):
-            assert isinstance(RULES.get(key), Range), f"numeric key {key} has no allowed range in RULES"
+        rule = _rule(key)
+        if isinstance(default, bool) or key in ("entropy.layers", "train.geometry_random_fractions"):
+            assert rule is None
+        elif isinstance(default, (int, float)):
+            assert isinstance(rule, Range), f"numeric key {key} has no allowed range"
         elif isinstance(default, str):
-            assert isinstance(RULES.get(key), Choice) or key in config_lib.FREE_TEXT, key
-        assert key not in RULES or RULES[key].allows(default), f"the default of {key} breaks its own rule"
+            assert isinstance(rule, Choice) or _field(key).metadata["doc"], f"free-text key {key} says nothing"
+        assert rule is None or rule.allows(default), f"the default of {key} breaks its own rule"
 
 
 def test_allowed_names_come_from_the_code_that_uses_them():
@@ -124,17 +143,14 @@ def test_allowed_names_come_from_the_code_that_uses_them():
     from jaxrl_entropy.models import attention, config as model_config
     from jaxrl_entropy.rl import loss, token_weights
 
-    assert RULES["weights.mode"].options is token_weights.MODES
-    assert RULES["weights.soft.hard_mode"].options is token_weights.HARD_MODES
-    assert RULES["weights.soft.shape"].options is token_weights.SOFT_SHAPES
-    assert RULES["weights.soft.schedule"].options is token_weights.SCHEDULES
-    assert RULES["weights.normalization"].options is loss.NORMALIZATIONS
-    assert RULES["model.attention"].options is attention.PLAIN_IMPLS
-    assert RULES["model.probe_attention"].options is attention.PROBE_IMPLS
-    assert RULES["model.kernel_backend"].options == ("",) + kernel_platform.BACKENDS
-    assert RULES["model.dtype"].options == tuple(model_config.DTYPES)
+    assert _rule("weights.mode").options is token_weights.MODES
+    assert _rule("weights.normalization").options is loss.NORMALIZATIONS
+    assert _rule("model.attention").options is attention.PLAIN_IMPLS
+    assert _rule("model.probe_attention").options is attention.PROBE_IMPLS
+    assert _rule("model.kernel_backend").options == ("",) + kernel_platform.BACKENDS
+    assert _rule("model.dtype").options == tuple(model_config.DTYPES)
     from jaxrl_entropy.data import pipeline
-    assert RULES["data.truncation"].options is pipeline.TRUNCATION_MODES
+    assert _rule("data.truncation").options is pipeline.TRUNCATION_MODES
     assert config_lib.base_config().data.truncation == "error"   # the safe default: no silent cut
 
 
@@ -151,31 +167,23 @@ def test_range_semantics(interval, inside, outside):
     assert Range("[1, inf)", also=(-1,)).allows(-1)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("weights.soft.alpha", -0.1), ("weights.soft.alpha", 0.0), ("weights.soft.alpha", 0.99),
-    ("weights.soft.alpha", 1.0), ("weights.soft.sigma", 0.0), ("weights.soft.sigma", 1e-3),
-    ("weights.soft.floor", -0.1), ("weights.soft.floor", 0.0), ("weights.soft.floor", 1.0),
-    ("weights.soft.floor", 1.1), ("weights.soft.hard_steps", -1), ("weights.soft.hard_steps", 0),
-    ("weights.soft.end_step", 0), ("weights.soft.end_step", -1), ("weights.soft.shape", "bump"),
-    ("weights.soft.hard_mode", "soft"), ("weights.soft.hard_mode", "explorer"),
+@pytest.mark.parametrize("key, value, ok", [
+    ("weights.soft.alpha", -0.1, False), ("weights.soft.alpha", 0.99, True), ("weights.soft.alpha", 1.0, False),
+    ("weights.soft.sigma", 0.0, False), ("weights.soft.floor", 1.1, False), ("weights.soft.hard_steps", -1, False),
+    ("weights.soft.end_step", 0, True), ("weights.soft.start_step", -1, False), ("weights.soft.shape", "bump", False),
+    ("weights.soft.hard_mode", "soft", False), ("weights.soft.hard_mode", "explorer", True),
+    ("weights.soft.alpha", "0.5", False),
 ])
-def test_soft_rules_agree_with_soft_config(key, value):
-    """The config accepts a soft setting exactly when `token_weights.SoftConfig` does (start_step
-    is 0: end_step == start_step is an allowed empty ramp in both)."""
-    from jaxrl_entropy.rl.token_weights import SoftConfig
-
+def test_soft_settings_are_checked_by_soft_config_and_named_as_config_keys(key, value, ok):
+    """One rule, one place: `token_weights.SoftConfig` is the config's weights.soft section; its
+    refusals come back naming the --config key."""
     c = _set(presets.demo("soft"), key, value)
-    try:
-        SoftConfig(**c.weights.soft.to_dict())
-        soft_ok = True
-    except ValueError:
-        soft_ok = False
-    try:
-        validate(c)
-        config_ok = True
-    except ConfigError:
-        config_ok = False
-    assert config_ok == soft_ok
+    if ok:
+        assert config_lib.typed(c).weights.soft == config_lib.typed(c).weights.soft.__class__(
+            **{**config_lib.as_dict(config_lib.typed(presets.demo("soft")))["weights"]["soft"], key.split(".")[-1]: value})
+    else:
+        with pytest.raises(ConfigError, match=re.escape(f"config.{key}={value!r}")):
+            validate(c)
 
 
 # --------------------------------------------------------------------------------- validate
@@ -198,7 +206,7 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
     ("rl.group_size", "8", "has type str; expected int"),
     ("weights.mode", "anchors", "weights.mode='anchors' is not one of"),
     ("weights.fraction", 0.0, "weights.fraction=0.0 must lie in (0, 1]"),
-    ("weights.soft.alpha", 1.0, "alpha=1.0 must lie in [0, 1)"),
+    ("weights.soft.alpha", 1.0, "config.weights.soft.alpha=1.0: must be in [0, 1)"),
     ("rl.mini_batch_prompts", 5, "multiple of config.rl.mini_batch_prompts"),
     ("rl.micro_batch_size", 48, "multiple of config.rl.micro_batch_size"),
     ("rollout.top_p", 1.5, "top_p=1.5 must lie in (0, 1]"),
@@ -210,7 +218,7 @@ def test_unknown_key_in_a_handmade_config_suggests_the_right_one():
     ("rl.kl_coef", 0.1, "reference policy"),
     ("model.attention", "flash", "model.attention"),
     ("train.steps", -1, "train.steps=-1 must lie in [0, inf)"),
-    ("weights.soft.start_step", 150, "end_step (100) must be >= config.weights.soft.start_step (150)"),
+    ("weights.soft.start_step", 150, "config.weights.soft.end_step=100: must be >= start_step=150"),
     ("parallel.tensor", -1, "at most one of config.parallel"),
     ("model.arch.num_key_value_heads", 3, "num_attention_heads (4) must be a multiple"),
     ("model.arch.head_dim", 31, "head_dim=31 must be even"),
@@ -313,7 +321,7 @@ def test_probe_layers_against_a_config_json_only_checkpoint(tmp_path):
     # the committed config.json of Qwen3-8B, no weights at all
     (tmp_path / "config.json").write_text((REPO_ROOT / "configs" / "arch" / "qwen3-8b" / "config.json").read_text())
     c = _set(presets.qwen3_8b_dapo(), "model.hf_dir", str(tmp_path))
-    assert config_lib.model_num_layers(c) == 36
+    assert config_lib.model_num_layers(c.model) == 36
     validate_for_runtime(c, num_devices=8)  # layer 20 of 36
     _set(c, "entropy.layers", (36,))
     with pytest.raises(ConfigError, match=r"item 36 is out of range for a model with 36 layers \(config.json"):
@@ -339,10 +347,10 @@ def test_mesh_and_batches_against_the_device_count(changes, devices, message):
 
 def test_mesh_sizes_fill_the_devices():
     c = presets.demo()
-    assert config_lib.mesh_sizes(c, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
-    assert config_lib.mesh_sizes(_set(c, "parallel.tensor", 2), 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert config_lib.mesh_sizes(c.parallel, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert config_lib.mesh_sizes(_set(c, "parallel.tensor", 2).parallel, 8) == {"data": 4, "fsdp": 1, "tensor": 2}
     _set(c, "parallel.data", 2)
-    assert config_lib.mesh_sizes(_set(c, "parallel.fsdp", -1), 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert config_lib.mesh_sizes(_set(c, "parallel.fsdp", -1).parallel, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_prompts_split_over_processes():

@@ -139,3 +139,15 @@ def test_old_module_names_keep_working_with_a_warning_naming_the_new_place():
         assert module is importlib.import_module(f"jaxrl_entropy.{new}")
         assert any(issubclass(w.category, DeprecationWarning) and f"jaxrl_entropy.{new}" in str(w.message)
                    for w in caught), [str(w.message) for w in caught]
+
+
+def test_test_modules_have_unique_names():
+    # the tests' folders are not packages: pytest imports each module by its bare name, so two
+    # test files of one name in different folders fail the whole run with "import file mismatch"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    seen: dict[str, str] = {}
+    for folder, _, files in os.walk(tests):
+        for f in files:
+            if f.endswith(".py") and f != "conftest.py":
+                assert f not in seen, f"{os.path.join(folder, f)} and {seen[f]} share a name"
+                seen[f] = os.path.join(folder, f)

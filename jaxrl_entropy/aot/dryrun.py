@@ -333,8 +333,8 @@ def select(programs: list[Program], names: Sequence[str] | None) -> list[Program
 def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str] | None = None,
         headroom: float = HEADROOM, log: Callable[[str], None] | None = None) -> Report:
     """Compile (TPU) or estimate (GPU without one) the selected programs of `cfg` on `topology`."""
-    from jaxrl_entropy.config import validate
-    cfg = validate(cfg)
+    from jaxrl_entropy.config import typed
+    cfg = typed(cfg)
     topo = chips.resolve(topology)
     if not cfg.model.hf_dir:
         raise ConfigError("dryrun reads the architecture from config.json: set --config.model.hf_dir=DIR "

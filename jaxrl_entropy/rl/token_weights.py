@@ -78,6 +78,8 @@ class SoftConfig:
             bad("floor", "must be in [0, 1]")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}")
+        if self.start_step < 0:
+            bad("start_step", "must be >= 0")
         if self.end_step < self.start_step:
             bad("end_step", f"must be >= start_step={self.start_step}")
         if self.hard_steps < 0:

@@ -58,9 +58,11 @@ def config_for_run(cfg: ml_collections.ConfigDict | None, workdir: str,
     return cfg
 
 
-def _validated(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _validated(cfg: config_lib.AnyConfig) -> config_lib.Config:
+    """The typed config, once every check (the devices' included) passed."""
     import jax
-    return config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
+    return config_lib.typed(config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(),
+                                                            num_processes=jax.process_count()))
 
 
 def _tokenizer(cfg):
@@ -110,11 +112,9 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str, *, o
     return cfg, policy, step, tokenizer
 
 
-def policy_from_hf(cfg: ml_collections.ConfigDict, hf: str):
+def policy_from_hf(cfg: config_lib.AnyConfig, hf: str):
     """(config pointing at `hf`, policy with its weights, tokenizer) for a local HF directory."""
-    cfg = cfg.copy_and_resolve_references()
-    cfg.model.hf_dir = hf
-    cfg.train.sft_steps = 0
+    cfg = config_lib.with_key(config_lib.with_key(config_lib.typed(cfg), "model.hf_dir", hf), "train.sft_steps", 0)
     cfg = _validated(cfg)
     tokenizer = _tokenizer(cfg)
     return cfg, model_setup.load_policy(cfg, model_setup.build_mesh(cfg), tokenizer), tokenizer

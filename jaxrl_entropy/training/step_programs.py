@@ -37,7 +37,7 @@ from jaxrl_entropy.rundir.checkpoint import Checkpointer, CheckpointMismatchErro
 from jaxrl_entropy.rl import diagnostics, master_weights
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
-from jaxrl_entropy.rl.token_weights import SoftConfig, token_weights
+from jaxrl_entropy.rl.token_weights import token_weights
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -221,7 +221,7 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
     update = jax.jit(lambda p, o, mb: ts.update(graphdef, p, o, mb, spec, tx, normalization),
                      in_shardings=(params_sh, opt_sh, micro_sh), out_shardings=(params_sh, opt_sh, None),
                      donate_argnums=donate)
-    soft = SoftConfig(**cfg.weights.soft.to_dict())
+    soft = config.typed(cfg).weights.soft
     mode, fraction = cfg.weights.mode, cfg.weights.fraction
     weights = jax.jit(lambda mask, h, pred, rng, step: token_weights(
         mode, mask_BxT=mask, attn_entropy_BxT=h, pred_entropy_BxT=pred, fraction=fraction, rng=rng,
@@ -275,7 +275,7 @@ def step_shapes(cfg: ml_collections.ConfigDict) -> StepShapes:
 
 def check_batch(cfg: ml_collections.ConfigDict, mesh) -> None:
     """`config.check_micro_batch` on this mesh's axis sizes."""
-    config.check_micro_batch(cfg, dict(mesh.shape))
+    config.check_micro_batch(cfg.rl, dict(mesh.shape))
 
 
 def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:

@@ -50,10 +50,11 @@ class TrainingDivergedError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, cfg: config_lib.AnyConfig, workdir: str):
         # every check that can fail does so here, before data is read or anything compiled
-        self.cfg = cfg = config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(),
-                                                         num_processes=jax.process_count())
+        # the boundary: from here on the run reads the typed, checked config (`config.Config`)
+        self.cfg = cfg = config_lib.typed(config_lib.validate_for_runtime(cfg, num_devices=jax.device_count(),
+                                                                          num_processes=jax.process_count()))
         self.workdir = workdir
         self._lock = claim_workdir(workdir)  # first: a second job on this workdir stops here, at once
         try:
@@ -367,7 +368,7 @@ def _refuse_unfinished_conversion(workdir: str) -> None:
             "again to finish it, or choose another --workdir")
 
 
-def record_config(workdir: str, cfg: ml_collections.ConfigDict, resumed_step: int | None) -> None:
+def record_config(workdir: str, cfg: config_lib.AnyConfig, resumed_step: int | None) -> None:
     """`config.json` says what the run is: written for a new run; on a resume (`resumed_step`) with a
     changed config, rewritten, and the change appended to `config_history.jsonl` with the step it
     took effect (eval and analyze read config.json)."""
