@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxrl_entropy.data import synthetic
+from jaxrl_entropy.data import layout, synthetic
 from jaxrl_entropy.data.truncation import TRUNCATION_MODES
 from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
 from jaxrl_entropy.models.config import DTYPES
@@ -64,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.kind = "synthetic"           # synthetic | files
     c.data.train_files = ""             # path, glob, or comma-separated list (parquet / jsonl)
+    # the columns of data.train_files (verl's layout by default; MATH-500-style files: problem / answer)
+    # and the template a bare problem text goes into: "" (none), "dapo" (the paper's prompt) or a text
+    # holding {problem}. eval.benchmarks files are read in verl's layout (`jaxrl-entropy prepare-data`)
+    c.data.prompt_key = layout.VERL_PROMPT_KEY
+    c.data.answer_key = layout.VERL_ANSWER_KEY
+    c.data.prompt_template = ""
     c.data.max_prompt_len = 1024
     # prompts longer than max_prompt_len (chat template included): "error" (stop, naming the row),
     # "drop" (leave them out) or "left" (keep their last tokens: the paper's / verl's recipe);
@@ -299,7 +305,8 @@ RULES: dict[str, Range | Choice] = {
     "parallel.tensor": _MESH_AXIS,
 }
 # Keys whose value is any string: paths, labels, the benchmark list (checked when it is read).
-FREE_TEXT = ("name", "model.hf_dir", "tokenizer", "data.train_files", "data.synthetic.ops", "eval.benchmarks")
+FREE_TEXT = ("name", "model.hf_dir", "tokenizer", "data.train_files", "data.synthetic.ops", "eval.benchmarks",
+             "data.prompt_key", "data.answer_key", "data.prompt_template")  # the last three: checked in `validate`
 
 
 # -------------------------------------------------------------------------------- validation
@@ -376,6 +383,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                           "run that saves a step-0 checkpoint)")
     if c.data.kind == "files" and not c.data.train_files:
         raise ConfigError("config.data.kind='files' needs config.data.train_files (parquet/jsonl path or glob)")
+    train_layout(c)
     if c.train.sft_steps and c.data.kind != "synthetic":
         raise ConfigError("config.train.sft_steps > 0 needs the synthetic task (it has reference solutions); "
                           "set config.train.sft_steps=0 for config.data.kind='files'")
@@ -416,6 +424,21 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if isinstance(item, float) and not 0.0 <= item <= 1.0:
             raise ConfigError(f"config.entropy.layers item {item} is a depth fraction and must lie in [0, 1]")
     return cfg
+
+
+def train_layout(cfg: ml_collections.ConfigDict) -> layout.RowLayout:
+    """The columns and prompt template `data.train_files` are read with (`data.prompt_key`,
+    `data.answer_key`, `data.prompt_template`); ConfigError naming the key when one cannot work."""
+    d = cfg.data
+    try:
+        template = layout.resolve_template(d.prompt_template)
+    except ValueError as e:
+        raise ConfigError(f"config.data.prompt_template: {e}") from None
+    try:
+        return layout.RowLayout(prompt_key=d.prompt_key, answer_key=d.answer_key, template=template,
+                                settings="--config.data.")
+    except ValueError as e:
+        raise ConfigError(f"config.data.{e}") from None
 
 
 def _check_synthetic(c: ml_collections.ConfigDict) -> None:
