@@ -22,6 +22,21 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _load_fixture_module(name: str):
+    """A helper module of tests/fixtures/, loaded by its path (`fixtures` is also a PyPI package name)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parent / "fixtures" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"jaxrl_test_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# files in the published formats of the paper's data and of a Qwen3 checkpoint (`from conftest import real_format`)
+real_format = _load_fixture_module("real_format")
+
+
 def require_torch():
     """torch for live parity tests: skipped when absent, unless JAXRL_REQUIRE_TORCH=1 (CI) makes
     its absence a failure, so a broken CI install cannot turn the parity tests into silent skips."""
@@ -98,6 +113,30 @@ def make_hf_qwen3(tmp_path_factory, torch):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_format_files(tmp_path_factory):
+    """The paper's data in its published formats (`fixtures/real_format.py`), written once:
+    {"dapo": DAPO-Math-17k parquet, "aime": verl-layout AIME parquet with repeats, "math500": JSONL}."""
+    d = tmp_path_factory.mktemp("real_format_data")
+    return {"dapo": real_format.write_dapo_math(d / "dapo-math-17k.parquet"),
+            "aime": real_format.write_aime_verl(d / "aime-2024.parquet"),
+            "math500": real_format.write_math500(d / "test.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir(tmp_path_factory):
+    """(directory, {added token: id}) of a Qwen3-shaped byte-level BPE tokenizer (no model, no torch)."""
+    d = tmp_path_factory.mktemp("qwen3_tokenizer")
+    return str(d), real_format.write_qwen3_tokenizer(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory, torch):
+    """(directory, {added token: id}) of a tiny random Qwen3 checkpoint with every file a real one has."""
+    d = tmp_path_factory.mktemp("tiny_qwen3")
+    return str(d), real_format.write_tiny_qwen3(d, torch)
 
 
 CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",

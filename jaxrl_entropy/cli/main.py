@@ -1,4 +1,4 @@
-"""`jaxrl-entropy` console script: train | eval | convert | dryrun | analyze | reproduce.
+"""`jaxrl-entropy` console script: train | eval | convert | dryrun | analyze | reproduce | prepare-data.
 
     jaxrl-entropy train [--config=configs/demo.py[:variant]] [--workdir=runs/demo] [--config.a.b=v ...]
     jaxrl-entropy eval --config=... (--checkpoint=WORKDIR | --hf=HF_DIR) [--out=metrics.json]
@@ -7,13 +7,15 @@
     jaxrl-entropy dryrun --config=... --topology=v5p-64 [--programs=update,rollout_stats] [--out=report.json]
     jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out=DIR]
     jaxrl-entropy reproduce [--out=runs/repro] [--seeds 0 1 2] [--variants full random ...] [--jobs=2]
+    jaxrl-entropy prepare-data --in=FILE --out=OUT.parquet [--prompt_key=problem --answer_key=answer
+                               --prompt_template=dapo --data_source=NAME]   # → verl's layout (docs/data.md)
 """
 from __future__ import annotations
 
 import os
 import sys
 
-COMMANDS = ("train", "eval", "convert", "dryrun", "analyze", "reproduce")
+COMMANDS = ("train", "eval", "convert", "dryrun", "analyze", "reproduce", "prepare-data")
 
 
 def _usage() -> str:
@@ -46,6 +48,9 @@ def _main(argv: list[str] | None) -> int:
     if command == "reproduce":
         from jaxrl_entropy.cli import reproduce
         return reproduce.main(rest)
+    if command == "prepare-data":  # reads and writes files only: no jax
+        from jaxrl_entropy.cli import prepare_data
+        return prepare_data.main(rest)
     if command == "dryrun":
         _prepare_dryrun(rest)
     _install_process_hooks()  # imports jax: after dryrun has chosen its devices

@@ -19,10 +19,17 @@ from jaxrl_entropy.config.sections import (AGGREGATIONS, DATA_KINDS, ArchConfig,
                                            EvalConfig, ModelConfig, OptimConfig, ParallelConfig, RLConfig,
                                            RolloutConfig, Section, SyntheticConfig, TrainConfig, WeightsConfig)
 
+
+
+def train_layout(cfg: AnyConfig):
+    """The columns and prompt template `data.train_files` are read with (`DataConfig.layout`)."""
+    return typed(cfg).data.layout()
+
+
 __all__ = [
     "AGGREGATIONS", "AnyConfig", "ArchConfig", "Choice", "Config", "ConfigError", "DATA_KINDS", "DataConfig",
     "EntropyConfig", "EvalConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "Range",
     "RolloutConfig", "Section", "SyntheticConfig", "TrainConfig", "WeightsConfig", "as_dict", "base_config",
     "check_micro_batch", "flatten", "from_json_file", "from_json_text", "get_key", "mesh_sizes", "model_num_layers",
-    "schema_keys", "set_key", "to_json", "typed", "validate", "validate_for_runtime", "with_key",
+    "schema_keys", "set_key", "to_json", "train_layout", "typed", "validate", "validate_for_runtime", "with_key",
 ]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from jaxrl_entropy.config.rules import (COUNT, MESH_AXIS, POSITIVE, POSITIVE_INT, SIZE_WHY, TOP_P, Choice,
                                         ConfigError, Range, check_value, setting)
-from jaxrl_entropy.data import synthetic
+from jaxrl_entropy.data import layout as row_layout, synthetic
 from jaxrl_entropy.data.truncation import TRUNCATION_MODES
 from jaxrl_entropy.kernels.platform import BACKENDS
 from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
@@ -129,6 +129,13 @@ class DataConfig(Section):
     PATH: ClassVar[str] = "data"
     kind: str = setting("synthetic", Choice(DATA_KINDS), "synthetic | files")
     train_files: str = setting("", doc="path, glob, or comma-separated list (parquet / jsonl)")
+    prompt_key: str = setting(row_layout.VERL_PROMPT_KEY, doc="the column of data.train_files holding the prompt "
+                              "(verl's layout by default; MATH-500-style files: problem)")
+    answer_key: str = setting(row_layout.VERL_ANSWER_KEY, doc="the column holding the answer, dotted for a nested "
+                              "field (verl: reward_model.ground_truth; MATH-500-style files: answer)")
+    prompt_template: str = setting("", doc='what a bare problem text goes into: "" (none), "dapo" (the paper\'s '
+                                   "prompt) or a text holding {problem}. eval.benchmarks files are read in verl's "
+                                   "layout (`jaxrl-entropy prepare-data`)")
     max_prompt_len: int = setting(1024, POSITIVE_INT)
     truncation: str = setting(
         "error", Choice(TRUNCATION_MODES, why="what to do with prompts longer than data.max_prompt_len "
@@ -140,9 +147,23 @@ class DataConfig(Section):
     shuffle: bool = setting(True)
     synthetic: SyntheticConfig = _section(SyntheticConfig)
 
+    def layout(self) -> row_layout.RowLayout:
+        """The columns and prompt template `train_files` are read with; ConfigError naming the key
+        when one cannot work."""
+        try:
+            template = row_layout.resolve_template(self.prompt_template)
+        except ValueError as e:
+            raise ConfigError(f"config.data.prompt_template: {e}") from None
+        try:
+            return row_layout.RowLayout(prompt_key=self.prompt_key, answer_key=self.answer_key, template=template,
+                                    settings="--config.data.")
+        except ValueError as e:
+            raise ConfigError(f"config.data.{e}") from None
+
     def check(self) -> None:
         if self.kind == "files" and not self.train_files:
             raise ConfigError("config.data.kind='files' needs config.data.train_files (parquet/jsonl path or glob)")
+        self.layout()
         if self.kind == "synthetic":
             self.synthetic.check_task()
 

@@ -1,10 +1,13 @@
-"""Reading prompt datasets in verl's layout from parquet and JSONL files.
+"""Reading prompt datasets from parquet and JSONL files, in verl's layout or another one.
 
-A row holds `prompt` (a string, or chat messages `[{"role": ..., "content": ...}]`),
+A row in verl's layout holds `prompt` (a string, or chat messages `[{"role": ..., "content": ...}]`),
 `reward_model.ground_truth` (string or number), and optionally `data_source` and `extra_info`.
-Every row is validated; a malformed one raises `DataError` naming the file, the row and the
-field. Paths may be one path, a list, a glob or a directory; `gs://` (and other remote) paths go
-through `etils.epath`, the file system layer orbax and grain use.
+Other layouts name their prompt and answer columns (`layout.RowLayout`: MATH-500's `problem` and
+`answer`), and a bare problem can be put into the paper's prompt template. Every row is validated; a
+malformed one raises `DataError` naming the file, the row and the field, and a file without the
+columns names the columns it has and the setting to change. Paths may be one path, a list, a glob or
+a directory; `gs://` (and other remote) paths go through `etils.epath`, the file system layer orbax
+and grain use.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow.parquet as pq
 
+from jaxrl_entropy.data.layout import VERL_ANSWER_KEY, RowLayout, apply_template, get_field
+
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _GLOB_CHARS = "*?["
 log = logging.getLogger("jaxrl_entropy")
 
-_KNOWN_FIELDS = ("prompt", "reward_model", "data_source", "extra_info")
+_KNOWN_FIELDS = ("prompt", "reward_model", "data_source", "extra_info")  # verl's columns that are read
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -145,8 +150,18 @@ def _utf8(raw: bytes, where: str, *, whole_file: bool = False) -> str:
         ) from None
 
 
-def _read_located_rows(path: str) -> list[tuple[str, Any]]:
-    """Rows of one file, each with where it is: "row i" (0-based), plus the line for JSONL."""
+def _columns_of(rows: list[tuple[str, Any]]) -> list[str]:
+    """The keys of a JSON file's objects, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for _, row in rows:
+        if isinstance(row, dict):
+            seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _read_located_rows(path: str, wanted: Sequence[str] = _KNOWN_FIELDS) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Rows of one file, each with where it is ("row i" (0-based), plus the line for JSONL), and
+    the file's columns. Of a parquet file only the `wanted` columns are read."""
     if path.endswith(PARQUET_SUFFIXES):
         source: Any = path if not _is_remote(path) else io.BytesIO(_read_bytes(path))
         try:
@@ -154,11 +169,11 @@ def _read_located_rows(path: str) -> list[tuple[str, Any]]:
             if isinstance(source, io.BytesIO):
                 source.seek(0)
             # Only the layout's columns: DAPO-style files carry large unused ones.
-            columns = [c for c in _KNOWN_FIELDS if c in schema.names]
+            columns = [c for c in dict.fromkeys(wanted) if c in schema.names]
             rows = pq.read_table(source, columns=columns).to_pylist()
         except Exception as err:  # pyarrow raises several types for unreadable files
             raise DataError(f"Cannot read parquet file {path!r}: {err}") from err
-        return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
+        return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)], list(schema.names)
     if path.endswith(JSON_SUFFIXES):
         raw = _read_bytes(path).removeprefix(_UTF8_BOM)
         if path.endswith(".json") and raw.lstrip().startswith(b"["):
@@ -166,7 +181,8 @@ def _read_located_rows(path: str) -> list[tuple[str, Any]]:
                 rows = json.loads(_utf8(raw, path, whole_file=True))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: invalid JSON ({err}).") from err
-            return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
+            located = [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
+            return located, _columns_of(located)
         located = []
         # Split on b"\n" only: str.splitlines would also split inside a row at U+2028 and
         # other separators that JSON allows unescaped in strings.
@@ -182,7 +198,7 @@ def _read_located_rows(path: str) -> list[tuple[str, Any]]:
                     f"{where}: invalid JSON ({err.msg}). Each line of a JSONL file must be one "
                     "JSON object."
                 ) from err
-        return located
+        return located, _columns_of(located)
     raise DataError(
         f"Unsupported data file {path!r}: use parquet ({', '.join(PARQUET_SUFFIXES)}) or "
         f"JSON lines ({', '.join(JSON_SUFFIXES)})."
@@ -217,52 +233,74 @@ def _normalise_prompt(value: Any, where: str, key: str) -> str | list[dict[str, 
             raise DataError(f"{where}: field {key!r} has only empty message contents.")
         return messages
     if value is None:
-        raise DataError(f"{where}: field {key!r} is missing. Each row needs a prompt string or a "
-                        'list of chat messages (or pass prompt_key="<your column>").')
+        raise DataError(f"{where}: field {key!r} is missing (or null) in this row. Each row needs a prompt "
+                        "string or a list of chat messages in that column.")
     raise DataError(f"{where}: field {key!r} is a {type(value).__name__}; expected a string or "
                     'a list of {"role", "content"} messages.')
 
 
-def _normalise_ground_truth(value: Any, where: str) -> str:
+def _normalise_ground_truth(value: Any, where: str, key: str = VERL_ANSWER_KEY) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]  # OlympiadBench's `final_answer` is a list holding the one answer
     if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
         what = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(
-            f"{where}: field reward_model.ground_truth is {what}; it must be a string or a "
-            'number, e.g. {"reward_model": {"ground_truth": "81", "style": "rule"}}.'
-        )
+        if isinstance(value, (list, tuple)):
+            what = (f"a list of {len(value)} answers (one answer per row: join them into one string, or "
+                    "leave the row out)")
+        example = ('e.g. {"reward_model": {"ground_truth": "81", "style": "rule"}}' if key == VERL_ANSWER_KEY
+                   else f'e.g. {{"{key}": "81"}}')
+        raise DataError(f"{where}: field {key} is {what}; it must be a string or a number, {example}.")
     if isinstance(value, float):
         if not math.isfinite(value):
             raise DataError(
-                f"{where}: field reward_model.ground_truth is {value!r}, which no answer can "
+                f"{where}: field {key} is {value!r}, which no answer can "
                 "match; give the answer as a string or a finite number (or drop the row)."
             )
         # JSON writers turn 3 into 3.0; the answer "3" must still match.
         return str(int(value)) if value.is_integer() else repr(value)
     text = str(value).strip()
     if not text:
-        raise DataError(f"{where}: field reward_model.ground_truth is an empty string.")
+        raise DataError(f"{where}: field {key} is an empty string.")
     return text
 
 
+def _templated(prompt: str | list[dict[str, str]], layout: RowLayout, where: str) -> str | list[dict[str, str]]:
+    if not layout.template:
+        return prompt
+    if not isinstance(prompt, str):
+        raise DataError(
+            f"{where}: a prompt template is set ({layout.setting('prompt_template')}), but field "
+            f"{layout.prompt_key!r} holds chat messages. The template is for a bare problem text; chat messages "
+            "are used as they are (DAPO-Math-17k's and verl's AIME files already hold the instruction). Set "
+            f"{layout.setting('prompt_template')}='' for this file.")
+    return apply_template(layout.template, prompt)
+
+
 def normalise_row(
-    row: Any, *, where: str, default_source: str, prompt_key: str = "prompt"
+    row: Any, *, where: str, default_source: str, prompt_key: str = "prompt",
+    layout: RowLayout | None = None,
 ) -> dict[str, Any]:
     """Validates one raw row and returns the normalised record (see module docstring).
 
     `where` names the row in error messages ("file.jsonl, row 3"); `default_source` is the
-    `data_source` of a row without one.
+    `data_source` of a row without one; `layout` says which columns hold the prompt and the answer
+    and the template for a bare problem (default: verl's layout, with `prompt_key` as its prompt column).
     """
+    layout = layout or RowLayout(prompt_key=prompt_key)
     if not isinstance(row, dict):
         raise DataError(f"{where}: row is a {type(row).__name__}, expected an object.")
-    prompt = _normalise_prompt(row.get(prompt_key), where, prompt_key)
+    prompt = _templated(_normalise_prompt(get_field(row, layout.prompt_key), where, layout.prompt_key), layout, where)
     reward_model = row.get("reward_model")
-    if not isinstance(reward_model, dict):
-        raise DataError(
-            f"{where}: field reward_model is {'missing' if reward_model is None else 'not an object'}"
-            '; expected {"reward_model": {"ground_truth": ..., "style": "rule"}}.'
-        )
-    ground_truth = _normalise_ground_truth(reward_model.get("ground_truth"), where)
-    style = reward_model.get("style") or "rule"
+    if layout.answer_key == VERL_ANSWER_KEY:
+        if not isinstance(reward_model, dict):
+            raise DataError(
+                f"{where}: field reward_model is {'missing' if reward_model is None else 'not an object'}"
+                '; expected {"reward_model": {"ground_truth": ..., "style": "rule"}}.'
+            )
+        style = reward_model.get("style") or "rule"
+    else:
+        style = (reward_model.get("style") if isinstance(reward_model, dict) else None) or "rule"
+    ground_truth = _normalise_ground_truth(get_field(row, layout.answer_key), where, layout.answer_key)
     data_source = row.get("data_source")
     if data_source is None:
         data_source = default_source
@@ -317,28 +355,37 @@ def load_records(
     prompt_key: str = "prompt",
     data_source: str | None = None,
     max_records: int | None = None,
+    layout: RowLayout | None = None,
 ) -> list[dict[str, Any]]:
-    """Reads and validates verl-layout rows from parquet/JSONL files.
+    """Reads and validates rows from parquet/JSONL files, in verl's layout or the one `layout` names.
 
     Args:
       paths: a file, a glob, a directory, or a list of them (local or `gs://`).
-      dedupe: keep only the first row of every distinct prompt.
-      prompt_key: the column holding the prompt (verl's `data.prompt_key`).
+      dedupe: keep only the first row of every distinct prompt (after the template).
+      prompt_key: the column holding the prompt in verl's layout (verl's `data.prompt_key`); ignored
+        when `layout` is given.
       data_source: overrides the default `data_source` of rows without one (default: file stem).
       max_records: keep at most this many records (after de-duplication), in file order.
+      layout: the prompt and answer columns and the template for a bare problem (`layout.RowLayout`);
+        default verl's. A file without those columns raises `DataError` naming the columns it has
+        and the settings that read it.
 
     Returns:
       Records `{"prompt", "reward_model": {"ground_truth": str, "style"}, "data_source",
       "extra_info", "where"}` ("where": the file and row it was read from).
     """
+    layout = layout or RowLayout(prompt_key=prompt_key)
+    wanted = (*_KNOWN_FIELDS, *layout.columns())
     records: list[dict[str, Any]] = []
     for path in resolve_paths(paths):
         default_source = data_source if data_source is not None else _stem(path)
-        rows = _read_located_rows(path)
+        rows, columns = _read_located_rows(path, wanted)
         if not rows:
             log.warning("data file %s has no rows: it adds nothing to the dataset.", path)
+        elif (message := layout.missing_column_message(path, columns)) is not None:
+            raise DataError(message)
         records.extend(
-            normalise_row(row, where=where, default_source=default_source, prompt_key=prompt_key)
+            normalise_row(row, where=where, default_source=default_source, layout=layout)
             for where, row in rows
         )
     if dedupe:

@@ -7,9 +7,9 @@ import os
 
 import ml_collections
 
-from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.config import ConfigError, train_layout
 from jaxrl_entropy.data.pipeline import LengthReport, fit_prompt_lengths
-from jaxrl_entropy.data.sources import deduplicate, load_records
+from jaxrl_entropy.data.sources import DataError, deduplicate, load_records
 from jaxrl_entropy.data.synthetic import ArithmeticTask
 from jaxrl_entropy.data.tokenizer import build_demo_tokenizer, load_tokenizer
 
@@ -54,7 +54,10 @@ def eval_sets(cfg: ml_collections.ConfigDict) -> dict[str, list[dict]]:
     for name, path in parse_benchmarks(cfg.eval.benchmarks).items():
         if not path.startswith("gs://") and not os.path.exists(path) and not any(c in path for c in "*?["):
             raise ConfigError(f"config.eval.benchmarks: file for {name!r} not found: {path}")
-        rows = load_records(path)
+        try:
+            rows = load_records(path)  # verl's layout: other layouts go through `jaxrl-entropy prepare-data`
+        except DataError as e:
+            raise DataError(f"config.eval.benchmarks entry {name!r}: {e}") from None
         # verl's AIME files repeat each problem (30 × 32 rows): scored as rows, mean@k would weigh
         # and cost 32× and mean something else. Each distinct problem is scored once, with eval.k samples.
         evals[name] = deduplicate(rows)
@@ -73,7 +76,7 @@ def datasets(cfg: ml_collections.ConfigDict):
         train = task.records("train", n_train)
     else:
         files = [p.strip() for p in cfg.data.train_files.split(",") if p.strip()]
-        train = load_records(files, dedupe=cfg.data.dedupe)
+        train = load_records(files, dedupe=cfg.data.dedupe, layout=train_layout(cfg))
     return train, eval_sets(cfg), task
 
 

@@ -217,7 +217,7 @@ def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out
     import jax
 
     check_hf_target(out_dir, overwrite=overwrite, source=checkpoint)
-    _, policy, _, tokenizer = policy_from_run(cfg, checkpoint, overrides=overrides)
+    cfg, policy, _, tokenizer = policy_from_run(cfg, checkpoint, overrides=overrides)
     out_dir = os.path.abspath(out_dir).rstrip("/")
     staging, replaced = f"{out_dir}.partial", f"{out_dir}.replaced"
     writer = jax.process_index() == 0
@@ -228,6 +228,9 @@ def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out
     try:
         qwen3.save_pretrained(policy.module(), staging, dtype=dtype, tokenizer=tokenizer, should_stop=should_stop,
                               max_shard_bytes=max_shard_bytes)
+        if writer:
+            with open(os.path.join(staging, "generation_config.json"), "w") as f:
+                json.dump(generation_config(cfg, tokenizer, policy.arch), f, indent=2)
     except BaseException:
         if writer:
             fileio.rmtree(staging)
@@ -240,6 +243,30 @@ def checkpoint_to_hf(cfg: ml_collections.ConfigDict | None, checkpoint: str, out
         else:
             os.rename(staging, out_dir)
     _barrier("jaxrl_export_done")
+
+
+def generation_config(cfg: ml_collections.ConfigDict, tokenizer, arch: qwen3.Qwen3Config) -> dict:
+    """The export's `generation_config.json`: `transformers`' `generate` then stops where this
+    library's rollouts do (every id of `model_setup.eos_ids`: Qwen's `<|im_end|>` and `<|endoftext|>`).
+    The source checkpoint's file (`model.hf_dir`), when there is one, supplies the other fields
+    (its sampling defaults) and keeps its eos list when that holds the same ids."""
+    source = os.path.join(cfg.model.hf_dir, "generation_config.json") if cfg.model.hf_dir else ""
+    out: dict = {}
+    if source and os.path.isfile(source):
+        try:
+            with open(source) as f:
+                out = json.load(f)
+        except ValueError as e:
+            log.warning("%s is not valid JSON (%s): the export gets a generation_config.json of its own", source, e)
+    eos = list(model_setup.eos_ids(tokenizer, arch))
+    given = out.get("eos_token_id")
+    given = given if isinstance(given, list) else [given]
+    out["eos_token_id"] = given if sorted(given) == eos else eos
+    out["pad_token_id"] = tokenizer.pad_token_id
+    if arch.bos_token_id is not None:
+        out.setdefault("bos_token_id", arch.bos_token_id)
+    out.pop("transformers_version", None)  # written by transformers itself; this file is not
+    return out
 
 
 def _barrier(name: str) -> None:
