@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     cfg.model.hf_dir = ""
     devices = _topology_devices(args.topology)
     n_host = len(devices)
-    mesh = model_setup.build_mesh(cfg, devices=devices)
+    mesh = model_setup.build_mesh(cfg.parallel, devices=devices)
     policy = model_setup.abstract_policy(cfg, mesh, QWEN3_8B)
     # the slice: `hosts` × this host's chips, training state FSDP-sharded over all of them
     slice_chips = n_host * args.hosts
     training = engine_setup.param_count(QWEN3_8B) * (4 + 8) / slice_chips
     lines = []
     import time
-    tp = engine_setup.tensor_parallel(cfg, QWEN3_8B, n_host, "tpu")
+    tp = engine_setup.tensor_parallel(cfg.rollout, QWEN3_8B, n_host, "tpu")
     budget = engine_setup.kv_budget_bytes(cfg, QWEN3_8B, devices, tp, training_bytes_per_device=training)
     rows = -(-cfg.rl.prompts_per_step * cfg.rl.group_size // args.hosts)
     spec = engine_setup.plan(cfg, QWEN3_8B, tp=tp, budget_bytes=budget, rows=rows, device=devices[0])
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                      f"{f['weights_gb'] + f['kv_gb']:.1f} GB")
     # 8 x H100 (one node), analytic
     gpus = [_Dev("NVIDIA H100 80GB HBM3", "gpu", i) for i in range(8)]
-    tp_g = engine_setup.tensor_parallel(cfg, QWEN3_8B, 8, "gpu")
+    tp_g = engine_setup.tensor_parallel(cfg.rollout, QWEN3_8B, 8, "gpu")
     training_g = engine_setup.param_count(QWEN3_8B) * 12 / 8
     weights_g = engine_setup.param_count(QWEN3_8B) * 2 / tp_g
     budget_g = engine_setup.AUTO_FRACTION * (HBM["NVIDIA H100"] - training_g - weights_g)

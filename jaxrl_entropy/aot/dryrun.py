@@ -65,7 +65,7 @@ def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Poli
         return engine_setup.aot_programs(cfg, policy, policy.mesh, sizing_device=sizing,
                                          eval_decode=bool(cfg.eval.every))
     rows = cfg.rl.prompts_per_step * cfg.rl.group_size
-    sp = sampling.rollout_sampling_params(cfg, _eos(policy), 0)
+    sp = sampling.rollout_sampling_params(cfg.rollout, _eos(policy), 0)
     return [_sample_program("generation", cfg, policy, rows, sp, calls_per_step=1.0)]
 
 
@@ -243,7 +243,7 @@ def estimate_gpu(cfg: ml_collections.ConfigDict, policy: model_setup.Policy, pro
              + arch.num_attention_heads * arch.head_dim * arch.hidden_size + 3 * arch.hidden_size * arch.intermediate_size)
     pbytes = jnp.dtype(model_setup.DTYPES[cfg.model.param_dtype]).itemsize
     # AdamW's moments, and for bf16 parameters the float32 master copy: 8 or 12 bytes per parameter
-    optimiser = step_programs.optimizer_bytes_per_param(cfg) * P_all / n
+    optimiser = step_programs.optimizer_bytes_per_param(cfg.model) * P_all / n
     cbytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
     D, I, L, V = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
     qkv = (arch.num_attention_heads * 2 + 2 * arch.num_key_value_heads) * arch.head_dim
@@ -339,7 +339,7 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
     if not cfg.model.hf_dir:
         raise ConfigError("dryrun reads the architecture from config.json: set --config.model.hf_dir=DIR "
                           "(a directory holding the model's config.json; Qwen3-8B's is in configs/arch/qwen3-8b)")
-    arch = model_setup.architecture(cfg)
+    arch = model_setup.architecture(cfg.model)
     gpu_estimate = False
     if topo.platform == "tpu":
         devices = topo.tpu_devices()
@@ -349,7 +349,7 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
         devices = attached[: topo.num_chips] if not gpu_estimate else jax.devices("cpu")[: topo.num_chips]
         if len(devices) < topo.num_chips:  # a mesh of CPU stand-ins, for shapes and shardings only
             devices = _cpu_standins(topo.num_chips)
-    mesh = model_setup.build_mesh(cfg, devices=devices)
+    mesh = model_setup.build_mesh(cfg.parallel, devices=devices)
     step_programs.check_batch(cfg, mesh)
     policy = model_setup.abstract_policy(cfg, mesh, arch)
     all_programs: list[Program] = []

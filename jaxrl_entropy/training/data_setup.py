@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from jaxrl_entropy.config import ConfigError, train_layout
+from jaxrl_entropy.config import ConfigError, DataConfig, EvalConfig, train_layout
 from jaxrl_entropy.data.pipeline import LengthReport, fit_prompt_lengths
 from jaxrl_entropy.data.sources import DataError, deduplicate, load_records
 from jaxrl_entropy.data.synthetic import ArithmeticTask
@@ -80,25 +80,25 @@ def datasets(cfg: ml_collections.ConfigDict):
     return train, eval_sets(cfg), task
 
 
-def train_source(cfg: ml_collections.ConfigDict) -> str:
+def train_source(data: DataConfig) -> str:
     """Where the training records come from, for messages."""
-    if cfg.data.kind == "synthetic":
+    if data.kind == "synthetic":
         return "the synthetic task (data.synthetic.*)"
-    return f"data.train_files={cfg.data.train_files}"
+    return f"data.train_files={data.train_files}"
 
 
-def eval_source(cfg: ml_collections.ConfigDict, name: str) -> str:
+def eval_source(evaluation: EvalConfig, name: str) -> str:
     """Where evaluation set `name` comes from, for messages."""
-    path = parse_benchmarks(cfg.eval.benchmarks).get(name)
+    path = parse_benchmarks(evaluation.benchmarks).get(name)
     return f"eval.benchmarks {name}={path}" if path else f"the synthetic task's held-out split ({name})"
 
 
-def fit_prompts(cfg: ml_collections.ConfigDict, tokenizer, records: list[dict],
+def fit_prompts(data: DataConfig, tokenizer, records: list[dict],
                 source: str) -> tuple[list[dict], LengthReport]:
     """`records` under `data.truncation` for prompts longer than `data.max_prompt_len` (see
     `pipeline.fit_prompt_lengths`: raises, drops or keeps them, and logs the count)."""
-    return fit_prompt_lengths(records, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                              truncation=cfg.data.truncation, source=source)
+    return fit_prompt_lengths(records, tokenizer, max_prompt_len=data.max_prompt_len,
+                              truncation=data.truncation, source=source)
 
 
 def fit_eval_sets(cfg: ml_collections.ConfigDict, tokenizer,
@@ -106,7 +106,7 @@ def fit_eval_sets(cfg: ml_collections.ConfigDict, tokenizer,
     """`fit_prompts` for every evaluation set."""
     fitted, reports = {}, []
     for name, records in evals.items():
-        fitted[name], report = fit_prompts(cfg, tokenizer, records, eval_source(cfg, name))
+        fitted[name], report = fit_prompts(cfg.data, tokenizer, records, eval_source(cfg.eval, name))
         reports.append(report)
     return fitted, reports
 

@@ -29,7 +29,7 @@ from flax import nnx
 from jaxrl_entropy.training import step_programs
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import chips, parallel
-from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.config import ConfigError, RolloutConfig
 from jaxrl_entropy.training.model_setup import DTYPES, Policy
 from jaxrl_entropy.models import paged_cache, qwen3
 from jaxrl_entropy.models.engine import Engine, EngineSpec
@@ -70,10 +70,10 @@ def host_devices(devices) -> list:
     return sorted((d for d in devices if d.process_index == first), key=lambda d: d.id)
 
 
-def tensor_parallel(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, n_local: int, platform: str) -> int:
+def tensor_parallel(rollout: RolloutConfig, arch: qwen3.Qwen3Config, n_local: int, platform: str) -> int:
     """Engine devices per host: `rollout.tensor_parallel`, or (0) all local accelerators — the
     largest count that divides the heads; 1 on a CPU (its devices share the same cores)."""
-    tp = cfg.rollout.tensor_parallel
+    tp = rollout.tensor_parallel
     if tp:
         if n_local % tp or arch.num_key_value_heads % tp:
             raise ConfigError(f"config.rollout.tensor_parallel={tp} must divide the {n_local} local devices and the "
@@ -178,7 +178,7 @@ def engine_mesh(devices: list, tp: int):
 def build(cfg: ml_collections.ConfigDict, policy: Policy, *, devices=None) -> Engine:
     """The engine of this host for `policy` (its architecture; the weights come per rollout)."""
     local = host_devices(jax.local_devices() if devices is None else devices)
-    tp = tensor_parallel(cfg, policy.arch, len(local), local[0].platform)
+    tp = tensor_parallel(cfg.rollout, policy.arch, len(local), local[0].platform)
     budget = kv_budget_bytes(cfg, policy.arch, local, tp)
     spec = plan(cfg, policy.arch, tp=tp, budget_bytes=budget, rows=rows_per_call(cfg, policy.mesh), device=local[0])
     m = cfg.model
@@ -254,7 +254,7 @@ def training_bytes_per_device(cfg: ml_collections.ConfigDict, n_params: int, dev
     """The training state each device holds, FSDP-sharded over `devices`: the parameters, AdamW's
     two moments and, for bf16 parameters, the float32 master copy (4 + 8 = 12 bytes per parameter
     in float32; 2 + 4 + 8 = 14 with bf16 parameters)."""
-    per_param = jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + step_programs.optimizer_bytes_per_param(cfg)
+    per_param = jnp.dtype(DTYPES[cfg.model.param_dtype]).itemsize + step_programs.optimizer_bytes_per_param(cfg.model)
     return n_params * per_param / devices
 
 
@@ -272,7 +272,7 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     arch = policy.arch
     devices = host_devices(mesh.devices.flat)
     sizing = sizing_device or devices[0]
-    tp = tensor_parallel(cfg, arch, len(devices), sizing.platform)
+    tp = tensor_parallel(cfg.rollout, arch, len(devices), sizing.platform)
     n_params = param_count(arch)
     training = training_bytes_per_device(cfg, n_params, training_devices or mesh.size)
     budget = kv_budget_bytes(cfg, arch, [sizing], tp, training_bytes_per_device=training)
@@ -282,7 +282,7 @@ def aot_programs(cfg: ml_collections.ConfigDict, policy: Policy, mesh, *, traini
     m = cfg.model
     engine = Engine(arch, spec, engine_mesh(devices, tp), dtype=DTYPES[m.dtype], attention=m.attention,
                     kernel_backend=m.kernel_backend or None)
-    sp = rollout_sampling_params(cfg, (1,), 0)
+    sp = rollout_sampling_params(cfg.rollout, (1,), 0)
     args = engine.abstract_args(sp)
     S, C, N = spec.num_slots, spec.decode_chunk, sp.max_new_tokens
     R, T = args["prefill"][2].shape

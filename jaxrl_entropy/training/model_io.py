@@ -84,8 +84,8 @@ def policy_from_run(cfg: ml_collections.ConfigDict | None, checkpoint: str, *, o
         if step is None:
             raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet")
         tokenizer = _tokenizer(cfg)
-        mesh = model_setup.build_mesh(cfg)
-        policy = model_setup.abstract_policy(cfg, mesh, model_setup.architecture(cfg, tokenizer))
+        mesh = model_setup.build_mesh(cfg.parallel)
+        policy = model_setup.abstract_policy(cfg, mesh, model_setup.architecture(cfg.model, tokenizer))
         try:
             for attempt in range(_ROTATION_RETRIES + 1):
                 try:
@@ -117,7 +117,7 @@ def policy_from_hf(cfg: config_lib.AnyConfig, hf: str):
     cfg = config_lib.with_key(config_lib.with_key(config_lib.typed(cfg), "model.hf_dir", hf), "train.sft_steps", 0)
     cfg = _validated(cfg)
     tokenizer = _tokenizer(cfg)
-    return cfg, model_setup.load_policy(cfg, model_setup.build_mesh(cfg), tokenizer), tokenizer
+    return cfg, model_setup.load_policy(cfg, model_setup.build_mesh(cfg.parallel), tokenizer), tokenizer
 
 
 def evaluate_for_cli(cfg: ml_collections.ConfigDict, policy: Policy, step: int, tokenizer, *,

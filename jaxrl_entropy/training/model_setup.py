@@ -1,7 +1,7 @@
 """From a config to a device mesh and a sharded policy: what `train`, `eval`, `convert` and
 `dryrun` share (none of them needs the others' data, optimiser or compiled step).
 
-    mesh = model_setup.build_mesh(cfg)
+    mesh = model_setup.build_mesh(cfg.parallel)
     policy = model_setup.load_policy(cfg, mesh, tokenizer)       # real weights (HF dir or random init)
     policy = model_setup.abstract_policy(cfg, mesh, arch)         # shapes and shardings only (dryrun)
     policy.graphdef, policy.params, policy.shardings, policy.arch
@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 
 from jaxrl_entropy import parallel
-from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.config import ConfigError, ModelConfig, ParallelConfig
 from jaxrl_entropy.models import qwen3, sampler
 from jaxrl_entropy.models.config import DTYPES  # config name → dtype
 
@@ -37,36 +37,36 @@ class Policy:
         return nnx.merge(self.graphdef, self.params if params is None else params)
 
 
-def build_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
-    p = cfg.parallel
-    return parallel.make_mesh(p.data, p.fsdp, p.tensor, devices=devices)
+def build_mesh(axes: ParallelConfig, devices=None) -> jax.sharding.Mesh:
+    """The device mesh of the config's `parallel` section."""
+    return parallel.make_mesh(axes.data, axes.fsdp, axes.tensor, devices=devices)
 
 
-def kernel_backend(cfg: ml_collections.ConfigDict, mesh) -> str | None:
+def kernel_backend(model: ModelConfig, mesh) -> str | None:
     """`model.kernel_backend`, or the shell for the mesh's platform: the mesh decides, not the host,
     so `dryrun` on a CPU host builds Mosaic kernels for a TPU mesh (None = the kernels' own choice)."""
-    if cfg.model.kernel_backend:
-        return cfg.model.kernel_backend
+    if model.kernel_backend:
+        return model.kernel_backend
     return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(mesh.devices.flat[0].platform)
 
 
-def runtime_options(cfg: ml_collections.ConfigDict, mesh) -> qwen3.RuntimeOptions:
-    m = cfg.model
+def runtime_options(model: ModelConfig, mesh) -> qwen3.RuntimeOptions:
+    m = model
     return qwen3.RuntimeOptions(
         dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], attention=m.attention,
-        probe_attention=m.probe_attention, kernel_backend=kernel_backend(cfg, mesh), remat=m.remat,
+        probe_attention=m.probe_attention, kernel_backend=kernel_backend(model, mesh), remat=m.remat,
         logits_chunk=m.logits_chunk,
         kernel_mesh=mesh)  # read only by the kernel paths (any name of them)
 
 
-def architecture(cfg: ml_collections.ConfigDict, tokenizer=None) -> qwen3.Qwen3Config:
+def architecture(model: ModelConfig, tokenizer=None) -> qwen3.Qwen3Config:
     """The model's architecture: `model.hf_dir`'s config.json, or `model.arch` (random init, with the
     vocabulary of `tokenizer` padded to a multiple of 128 as Qwen3's is)."""
-    if cfg.model.hf_dir:
-        return qwen3.Qwen3Config.from_json_file(f"{cfg.model.hf_dir.rstrip('/')}/config.json")
+    if model.hf_dir:
+        return qwen3.Qwen3Config.from_json_file(f"{model.hf_dir.rstrip('/')}/config.json")
     if tokenizer is None:
         raise ValueError("architecture(): a random-init model needs the tokenizer (its vocabulary size)")
-    a = cfg.model.arch
+    a = model.arch
     return qwen3.Qwen3Config(
         vocab_size=int(math.ceil(len(tokenizer) / 128) * 128), hidden_size=a.hidden_size,
         intermediate_size=a.intermediate_size, num_hidden_layers=a.num_hidden_layers,
@@ -78,7 +78,7 @@ def architecture(cfg: ml_collections.ConfigDict, tokenizer=None) -> qwen3.Qwen3C
 def load_policy(cfg: ml_collections.ConfigDict, mesh, tokenizer) -> Policy:
     """The policy with real weights, each array straight into its shard: from `model.hf_dir`, or a
     random init from `model.arch` (seed `cfg.seed`)."""
-    options = runtime_options(cfg, mesh)
+    options = runtime_options(cfg.model, mesh)
     if cfg.model.hf_dir:
         kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
         dtype, param_dtype = kwargs.pop("dtype"), kwargs.pop("param_dtype")
@@ -88,7 +88,7 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh, tokenizer) -> Policy:
                 f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                 f"{model.config.vocab_size}; use the tokenizer that came with {cfg.model.hf_dir}")
     else:
-        model = qwen3.init_random(architecture(cfg, tokenizer), options, seed=cfg.seed)
+        model = qwen3.init_random(architecture(cfg.model, tokenizer), options, seed=cfg.seed)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     shardings = parallel.param_shardings(params, mesh)
@@ -98,7 +98,7 @@ def load_policy(cfg: ml_collections.ConfigDict, mesh, tokenizer) -> Policy:
 def abstract_policy(cfg: ml_collections.ConfigDict, mesh, arch: qwen3.Qwen3Config) -> Policy:
     """The policy as shapes, dtypes and shardings only (nothing allocated): for ahead-of-time
     compilation (`jaxrl-entropy dryrun`)."""
-    options = runtime_options(cfg, mesh)
+    options = runtime_options(cfg.model, mesh)
     model = nnx.eval_shape(lambda: qwen3.Qwen3(arch, options, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)

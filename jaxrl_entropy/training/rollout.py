@@ -100,7 +100,7 @@ class RolloutCollector:
                  eos_ids: tuple[int, ...]):
         self.cfg, self.tokenizer, self.batcher, self.records = cfg, tokenizer, batcher, records
         self.verifier = verifier
-        self.sampling = rollout_sampling_params(cfg, eos_ids, tokenizer.pad_token_id)
+        self.sampling = rollout_sampling_params(cfg.rollout, eos_ids, tokenizer.pad_token_id)
 
     def generate_and_score(self, step: int, gen_index: int, sample: SampleFn,
                            prompts: int | None = None) -> dict[str, Any]:

@@ -2,13 +2,13 @@
 sizes itself from them, the rollout collector samples with them)."""
 from __future__ import annotations
 
-import ml_collections
 
 from jaxrl_entropy.models import sampler
+from jaxrl_entropy.config import RolloutConfig
 
 
-def rollout_sampling_params(cfg: ml_collections.ConfigDict, eos_ids: tuple[int, ...],
+def rollout_sampling_params(rollout: RolloutConfig, eos_ids: tuple[int, ...],
                             pad_id: int) -> sampler.SamplingParams:
-    r = cfg.rollout
+    r = rollout
     return sampler.SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                   top_k=r.top_k, eos_ids=eos_ids, pad_id=pad_id)

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrl_entropy.training import model_setup
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import config, parallel
-from jaxrl_entropy.config import ConfigError
+from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rundir.checkpoint import Checkpointer, CheckpointMismatchError
@@ -45,17 +45,17 @@ ROLLOUT_KEYS = ("input_ids", "attention_mask", "response")
 UPDATE_KEYS = ("input_ids", "attention_mask", "response", "response_mask", "old_logp", "advantage", "weights")
 
 
-def probe_layers(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> tuple[int, ...]:
+def probe_layers(entropy: EntropyConfig, arch: qwen3.Qwen3Config) -> tuple[int, ...]:
     try:
-        return qwen3.resolve_probe_layers(cfg.entropy.layers, arch.num_hidden_layers)
+        return qwen3.resolve_probe_layers(entropy.layers, arch.num_hidden_layers)
     except ValueError as e:
-        raise ConfigError(f"config.entropy.layers={cfg.entropy.layers!r}: {e}") from None
+        raise ConfigError(f"config.entropy.layers={entropy.layers!r}: {e}") from None
 
 
 def step_spec(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config) -> ts.StepSpec:
     return ts.StepSpec(
         prompt_len=cfg.data.max_prompt_len, response_len=cfg.rollout.max_new_tokens,
-        probe_layers=probe_layers(cfg, arch),
+        probe_layers=probe_layers(cfg.entropy, arch),
         aggregation=cfg.entropy.aggregation, temperature=cfg.rollout.temperature,
         eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, clip_c=cfg.rl.clip_c,
         kl_coef=cfg.rl.kl_coef, entropy_coef=cfg.rl.entropy_coef)
@@ -70,10 +70,10 @@ def optimizer_from_config(cfg: ml_collections.ConfigDict) -> optax.GradientTrans
                              param_dtype=model_setup.DTYPES[cfg.model.param_dtype])
 
 
-def optimizer_bytes_per_param(cfg: ml_collections.ConfigDict) -> int:
+def optimizer_bytes_per_param(model: ModelConfig) -> int:
     """Bytes of `optimizer_from_config`'s state per parameter (AdamW's two moments, and the master
     copy for bf16 parameters): 8 with float32 parameters, 12 with bf16 ones."""
-    return master_weights.optimizer_bytes_per_param(model_setup.DTYPES[cfg.model.param_dtype])
+    return master_weights.optimizer_bytes_per_param(model_setup.DTYPES[model.param_dtype])
 
 
 def policy_opt_state_shardings(tx: optax.GradientTransformation, policy: Policy) -> Any:
@@ -316,7 +316,7 @@ def _kernel_units(cfg: ml_collections.ConfigDict, arch: qwen3.Qwen3Config, *, ba
     """Attention work (units of `attention_flops`) that runs inside Pallas kernels, per pass of the
     model: 0 for layers the compiler sees (`xla`)."""
     n_layers = arch.num_hidden_layers
-    n_probe = len(probe_layers(cfg, arch)) if probe else 0
+    n_probe = len(probe_layers(cfg.entropy, arch)) if probe else 0
     plain_in_kernel = cfg.model.attention != "xla"
     probe_in_kernel = cfg.model.probe_attention != "xla"
     per_layer = 2.0 + (7.0 if cfg.model.remat else 5.0) * backward   # forward (+ remat forward + backward)

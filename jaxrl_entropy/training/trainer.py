@@ -68,15 +68,15 @@ class Trainer:
         self.checkpointer = None
         self.warmup_store = warmup.WarmupStore(workdir, on_corrupt=cfg.train.on_corrupt_checkpoint)
         self.verifier = None
-        self.mesh = model_setup.build_mesh(cfg)
+        self.mesh = model_setup.build_mesh(cfg.parallel)
 
         from jaxrl_entropy.training import data_setup  # local: keeps `import trainer` light for tests
         self.tokenizer = data_setup.tokenizer_for(cfg)
         train, evals, self.task = data_setup.datasets(cfg)
         # data.truncation, once, before anything is compiled: an over-long prompt stops the run
         # here, or is dropped / left-truncated with a warning and counted in the step-0 metrics
-        self.train_records, train_report = data_setup.fit_prompts(cfg, self.tokenizer, train,
-                                                                  data_setup.train_source(cfg))
+        self.train_records, train_report = data_setup.fit_prompts(cfg.data, self.tokenizer, train,
+                                                                  data_setup.train_source(cfg.data))
         self.eval_sets, eval_reports = data_setup.fit_eval_sets(cfg, self.tokenizer, evals)
         self.data_metrics = data_setup.length_metrics(train_report, eval_reports)
 

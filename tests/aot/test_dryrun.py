@@ -105,8 +105,8 @@ def test_qwen3_8b_from_config_json_alone(qwen3_8b_dir):
     """Oracle: Qwen3-8B's parameter count by hand from its published widths (8.19 B)."""
     cfg = presets.qwen3_8b_dapo()
     cfg.model.hf_dir = qwen3_8b_dir
-    arch = model_setup.architecture(cfg)
-    mesh = model_setup.build_mesh(cfg)
+    arch = model_setup.architecture(cfg.model)
+    mesh = model_setup.build_mesh(cfg.parallel)
     policy = model_setup.abstract_policy(cfg, mesh, arch)
     D, I, L, V, H, K, Dh = 4096, 12288, 36, 151936, 32, 8, 128
     per_layer = D * (H + 2 * K) * Dh + H * Dh * D + 3 * D * I + 2 * D + 2 * Dh

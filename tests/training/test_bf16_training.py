@@ -68,7 +68,7 @@ def _rel_err(new, start, oracle_delta):
 @pytest.mark.slow  # three update programs compiled on 8 devices (the maths alone: tests/rl/test_master_weights.py)
 def test_bf16_updates_at_lr_1e_6_move_the_parameters_as_float32_does(tokenizer):
     cfg16, cfg32 = _cfg("bfloat16"), _cfg("float32")
-    mesh = model_setup.build_mesh(cfg16)
+    mesh = model_setup.build_mesh(cfg16.parallel)
     pol16 = model_setup.load_policy(cfg16, mesh, tokenizer)
     pol32 = model_setup.load_policy(cfg32, mesh, tokenizer)
     start16 = pol16.params
@@ -120,9 +120,9 @@ def test_memory_estimates_count_the_master_copy(tokenizer):
     totals = {}
     for dtype, param_bytes, opt_bytes in (("float32", 4, 8), ("bfloat16", 2, 12)):
         cfg = _cfg(dtype)
-        assert step_programs.optimizer_bytes_per_param(cfg) == opt_bytes
-        policy = model_setup.abstract_policy(cfg, model_setup.build_mesh(cfg),
-                                             model_setup.architecture(cfg, tokenizer))
+        assert step_programs.optimizer_bytes_per_param(cfg.model) == opt_bytes
+        policy = model_setup.abstract_policy(cfg, model_setup.build_mesh(cfg.parallel),
+                                             model_setup.architecture(cfg.model, tokenizer))
         n = sum(x.size for x in jax.tree.leaves(policy.params))
         state = jax.eval_shape(step_programs.optimizer_from_config(cfg).init, policy.params)
         assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim) == opt_bytes * n

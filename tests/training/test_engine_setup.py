@@ -20,7 +20,7 @@ def setup():
     from jaxrl_entropy.training import data_setup
     cfg = tiny_config()
     tok = data_setup.tokenizer_for(cfg)
-    mesh = model_setup.build_mesh(cfg)  # 8 fake devices, data-parallel
+    mesh = model_setup.build_mesh(cfg.parallel)  # 8 fake devices, data-parallel
     policy = model_setup.load_policy(cfg, mesh, tok)
     return cfg, tok, policy
 
@@ -135,7 +135,7 @@ def test_engine_programs_compile_for_tpu(tpu_devices):
     cfg = tiny_config(**{"rollout.kv_cache_gib": 0.01, "rollout.max_slots": 8, "rollout.page_size": 16,
                          "model.dtype": "bfloat16", "model.attention": "kernel"})
     devices = tpu_devices("v5p:2x2x1")
-    mesh = model_setup.build_mesh(cfg, devices=devices)
+    mesh = model_setup.build_mesh(cfg.parallel, devices=devices)
     from jaxrl_entropy.models import qwen3
     arch = qwen3.Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=128)
