@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrl_entropy.training import model_setup
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import config, parallel
-from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig
+from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig, TrainConfig
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rundir.checkpoint import Checkpointer, CheckpointMismatchError
@@ -151,20 +151,20 @@ class GeometryPrograms:
         return metrics, sketches, self.projections(params, part, g_full)
 
 
-def geometry_probe_due(cfg: ml_collections.ConfigDict, step: int) -> bool:
+def geometry_probe_due(train: TrainConfig, step: int) -> bool:
     """Whether RL step `step` runs the gradient-geometry probe: every `train.geometry_every` steps,
     and the step after each with `train.geometry_consecutive`."""
-    every = cfg.train.geometry_every
-    return bool(every) and (step % every == 0 or (cfg.train.geometry_consecutive and step % every == 1))
+    every = train.geometry_every
+    return bool(every) and (step % every == 0 or (train.geometry_consecutive and step % every == 1))
 
 
-def geometry_calls_per_step(cfg: ml_collections.ConfigDict) -> tuple[float, int]:
+def geometry_calls_per_step(train: TrainConfig) -> tuple[float, int]:
     """(probes per RL step on average, subset gradients per probe): what `dryrun` multiplies the
     geometry programs' costs by."""
-    every = cfg.train.geometry_every
-    probes = (2.0 if cfg.train.geometry_consecutive and every > 1 else 1.0) / every
-    subsets = 4 + len(tuple(cfg.train.geometry_random_fractions))
-    return probes, subsets * (3 if cfg.train.geometry_halves else 1)
+    every = train.geometry_every
+    probes = (2.0 if train.geometry_consecutive and every > 1 else 1.0) / every
+    subsets = 4 + len(tuple(train.geometry_random_fractions))
+    return probes, subsets * (3 if train.geometry_halves else 1)
 
 
 def geometry_programs(graphdef, spec: ts.StepSpec, sketch: diagnostics.GradientSketch, *, params_sharding,
@@ -381,7 +381,7 @@ def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: St
     gradients, n norms and dots, n sketches (n = 4, more with random fractions, ×3 with halves), 1
     projection pass. The sketch compiles once per
     distinct leaf shape; the largest leaf's stands for them (the others are smaller copies)."""
-    probes, n = geometry_calls_per_step(cfg)
+    probes, n = geometry_calls_per_step(cfg.train)
     part = _rollout_arrays(sh, rows_sh, (sh.micro,))
     w = _abstract((sh.micro, sh.response_len), jnp.float32, rows_sh)
     grad = jax.tree.map(lambda p: _abstract(p.shape, jnp.float32, p.sharding), params)

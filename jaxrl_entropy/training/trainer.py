@@ -174,7 +174,7 @@ class Trainer:
             metrics.update(behaviour_gap_metrics(batch["behaviour_logprobs"], batch["logprobs"], host["response_mask"]))
         data = dict(seqs, old_logp=st["old_logp"], weights=weights)
         data = {k: data[k] for k in step_programs.UPDATE_KEYS}
-        if step_programs.geometry_probe_due(cfg, step):
+        if step_programs.geometry_probe_due(cfg.train, step):
             metrics.update(self._geometry(data, st))
 
         self.params, self.opt_state, upd, skipped, n_updates = step_programs.apply_updates(
