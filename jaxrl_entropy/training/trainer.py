@@ -32,10 +32,11 @@ from jaxrl_entropy.rundir.locking import claim_workdir
 from jaxrl_entropy.rundir.metrics import MetricsWriter
 from jaxrl_entropy.rundir.preemption import PreemptionGuard, StopRequested
 from jaxrl_entropy.rl import advantages as adv_lib
-from jaxrl_entropy.rl import diagnostics, entropy_stats
+from jaxrl_entropy.rl import entropy_stats
 from jaxrl_entropy.rl import loss as loss_lib
 from jaxrl_entropy.rl import train_step as ts
 from jaxrl_entropy.rl.rewards import MathVerifier
+from jaxrl_entropy.training.geometry_probe import GeometryProbe
 from jaxrl_entropy.training.rollout import PolicySampler, RolloutCollector, behaviour_gap_metrics, logp_diff_metrics
 
 log = logging.getLogger("jaxrl_entropy")
@@ -83,8 +84,8 @@ class Trainer:
         self.policy = model_setup.load_policy(cfg, self.mesh, self.tokenizer)
         self.params = self.policy.params
         self.eos_ids = model_setup.eos_ids(self.tokenizer, self.policy.arch)
-        self.geometry = diagnostics.GeometryTracker() if cfg.train.geometry_every else None
-        self._last_geometry_step: int | None = None
+        self.geometry = (GeometryProbe(cfg.train, fraction=cfg.weights.fraction, micro_batch_size=cfg.rl.micro_batch_size,
+                                       seed=cfg.seed) if cfg.train.geometry_every else None)
         self.programs = step_programs.build(cfg, self.policy, step_programs.optimizer_from_config(cfg),
                                             sketch=self.geometry.sketch if self.geometry else None)
         self.opt_state = self.programs.init_opt_state(self.params)
@@ -174,8 +175,8 @@ class Trainer:
             metrics.update(behaviour_gap_metrics(batch["behaviour_logprobs"], batch["logprobs"], host["response_mask"]))
         data = dict(seqs, old_logp=st["old_logp"], weights=weights)
         data = {k: data[k] for k in step_programs.UPDATE_KEYS}
-        if step_programs.geometry_probe_due(cfg.train, step):
-            metrics.update(self._geometry(data, st))
+        if self.geometry is not None and self.geometry.due(step):
+            metrics.update(self.geometry.measure(self.programs, self.params, data, st, step))
 
         self.params, self.opt_state, upd, skipped, n_updates = step_programs.apply_updates(
             prog, self.params, self.opt_state, data, mini_batch_rows=cfg.rl.mini_batch_prompts * cfg.rl.group_size,
@@ -188,29 +189,6 @@ class Trainer:
         metrics.update({"skipped_updates": skipped, "skipped_updates/total": self.skipped_total,
                         "time/rollout_s": t1 - t0, "time/train_s": time.time() - t1})
         return metrics
-
-    def _geometry(self, data, st) -> dict[str, float]:
-        """Gradient of each token subset (anchor, explorer, random of the same size, full) vs the
-        full-token gradient, on the step's first micro-batch (bounded memory at any scale), and the
-        controls on every token's own alignment with the full update."""
-        cfg, n = self.cfg, self.cfg.rl.micro_batch_size
-        part = jax.device_put(jax.tree.map(lambda x: x[:n], data), self.programs.batch_sharding)
-        subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n], fraction=cfg.weights.fraction,
-                                               rng=rng.step_key(cfg.seed, self.step, rng.GEOMETRY),
-                                               random_fractions=tuple(cfg.train.geometry_random_fractions),
-                                               halves=cfg.train.geometry_halves)
-        metrics, sketches, align = self.programs.geometry(self.params, part, subsets)
-        metrics, sketches = diagnostics.split_half_metrics(metrics, sketches)
-        out = {f"geometry/{k}": float(v) for k, v in self.geometry.update(metrics, sketches).items()}
-        out.update({f"geometry/{name}/tokens": float(np.sum(parallel.to_host(w) > 0))
-                    for name, w in subsets.items() if name in sketches})
-        if self._last_geometry_step is not None:
-            out["geometry/steps_since_prev"] = float(self.step - self._last_geometry_step)
-        self._last_geometry_step = self.step
-        out.update(diagnostics.alignment_controls(
-            parallel.to_host(align), parallel.to_host(st["hnorm"][:n]), parallel.to_host(st["pred_entropy"][:n]),
-            parallel.to_host(part["response_mask"]), fraction=cfg.weights.fraction, seed=self.step))
-        return out
 
     # ------------------------------------------------------------------ warm-up and evaluation
     def sft_warmup(self) -> bool:
