@@ -50,6 +50,57 @@ class _Prompt:
         return len(self.tokens)
 
 
+def _distinct_prompts(ids, mask, max_prompt_len: int) -> tuple[list[_Prompt], np.ndarray]:
+    """The distinct prompts of left-padded `ids` / `mask` `[B, P]`, in order of first appearance
+    (each counting its rows in `pending`), and each row's prompt index `[B]`."""
+    by_content: dict[bytes, int] = {}
+    prompts: list[_Prompt] = []
+    row_prompt = np.zeros(ids.shape[0], np.int64)
+    for r in range(ids.shape[0]):
+        toks = ids[r][mask[r]].astype(np.int32)
+        if toks.size == 0:
+            raise ValueError(f"prompt row {r} is empty (its mask has no 1): every request needs a prompt token")
+        if toks.size > max_prompt_len:
+            raise ValueError(f"prompt row {r} has {toks.size} tokens, more than the engine's max_prompt_len="
+                             f"{max_prompt_len} (config data.max_prompt_len)")
+        j = by_content.setdefault(toks.tobytes(), len(prompts))
+        if j == len(prompts):
+            prompts.append(_Prompt(toks, pending=0))
+        prompts[j].pending += 1
+        row_prompt[r] = j
+    return prompts, row_prompt
+
+
+@dataclasses.dataclass
+class _RowOutputs:
+    """What every row has generated so far, on the host: tokens `[B, N]`, their log-probs (full and
+    behaviour policy, see `sampler.SampleOutput`), lengths and finished flags `[B]`."""
+    tokens: np.ndarray
+    logp: np.ndarray
+    behaviour_logp: np.ndarray
+    lengths: np.ndarray
+    finished: np.ndarray
+
+    @classmethod
+    def empty(cls, rows: int, max_new_tokens: int, pad_id: int) -> "_RowOutputs":
+        B, N = rows, max_new_tokens
+        return cls(np.full((B, N), pad_id, np.int32), np.zeros((B, N), np.float32), np.zeros((B, N), np.float32),
+                   np.zeros(B, np.int32), np.zeros(B, bool))
+
+    def clear(self, r: int, pad_id: int) -> None:
+        """Row `r` starts again (preempted: it will be generated anew)."""
+        self.tokens[r], self.logp[r], self.behaviour_logp[r] = pad_id, 0.0, 0.0
+
+    def write(self, r: int, t0: int, tokens, logp, behaviour_logp) -> None:
+        n = len(tokens)
+        self.tokens[r, t0:t0 + n], self.logp[r, t0:t0 + n], self.behaviour_logp[r, t0:t0 + n] = (
+            tokens, logp, behaviour_logp)
+
+    def result(self) -> SampleOutput:
+        return SampleOutput(tokens=self.tokens, lengths=self.lengths, logprobs=self.logp, finished=self.finished,
+                            behaviour_logprobs=self.behaviour_logp)
+
+
 class HostScheduler:
     """The host state of one `Engine.generate` call: `engine` supplies the compiled programs
     (`prefill_fn`, `decode_fn`, `new_cache`, `_put`) and the spec."""
@@ -59,22 +110,7 @@ class HostScheduler:
         self.e, self.spec, self.params, self.sp = engine, engine.spec, params, sp
         spec, B, N = engine.spec, ids.shape[0], sp.max_new_tokens
         self.page = spec.page_size
-        # distinct prompts, in order of first appearance
-        by_content: dict[bytes, int] = {}
-        self.prompts: list[_Prompt] = []
-        self.row_prompt = np.zeros(B, np.int64)
-        for r in range(B):
-            toks = ids[r][mask[r]].astype(np.int32)
-            if toks.size == 0:
-                raise ValueError(f"prompt row {r} is empty (its mask has no 1): every request needs a prompt token")
-            if toks.size > spec.max_prompt_len:
-                raise ValueError(f"prompt row {r} has {toks.size} tokens, more than the engine's max_prompt_len="
-                                 f"{spec.max_prompt_len} (config data.max_prompt_len)")
-            j = by_content.setdefault(toks.tobytes(), len(self.prompts))
-            if j == len(self.prompts):
-                self.prompts.append(_Prompt(toks, pending=0))
-            self.prompts[j].pending += 1
-            self.row_prompt[r] = j
+        self.prompts, self.row_prompt = _distinct_prompts(ids, mask, spec.max_prompt_len)
         self.width = spec.table_width(N)
         self._check_fits()
         base = key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
@@ -94,11 +130,7 @@ class HostScheduler:
         self.admissions = 0
         self.copies: list[tuple[int, int]] = []
         self.to_prefill: list[int] = []
-        self.out_tokens = np.full((B, N), sp.pad_id, np.int32)
-        self.out_logp = np.zeros((B, N), np.float32)
-        self.out_behaviour_logp = np.zeros((B, N), np.float32)
-        self.lengths = np.zeros(B, np.int32)
-        self.finished = np.zeros(B, bool)
+        self.out = _RowOutputs.empty(B, N, sp.pad_id)
         self.done = np.zeros(B, bool)
         self.stats = collections.Counter()
         self.on_progress = on_progress
@@ -160,9 +192,7 @@ class HostScheduler:
         self.slot_req[s] = -1
         self.table[s] = NULL_PAGE
         self.waiting[s] = False
-        self.out_tokens[r] = self.sp.pad_id
-        self.out_logp[r] = 0.0
-        self.out_behaviour_logp[r] = 0.0
+        self.out.clear(r, self.sp.pad_id)
         self.queue.appendleft(r)
         self.stats["preemptions"] += 1
 
@@ -252,8 +282,8 @@ class HostScheduler:
         if p.pending == 0 and p.resident:
             self._evict(p, retired=True)
         self.done[r] = True
-        self.finished[r] = eos
-        self.lengths[r] = int(self.stp[s])
+        self.out.finished[r] = eos
+        self.out.lengths[r] = int(self.stp[s])
 
     # -------------------------------------------------------------- device calls
     def _run_prefills(self, cache):
@@ -307,9 +337,7 @@ class HostScheduler:
         eos = set(self.sp.eos_ids)
         for s in np.flatnonzero(live):
             r, t0, n = int(self.slot_req[s]), int(self.stp[s]), int(stp[s] - self.stp[s])
-            self.out_tokens[r, t0:t0 + n] = out_t[s, :n]
-            self.out_logp[r, t0:t0 + n] = out_lp[s, :n]
-            self.out_behaviour_logp[r, t0:t0 + n] = out_blp[s, :n]
+            self.out.write(r, t0, out_t[s, :n], out_lp[s, :n], out_blp[s, :n])
             self.stats["tokens"] += n
             if n:
                 self.tok[s] = out_t[s, n - 1]
@@ -360,5 +388,4 @@ class HostScheduler:
         elapsed = time.perf_counter() - t0
         self.e.last_stats = dict(self.stats, seconds=elapsed, tokens_per_s=self.stats["tokens"] / max(elapsed, 1e-9),
                                  pages_free_at_end=self.pool.num_free, pages_capacity=self.pool.capacity)
-        return SampleOutput(tokens=self.out_tokens, lengths=self.lengths, logprobs=self.out_logp,
-                            finished=self.finished, behaviour_logprobs=self.out_behaviour_logp)
+        return self.out.result()
