@@ -38,6 +38,11 @@ class ConfigError(ValueError):
     """A config value or key that cannot work; the message names the key and the fix."""
 
 
+# The presets' stand-in for a path only the user knows (a checkpoint, a data file): `train` refuses
+# to start while any key still holds one (`check_placeholders`), naming every such key at once.
+PLACEHOLDER = "/path/to/"
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key with its default (locked). The RL defaults are the paper's DAPO setting; the
     presets (`jaxrl_entropy/presets.py`) change only what differs for their model and data."""
@@ -139,6 +144,13 @@ def base_config() -> ml_collections.ConfigDict:
         benchmarks=""))  # "name=path,name2=path2" (verl layout); synthetic data adds its held-out split
 
     c.parallel = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # What `jaxrl-entropy dryrun`'s cost estimate assumes about a run (training ignores these):
+    # keep_rate = the share of prompt groups dynamic sampling keeps (it generates about 1/keep_rate
+    # batches per step; the trainer logs the measured `sampling/kept_group_frac`); 1 = one batch.
+    # eval_problems = the problems of eval.benchmarks together (k samples each, every eval.every
+    # steps); 0 = evaluation not counted.
+    c.dryrun = ml_collections.ConfigDict(dict(keep_rate=1.0, eval_problems=0))
     c.lock()
     return c
 
@@ -297,6 +309,9 @@ RULES: dict[str, Range | Choice] = {
     "parallel.data": _MESH_AXIS,
     "parallel.fsdp": _MESH_AXIS,
     "parallel.tensor": _MESH_AXIS,
+    "dryrun.keep_rate": Range("(0, 1]", why="the share of generated groups dynamic sampling keeps (1 = all: one "
+                              "generation batch per step)"),
+    "dryrun.eval_problems": Range("[0, inf)", why="problems in eval.benchmarks together (0 = evaluation not counted)"),
 }
 # Keys whose value is any string: paths, labels, the benchmark list (checked when it is read).
 FREE_TEXT = ("name", "model.hf_dir", "tokenizer", "data.train_files", "data.synthetic.ops", "eval.benchmarks")
@@ -502,6 +517,24 @@ def validate_for_runtime(cfg: ml_collections.ConfigDict, *, num_devices: int, nu
             raise ConfigError(f"config.entropy.layers item {item} is out of range for a model with {layers} layers "
                               f"({where}); use an index in [{-layers}, {layers}) or a depth fraction in [0, 1]")
     return cfg
+
+
+def placeholders(cfg: ml_collections.ConfigDict) -> dict[str, str]:
+    """Keys whose value still holds a preset's placeholder path (`PLACEHOLDER`): key -> value."""
+    given = _schema_keys(cfg)
+    return {key: given[key] for key in FREE_TEXT
+            if isinstance(given.get(key), str) and PLACEHOLDER in given[key]}
+
+
+def check_placeholders(cfg: ml_collections.ConfigDict, keys: tuple[str, ...] | None = None) -> None:
+    """A `ConfigError` listing every key (of `keys`, default all) that still holds a placeholder
+    path, each as the flag that sets it, so that one message says all that is missing."""
+    found = {k: v for k, v in placeholders(cfg).items() if keys is None or k in keys}
+    if found:
+        raise ConfigError(
+            f"{len(found)} config key(s) still hold the preset's placeholder paths ({PLACEHOLDER}...): set each "
+            "on the command line, with your paths in place of /path/to (local or gs://; model.hf_dir a local "
+            "directory on every host):\n" + "\n".join(f"  --config.{k}={v}" for k, v in found.items()))
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
