@@ -148,15 +148,17 @@ def resolve(name: str) -> Topology:
                      "shape (v5p:2x4x4, v5e:4x4) or a GPU host (h100x8, h200x8, a100x8)")
 
 
-def prepare_environment(topo: Topology) -> None:
+def prepare_environment(topo: Topology, *, estimate: bool = False) -> None:
     """What `dryrun` needs set before jax is first imported (jax reads it once): on a TPU topology
-    libtpu serves as the compiler only, so JAX runs on the CPU; for a GPU estimate without GPUs,
-    `num_chips` CPU stand-in devices carry the shardings. Once jax is imported the caller's own
-    settings stand (the test suite's 8 fake devices)."""
+    libtpu serves as the compiler only, so JAX runs on the CPU; for a GPU estimate without GPUs, or
+    any `estimate`, `num_chips` CPU stand-in devices carry the shardings. Once jax is imported the
+    caller's own settings stand (the test suite's 8 fake devices)."""
     if "jax" in sys.modules:
         return
     if topo.platform == "tpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if topo.platform == "tpu" and not estimate:
+        return
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={topo.num_chips}").strip()

@@ -2,14 +2,16 @@
 
 This module is itself a config file: `jaxrl-entropy train` with no `--config` loads it, and its
 `get_config` returns the CPU demo, so an installed package runs without this repository's
-`configs/` directory. `configs/demo.py` and `configs/qwen3_8b_dapo.py` expose the same configs
-to `--config=FILE.py[:variant]`.
+`configs/` directory. `configs/demo.py` and `configs/qwen3_{0.6b,1.7b,4b,8b}_dapo.py` expose the
+same configs to `--config=FILE.py[:variant]`; `qwen3_dapo(size, "anchor,v6e-8")` builds them here.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from jaxrl_entropy.config import base_config
+from jaxrl_entropy.config import PLACEHOLDER, base_config
 from jaxrl_entropy.rl.token_weights import MODES
 
 PAPER_VARIANTS = ("full", "random", "anchor", "explorer", "soft")
@@ -64,51 +66,114 @@ def multiplication(variant: str = "full") -> ml_collections.ConfigDict:
     return c
 
 
-# TPU slices the 8B preset is sized for (checked by `jaxrl-entropy dryrun`, docs/scaling.md). Each
-# micro-batch puts one 9216-token sequence on every chip: micro_batch_size = the data-parallel size.
-SLICES: dict[str, dict] = {
-    "v5p-64": dict(micro_batch_size=32),   # 32 chips, FSDP over all of them (the default)
-    "v5p-8": dict(micro_batch_size=4),     # one host, 4 chips
+# The Qwen3 base models the presets start from. `configs/arch/<arch>/config.json` holds each one's
+# published architecture (for `dryrun`, which needs no weights). `keep_rate` is an ASSUMPTION used
+# only for planning (`dryrun.keep_rate`): the share of prompt groups DAPO's dynamic sampling keeps
+# (not all 16 answers right or all wrong) early in training on DAPO-Math-17k; smaller models solve
+# fewer problems, so more groups come back all wrong. Replace it with the `sampling/kept_group_frac`
+# your first steps log.
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    size: str             # as the command line names it: "0.6b"
+    hf_name: str          # the HF repository name of the base model
+    arch: str             # configs/arch/<arch>/config.json
+    keep_rate: float      # assumed dynamic-sampling keep rate (planning only; see above)
+    default_slice: str    # the slice the batch is laid out for when the variant names none
+
+
+MODELS: dict[str, ModelPreset] = {
+    "0.6b": ModelPreset("0.6b", "Qwen3-0.6B-Base", "qwen3-0.6b", keep_rate=0.3, default_slice="h100x1"),
+    "1.7b": ModelPreset("1.7b", "Qwen3-1.7B-Base", "qwen3-1.7b", keep_rate=0.4, default_slice="v6e-8"),
+    "4b": ModelPreset("4b", "Qwen3-4B-Base", "qwen3-4b", keep_rate=0.5, default_slice="v5p-8"),
+    "8b": ModelPreset("8b", "Qwen3-8B-Base", "qwen3-8b", keep_rate=0.5, default_slice="v5p-64"),
 }
-DEFAULT_SLICE = "v5p-64"
+
+# Slices a user has, named as `dryrun --topology` names them. Each micro-batch puts one 9216-token
+# sequence on every chip (pure FSDP): micro_batch_size = the number of chips.
+SLICES: dict[str, dict] = {
+    "h100x1": dict(micro_batch_size=1),    # one H100 (80 GB)
+    "h100x8": dict(micro_batch_size=8),    # one 8 × H100 node
+    "v5e-8": dict(micro_batch_size=8),     # one host, 8 chips of 16 GiB
+    "v6e-8": dict(micro_batch_size=8),     # one host, 8 chips of 32 GiB
+    "v5p-8": dict(micro_batch_size=4),     # one host, 4 chips of 95 GiB
+    "v5p-64": dict(micro_batch_size=32),   # 8 hosts, 32 chips: FSDP over all of them
+}
+# What each slice is for (docs/scaling.md has the table behind these sentences)
+SLICE_PURPOSE: dict[str, str] = {
+    "h100x1": "a pipeline check (0.6B, 1.7B) with a shrunk step: at the paper's shapes a step takes ~10 h",
+    "h100x8": "full runs of every preset (estimated to fit): 120 steps in about a week at roofline",
+    "v5e-8": "the cheapest TPU: pipeline checks and 0.6B / 1.7B runs; 4B and 8B do not fit its 16 GiB chips",
+    "v6e-8": "full runs of 0.6B to 4B; Qwen3-8B does not fit as configured (f32 state)",
+    "v5p-8": "every preset fits: Qwen3-8B end to end at the paper's shapes before paying for a pod",
+    "v5p-64": "the paper's 120 steps on Qwen3-8B in under 3 days at roofline",
+}
+DEFAULT_SLICE = MODELS["8b"].default_slice
+
+# Sampling as verl's DAPO recipe sets it (recipe/dapo/test_dapo_7b_math.sh: temperature=1.0,
+# top_p=1.0, top_k=-1 for rollouts; val_kwargs temperature 1.0, top_p 0.7, top_k -1). These are
+# base_config()'s defaults, so the presets do not restate them; tests/test_config.py checks they
+# still hold. Evaluation draws eval.k = 8 samples per problem (the paper's mean@8). verl's recipe
+# reaches its AIME avg@32 with n=1 over aime-2024.parquet, which repeats each of the 30 problems 32
+# times; `eval` scores each distinct problem once with eval.k samples, so --config.eval.k=32 gives
+# the same estimator (at 4× the evaluation's generation).
+VERL_DAPO_SAMPLING = {"rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0,
+                      "eval.temperature": 1.0, "eval.top_p": 0.7}
+
+# The paper's evaluation sets (verl layout), in the problems each file holds once de-duplicated:
+# AIME 2024 30, AIME 2025 30, AMC 2023 40, MATH-500 500, Minerva 272, OlympiadBench 675.
+EVAL_SETS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
+DATA_DIR = PLACEHOLDER + "data"   # where the presets expect the parquet files until told otherwise
 
 
-def _split_variant(variant: str) -> tuple[str, str]:
-    """"anchor,v5p-8" → ("anchor", "v5p-8"); either part may be left out."""
+def _split_variant(variant: str) -> tuple[str, str | None]:
+    """"anchor,v5p-8" → ("anchor", "v5p-8"); either part may be left out (slice None)."""
     parts = [p.strip() for p in (variant or "").split(",") if p.strip()]
     slices = [p for p in parts if p in SLICES]
     rest = [p for p in parts if p not in SLICES]
     if len(slices) > 1 or len(rest) > 1:
         raise ValueError(f"variant {variant!r}: give at most one paper variant {PAPER_VARIANTS} and one slice "
                          f"{tuple(SLICES)}, comma-separated (e.g. 'anchor,v5p-8')")
-    return (rest[0] if rest else "full"), (slices[0] if slices else DEFAULT_SLICE)
+    return (rest[0] if rest else "full"), (slices[0] if slices else None)
 
 
-def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
-    """The paper's setting: Qwen3-8B-Base, DAPO, probe layer 20, on a TPU pod (FSDP mesh).
+def qwen3_dapo(size: str, variant: str = "full") -> ml_collections.ConfigDict:
+    """The paper's DAPO setting on a Qwen3 base model of `size` (a key of `MODELS`: 0.6b, 1.7b,
+    4b, 8b), laid out for a slice of `SLICES`.
 
     The DAPO hyperparameters (group 16, 512 prompts per step in mini-batches of 32, clip
     0.2 / 0.28, dual clip 10, lr 1e-6, 10 warm-up steps, weight decay 0.1, overlong buffer 2048,
-    dynamic sampling, prompts ≤ 1024 and responses ≤ 8192 tokens, eval mean@8 at top-p 0.7) are
-    `base_config()`'s defaults; this sets the model, the data, the probe layer, the mesh and the
-    micro-batch of the slice. `variant` = a paper variant and/or a slice of `SLICES`,
-    comma-separated ("anchor,v5p-8"); the slice defaults to v5p-64.
+    dynamic sampling, prompts ≤ 1024 and responses ≤ 8192 tokens), the probe layer at 0.55 of the
+    depth (layer 20 of 36, 15 of 28) and the sampling (`VERL_DAPO_SAMPLING`; evaluation mean@8 at
+    temperature 1.0, top-p 0.7, every 10 steps) are `base_config()`'s defaults; this sets the model,
+    the data, the mesh, the slice's micro-batch and what `dryrun` assumes for its cost estimate.
+    `variant` = a paper variant and/or a slice, comma-separated ("anchor,v6e-8"); the slice
+    defaults to the model's `default_slice`.
+
+    Paths the presets cannot know are placeholders under /path/to/: `train` stops before anything
+    runs with one message that lists every key still to set (`config.check_placeholders`).
     """
+    if size not in MODELS:
+        raise ValueError(f"unknown Qwen3 size {size!r}; choose one of {tuple(MODELS)}")
+    model = MODELS[size]
     variant, slice_name = _split_variant(variant)
     c = base_config()
-    c.model.update(dict(hf_dir="/path/to/Qwen3-8B-Base",       # a local HF directory
+    c.model.update(dict(hf_dir=f"{PLACEHOLDER}{model.hf_name}",  # a local HF directory
                         dtype="bfloat16", attention="auto",     # splash on TPU, cuDNN on GPU
                         probe_attention="kernel", remat=True))
     c.data.kind = "files"
-    c.data.train_files = "/path/to/dapo-math-17k.parquet"
-    c.entropy.layers = (20,)
+    c.data.train_files = f"{DATA_DIR}/dapo-math-17k.parquet"
     c.train.update(dict(steps=120, checkpoint_every=10, geometry_every=10))
-    c.eval.benchmarks = ("aime24=/path/to/aime24.parquet,aime25=/path/to/aime25.parquet,"
-                         "amc23=/path/to/amc23.parquet,math500=/path/to/math500.parquet,"
-                         "minerva=/path/to/minerva.parquet,olympiadbench=/path/to/olympiadbench.parquet")
+    c.eval.benchmarks = ",".join(f"{name}={DATA_DIR}/{name}.parquet" for name in EVAL_SETS)
     c.parallel.update(dict(data=1, fsdp=-1))
-    c.rl.update(SLICES[slice_name])
+    c.rl.update(SLICES[slice_name or model.default_slice])
+    c.dryrun.update(dict(keep_rate=model.keep_rate, eval_problems=sum(EVAL_SETS.values())))
     return apply_variant(c, variant)
+
+
+def qwen3_8b_dapo(variant: str = "full") -> ml_collections.ConfigDict:
+    """The paper's setting: Qwen3-8B-Base (`qwen3_dapo("8b", variant)`); slices v5p-64 (default),
+    v5p-8, h100x8, ... (`SLICES`)."""
+    return qwen3_dapo("8b", variant)
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

@@ -87,3 +87,26 @@ def test_sampler_benchmark_engine_mode(capsys):
     assert mod.main(["--mode", "engine", "--size", "demo", "--batches", "8", "--prompt-len", "6", "--new-tokens", "6",
                      "--group", "4", "--slots", "2", "--chunk", "3", "--page", "4", "--reps", "1"]) == 0
     assert "| 8 (2×4) | 3–6 + ≤6 |" in capsys.readouterr().out
+
+
+def test_slice_table_merges_compiled_reports_into_the_estimate(tmp_path):
+    """`benchmarks/slice_table.py` on two cells: the estimate alone, then with a compiled report
+    of the update in --compiled (its memory replaces the estimate's, the cell says so)."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("slice_table", REPO_ROOT / "benchmarks" / "slice_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    text = table.main(["--models", "0.6b", "--slices", "v5e-8,h100x1", "--compiled", str(tmp_path)])
+    rows = [line for line in text.splitlines() if line.startswith("| Qwen3-0.6B")]
+    assert [r.split(" | ")[1] for r in rows] == ["v5e-8", "h100x1"] and all("| analytic |" in r for r in rows)
+    compiled = {"topology": "v5e-8", "programs": [{"name": "update", "note": "", "calls_per_step": 16, "compiled": True,
+                                                   "total_bytes": 6.44 * 2 ** 30, "capacity_bytes": 16 * 2 ** 30,
+                                                   "fits": True, "roofline_s": 30.6}]}
+    (tmp_path / "qwen3-0.6b_v5e-8_update.json").write_text(json.dumps(dict(
+        compiled, description="", chip={}, mesh={}, config="full", headroom=0.1, tokens_per_step=0,
+        response_tokens_per_step=0)))
+    text = table.main(["--models", "0.6b", "--slices", "v5e-8", "--compiled", str(tmp_path)])
+    row = next(line for line in text.splitlines() if line.startswith("| Qwen3-0.6B"))
+    assert "| 6.4 of 16 |" in row and "compiled: update; the rest analytic" in row
+    assert "0.6b update on v5e-8" in text   # the calibration lists the comparison

@@ -46,19 +46,59 @@ def _set(c, key, value):
 # ------------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("variant", presets.PAPER_VARIANTS)
 def test_presets_validate(variant):
-    for make in (presets.demo, presets.qwen3_8b_dapo, presets.multiplication):
+    makers = [presets.demo, presets.qwen3_8b_dapo, presets.multiplication]
+    makers += [lambda v, s=s: presets.qwen3_dapo(s, v) for s in presets.MODELS]
+    for make in makers:
         cfg = validate(make(variant))
         assert cfg.name == variant and cfg.weights.mode == variant
 
 
+@pytest.mark.parametrize("size", list(presets.MODELS))
+@pytest.mark.parametrize("slice_name", list(presets.SLICES))
+def test_every_model_on_every_slice_lays_one_sequence_on_each_chip(size, slice_name):
+    from jaxrl_entropy import chips
+
+    c = validate(presets.qwen3_dapo(size, f"anchor,{slice_name}"))
+    n = chips.resolve(slice_name).num_chips
+    assert c.rl.micro_batch_size == n and c.weights.mode == "anchor"
+    config_lib.check_micro_batch(c.rl, {"data": 1, "fsdp": n, "tensor": 1})
+    assert presets.SLICE_PURPOSE[slice_name]
+
+
 def test_paper_preset_has_the_paper_hyperparameters():
+    from jaxrl_entropy.models import qwen3
+
     c = presets.qwen3_8b_dapo("anchor")
     assert (c.data.max_prompt_len, c.rollout.max_new_tokens) == (1024, 8192)
     assert (c.rl.eps_low, c.rl.eps_high, c.rl.clip_c, c.rl.group_size) == (0.2, 0.28, 10.0, 16)
     assert (c.rl.prompts_per_step, c.rl.mini_batch_prompts, c.rl.overlong_buffer) == (512, 32, 2048)
     assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 10, 0.1, 1.0)
-    assert c.entropy.layers == (20,) and c.weights.fraction == 0.2
+    assert qwen3.resolve_probe_layers(c.entropy.layers, 36) == (20,) and c.weights.fraction == 0.2
     assert (c.eval.k, c.eval.top_p, c.model.dtype) == (8, 0.7, "bfloat16")
+    assert c.rl.micro_batch_size == 32   # the default slice, v5p-64
+
+
+@pytest.mark.parametrize("size, depth, layer", [("0.6b", 28, 15), ("1.7b", 28, 15), ("4b", 36, 20), ("8b", 36, 20)])
+def test_probe_layer_is_the_papers_depth_fraction(size, depth, layer):
+    """0.55 of the depth: layer 20 of Qwen3-8B's 36 (the paper's), 15 of a 28-layer model (not 20, 0.71)."""
+    import json
+
+    from jaxrl_entropy.models import qwen3
+
+    arch = json.loads((REPO_ROOT / "configs" / "arch" / presets.MODELS[size].arch / "config.json").read_text())
+    assert arch["num_hidden_layers"] == depth
+    assert qwen3.resolve_probe_layers(presets.qwen3_dapo(size).entropy.layers, depth) == (layer,)
+
+
+def test_presets_sample_as_verls_dapo_recipe():
+    """Rollouts at temperature 1, top-p 1, no top-k; evaluation at temperature 1, top-p 0.7, no top-k
+    (verl's val_kwargs), mean@8 (the paper's)."""
+    for size in presets.MODELS:
+        c = presets.qwen3_dapo(size)
+        for key, value in presets.VERL_DAPO_SAMPLING.items():
+            assert config_lib.get_key(c, key) == value, key
+        assert c.eval.k == 8 and c.eval.every == 10
+        assert "top_k" not in c.eval   # the evaluation's sampler has no top-k: verl's top_k=-1
 
 
 def _assigned_keys(function_name: str) -> list[str]:
@@ -87,11 +127,12 @@ def _assigned_keys(function_name: str) -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("name", ["demo", "qwen3_8b_dapo"])
+@pytest.mark.parametrize("name", ["demo", "qwen3_dapo"])
 def test_presets_set_only_what_differs_from_base_config(name):
     keys = _assigned_keys(name)
     assert len(keys) > 5  # the parse found the assignments
-    made = config_lib.flatten(getattr(presets, name)("full"))
+    make = presets.demo if name == "demo" else (lambda v: presets.qwen3_dapo("8b", v))
+    made = config_lib.flatten(make("full"))
     restated = [k for k in keys if made[k] == SCHEMA[k]]
     assert not restated, f"presets.{name} restates base_config defaults: {restated}"
 
@@ -110,13 +151,46 @@ def test_cli_default_is_the_demo_and_needs_no_configs_dir(tmp_path, monkeypatch)
 def test_config_files_expose_the_presets():
     import importlib.util
 
-    for name, make in (("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo),
-                       ("configs/multiplication.py", presets.multiplication)):
+    files = [("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo),
+             ("configs/multiplication.py", presets.multiplication)]
+    files += [(f"configs/qwen3_{s}_dapo.py", lambda v, s=s: presets.qwen3_dapo(s, v)) for s in presets.MODELS]
+    for name, make in files:
         spec = importlib.util.spec_from_file_location("cfgfile", str(REPO_ROOT / name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert module.get_config("explorer").to_dict() == make("explorer").to_dict()
+        if "qwen3" in name:
+            assert module.get_config("explorer,v6e-8").to_dict() == make("explorer,v6e-8").to_dict()
     assert isinstance(presets.get_config(), ml_collections.ConfigDict)
+
+
+def test_placeholder_paths_are_listed_in_one_message():
+    c = presets.qwen3_dapo("1.7b", "soft,v6e-8")
+    assert set(config_lib.placeholders(c)) == {"model.hf_dir", "data.train_files", "eval.benchmarks"}
+    with pytest.raises(ConfigError) as e:
+        config_lib.check_placeholders(c)
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("3 config key(s) still hold the preset's placeholder paths")
+    assert lines[1:] == ["  --config.model.hf_dir=/path/to/Qwen3-1.7B-Base",
+                         "  --config.data.train_files=/path/to/data/dapo-math-17k.parquet",
+                         "  --config.eval.benchmarks=" + ",".join(f"{n}=/path/to/data/{n}.parquet"
+                                                                  for n in presets.EVAL_SETS)]
+    config_lib.set_key(c, "model.hf_dir", "/ckpt/Qwen3-1.7B-Base")
+    config_lib.set_key(c, "data.train_files", "gs://b/dapo.parquet")
+    with pytest.raises(ConfigError, match="1 config key") as e:
+        config_lib.check_placeholders(c)
+    assert "--config.eval.benchmarks=" in str(e.value) and "--config.model.hf_dir" not in str(e.value)
+    config_lib.check_placeholders(c, keys=("model.hf_dir",))   # only the keys asked about
+
+
+def test_train_with_a_preset_stops_before_anything_runs_naming_every_placeholder(tmp_path, capsys):
+    code = cli.main(["jaxrl-entropy", "train", "--config=" + str(REPO_ROOT / "configs" / "qwen3_4b_dapo.py") +
+                     ":anchor,v5p-8", f"--workdir={tmp_path / 'run'}", "--config.model.hf_dir=/ckpt/Qwen3-4B-Base"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "2 config key(s) still hold" in err and "--config.data.train_files=" in err, err
+    assert "--config.eval.benchmarks=aime24=" in err and "--config.model.hf_dir" not in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------- the rules table

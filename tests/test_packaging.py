@@ -41,3 +41,16 @@ def test_transformers_imports_hf_kernels_from_the_checkout_root():
         return  # an older transformers without it: nothing to shadow
     assert out.returncode == 0, out.stderr
     assert "site-packages" in out.stdout, out.stdout
+
+
+def test_extras_for_gcs_and_cuda_follow_jax_bounds():
+    """`pip install '.[cuda]'` brings jax's CUDA 12 wheels within the bounds the project sets for
+    jax itself (as `.[tpu]` does for libtpu); `.[gcs]` brings gcsfs for gs:// paths."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    jax_bounds = next(re.sub(r"^jax", "", d) for d in project["dependencies"] if re.match(r"jax[<>=]", d))
+    extras = project["optional-dependencies"]
+    assert extras["cuda"] == [f"jax[cuda12]{jax_bounds}"] and extras["tpu"] == [f"jax[tpu]{jax_bounds}"]
+    assert [d.split(">=")[0] for d in extras["gcs"]] == ["gcsfs"]

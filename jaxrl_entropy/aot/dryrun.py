@@ -42,7 +42,7 @@ import ml_collections
 from jaxrl_entropy.training import model_setup, sampling, step_programs
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import chips, parallel
-from jaxrl_entropy.aot import hlo_stats
+from jaxrl_entropy.aot import costs, hlo_stats
 from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.aot.report import (GiB, ProgramReport, Report, as_dict, failure_message,  # noqa: F401 (the API)
                                       format_report, load)
@@ -59,11 +59,16 @@ def generation_programs(cfg: ml_collections.ConfigDict, policy: model_setup.Poli
     `sampler.generate` call of `rl.prompts_per_step × rl.group_size` rows over a dense KV cache."""
     if cfg.rollout.engine == "paged":
         from jaxrl_entropy.training import engine_setup
-        sizing = None
-        if topo.platform == "gpu" and policy.mesh.devices.flat[0].platform != "gpu":
+        sizing, mesh, hosts = None, policy.mesh, None
+        if policy.mesh.devices.flat[0].platform == "cpu" and topo.platform == "gpu":
             sizing = _gpu_standin(topo)  # size the engine for the named GPUs, not the CPU stand-ins
-        return engine_setup.aot_programs(cfg, policy, policy.mesh, sizing_device=sizing,
-                                         eval_decode=bool(cfg.eval.every))
+        elif policy.mesh.devices.flat[0].platform == "cpu":   # `--estimate` for a TPU slice: CPU stand-ins
+            sizing = _tpu_standin(topo)
+            per_host = chips_per_host(topo)
+            hosts = topo.num_chips // per_host
+            mesh = parallel.make_mesh(1, 1, per_host, devices=list(policy.mesh.devices.flat)[:per_host])
+        return engine_setup.aot_programs(cfg, policy, mesh, training_devices=policy.mesh.size, hosts=hosts,
+                                         sizing_device=sizing, eval_decode=bool(cfg.eval.every))
     rows = cfg.rl.prompts_per_step * cfg.rl.group_size
     sp = sampling.rollout_sampling_params(cfg.rollout, _eos(policy), 0)
     return [_sample_program("generation", cfg, policy, rows, sp, calls_per_step=1.0)]
@@ -85,6 +90,22 @@ def _gpu_standin(topo: chips.Topology):
     """What `engine_setup` sizes an engine by (platform, device kind, no live memory figures)."""
     return types.SimpleNamespace(platform="gpu", device_kind=f"NVIDIA {topo.chip.name.upper()}", process_index=0,
                                  memory_stats=lambda: None)
+
+
+def _tpu_standin(topo: chips.Topology):
+    """A TPU chip as `engine_setup` sizes an engine by, for `--estimate` on CPU stand-ins."""
+    kind = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v5p": "TPU v5p", "v4": "TPU v4"}[topo.chip.name]
+    return types.SimpleNamespace(platform="tpu", device_kind=kind, process_index=0, memory_stats=lambda: None)
+
+
+def chips_per_host(topo: chips.Topology) -> int:
+    """Accelerators one host drives: a GPU node's all; 8 on single-host v5e-8 / v6e-8, else 4 per
+    TPU host (as `chips.Topology.tpu_devices` lays slices out)."""
+    if topo.platform == "gpu":
+        return topo.num_chips
+    if topo.chip.name in ("v5e", "v6e") and topo.num_chips == 8:
+        return 8
+    return min(4, topo.num_chips)
 
 
 def _eos(policy) -> tuple[int, ...]:
@@ -331,8 +352,10 @@ def select(programs: list[Program], names: Sequence[str] | None) -> list[Program
 
 
 def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str] | None = None,
-        headroom: float = HEADROOM, log: Callable[[str], None] | None = None) -> Report:
-    """Compile (TPU) or estimate (GPU without one) the selected programs of `cfg` on `topology`."""
+        headroom: float = HEADROOM, log: Callable[[str], None] | None = None, estimate: bool = False) -> Report:
+    """Compile (TPU) or estimate (GPU without one, or any slice with `estimate=True`: formulas on CPU
+    stand-in devices, seconds instead of minutes) the selected programs of `cfg` on `topology`.
+    Generation and evaluation are weighed per RL step by `costs.weigh`."""
     from jaxrl_entropy.config import typed
     cfg = typed(cfg)
     topo = chips.resolve(topology)
@@ -340,8 +363,10 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
         raise ConfigError("dryrun reads the architecture from config.json: set --config.model.hf_dir=DIR "
                           "(a directory holding the model's config.json; Qwen3-8B's is in configs/arch/qwen3-8b)")
     arch = model_setup.architecture(cfg.model)
-    gpu_estimate = False
-    if topo.platform == "tpu":
+    gpu_estimate = estimate
+    if estimate:
+        devices = _cpu_standins(topo.num_chips)
+    elif topo.platform == "tpu":
         devices = topo.tpu_devices()
     else:
         attached = [d for d in jax.devices() if d.platform == "gpu"]
@@ -353,23 +378,36 @@ def run(cfg: ml_collections.ConfigDict, topology: str, *, programs: Sequence[str
     step_programs.check_batch(cfg, mesh)
     policy = model_setup.abstract_policy(cfg, mesh, arch)
     all_programs: list[Program] = []
-    for build in BUILDERS.values():
-        all_programs += build(cfg, policy, topo)
-    chosen = select(all_programs, programs)
     reports = []
+    for kind, build in BUILDERS.items():
+        try:
+            all_programs += build(cfg, policy, topo)
+        except ConfigError as e:   # the engine cannot be sized: no memory left for its KV pool
+            if kind != "generation" or (programs and not any(n.startswith(("rollout", "eval")) for n in programs)):
+                raise
+            reports.append(ProgramReport("rollout", "the generation engine", 0.0, compiled=False,
+                                         capacity_bytes=float(topo.chip.hbm_bytes), error=str(e)))
+    all_programs, notes = costs.weigh(cfg, all_programs)
+    chosen = select(all_programs, programs)
     for p in chosen:
         if log:
-            log(f"compiling {p.name} for {topo.describe()} ({p.note}) ...")
+            log(f"{'estimating' if gpu_estimate else 'compiling'} {p.name} for {topo.describe()} ({p.note}) ...")
         rep = estimate_gpu(cfg, policy, p, topo, headroom) if gpu_estimate else compile_program(p, topo, headroom)
+        if estimate and topo.platform == "tpu":
+            rep.estimate = rep.estimate.replace("(no GPU compiler)", "(--estimate: not compiled)")
         if log:
             log(f"  {p.name}: {rep.total_bytes / GiB:.1f} GiB per chip of {rep.capacity_bytes / GiB:.0f}"
                 f"{' (estimate)' if rep.estimate else ''}, compile {rep.compile_s:.0f} s")
         reports.append(rep)
     sh = step_programs.step_shapes(cfg)
-    return Report(topology=topo.name, description=topo.describe(), chip=dataclasses.asdict(topo.chip),
-                  mesh=dict(mesh.shape), config=cfg.name, headroom=headroom,
-                  tokens_per_step=sh.rows * sh.seq_len, response_tokens_per_step=sh.rows * sh.response_len,
-                  programs=reports, peak_host_rss_gib=peak_rss_gib())
+    report = Report(topology=topo.name, description=topo.describe(), chip=dataclasses.asdict(topo.chip),
+                    mesh=dict(mesh.shape), config=cfg.name, headroom=headroom,
+                    tokens_per_step=sh.rows * sh.seq_len, response_tokens_per_step=sh.rows * sh.response_len,
+                    programs=reports, peak_host_rss_gib=peak_rss_gib(), num_chips=topo.num_chips,
+                    steps=cfg.train.steps, notes=notes)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(policy.params))
+    report.advice = costs.advice(cfg, report, n_params)
+    return report
 
 
 def _cpu_standins(n: int) -> list:

@@ -57,6 +57,10 @@ class Report:
     response_tokens_per_step: int
     programs: list[ProgramReport]
     peak_host_rss_gib: float = 0.0
+    num_chips: int = 0                # chips of the slice (for chip-hours)
+    steps: int = 0                    # RL steps of the run (train.steps)
+    notes: list = dataclasses.field(default_factory=list)    # what the step time assumes (`costs.weigh`)
+    advice: list = dataclasses.field(default_factory=list)   # what to change when something does not fit
 
     @property
     def ok(self) -> bool:
@@ -66,9 +70,15 @@ class Report:
     def step_s(self) -> float:
         return sum(p.step_s for p in self.programs)
 
+    @property
+    def generation_s(self) -> float:
+        """The part of `step_s` that is generation and evaluation (decode at the worst-case length)."""
+        return sum(p.step_s for p in self.programs
+                   if p.name in ("generation", "eval") or p.name.startswith(("rollout/", "eval/")))
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
-        d["ok"], d["step_s"] = self.ok, self.step_s
+        d["ok"], d["step_s"], d["generation_s"] = self.ok, self.step_s, self.generation_s
         for p, pr in zip(d["programs"], self.programs):
             p["step_s"] = pr.step_s
         return json.dumps(d, indent=1)
@@ -103,6 +113,12 @@ def format_report(report: Report) -> str:
     lines.append(f"tokens per RL step: {report.tokens_per_step:,} ({report.response_tokens_per_step:,} response tokens); "
                  f"roofline step time (programs above, generation as compiled): {report.step_s:.3g} s; "
                  f"peak host RSS {report.peak_host_rss_gib:.1f} GiB")
+    if report.steps and report.num_chips:
+        hours = report.step_s * report.steps / 3600.0
+        lines.append(f"{report.steps} steps (train.steps): {hours:.3g} h, {hours * report.num_chips:.3g} chip-hours on "
+                     f"{report.num_chips} chips, at roofline (a lower bound for every program at the shapes counted; "
+                     f"generation and evaluation {report.generation_s:.3g} s of each step, at the worst-case length)")
+    lines += [f"assumes {n}" for n in report.notes]
     for p in report.programs:
         details = [f"  {p.note}"]
         if p.kernel_flops:
@@ -134,6 +150,9 @@ def failure_message(report: Report) -> str:
                            f"{p.capacity_bytes / GiB:.0f} GiB")
         out.append(f"program {p.name!r} does not fit on {report.description}: {what}")
         out += [f"  largest buffer: {b}" for b in p.largest_buffers[:5]]
+    if report.advice:
+        out.append("what would fit:")
+        out += [f"  - {a}" for a in report.advice]
     return "\n".join(out)
 
 

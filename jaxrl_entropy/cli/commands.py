@@ -46,6 +46,9 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
                         "host (h100x8, h200x8, a100x8)", flag_values=fv)
     flags.DEFINE_list("programs", [], "dryrun: compile only these programs (default: all), e.g. update,rollout_stats",
                       flag_values=fv)
+    flags.DEFINE_bool("estimate", False, "dryrun: an analytic estimate (formulas, no compiler: seconds, no libtpu) "
+                      "instead of compiling for a TPU slice; GPU hosts without GPUs are always estimated",
+                      flag_values=fv)
     flags.DEFINE_float("headroom", 0.10, "dryrun: a program fits when it needs at most (1 - headroom) of a chip's HBM",
                        flag_values=fv)
 
@@ -86,7 +89,9 @@ def _setup(fv):
 
 
 def _train(fv):
+    from jaxrl_entropy.config import check_placeholders
     cfg = _config(fv)  # validate before any set-up or compilation
+    check_placeholders(cfg)  # a preset's /path/to/... paths: every key still to set, in one message
     _setup(fv)
     import jax
 
@@ -145,6 +150,9 @@ def _eval(fv):
     _params_source(fv)
     _check_out_file(fv.out)
     cfg = _explicit_config(fv) if fv.checkpoint else _config(fv)
+    if cfg is not None:
+        from jaxrl_entropy.config import check_placeholders
+        check_placeholders(cfg, keys=("eval.benchmarks", "tokenizer") + (() if fv.hf else ("model.hf_dir",)))
     _setup(fv)
     from jaxrl_entropy.training import evaluate as eval_lib
     from jaxrl_entropy.training import model_io
@@ -206,11 +214,11 @@ def _dryrun(fv):
         topo = chips.resolve(fv.topology)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    chips.prepare_environment(topo)
+    chips.prepare_environment(topo, estimate=fv.estimate)
     cfg = _config(fv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from jaxrl_entropy.aot import dryrun
-    report = dryrun.run(cfg, fv.topology, programs=fv.programs, headroom=fv.headroom,
+    report = dryrun.run(cfg, fv.topology, programs=fv.programs, headroom=fv.headroom, estimate=fv.estimate,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
     print(dryrun.format_report(report))
     if fv.out:

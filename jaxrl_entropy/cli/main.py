@@ -73,5 +73,6 @@ def _prepare_dryrun(args: list[str]) -> None:
     except ValueError:
         return  # the command itself reports the bad name
     if topo is not None:
-        chips.prepare_environment(topo)
+        estimate = any(a in ("--estimate", "--estimate=true", "--estimate=True") for a in args)
+        chips.prepare_environment(topo, estimate=estimate)
 

@@ -11,11 +11,13 @@ rule each field declares, the keys that must fit together), with errors that nam
     convert.py   ConfigDict ↔ Config, `base_config()`, `config.json`
     runtime.py   the checks that need the devices or the model's depth
 """
-from jaxrl_entropy.config.convert import (AnyConfig, as_dict, base_config, flatten, from_json_file, from_json_text, get_key,
-                                          schema_keys, set_key, to_json, typed, validate, with_key)
+from jaxrl_entropy.config.convert import (AnyConfig, as_dict, base_config, field_of, flatten, free_text_keys,
+                                          from_json_file, from_json_text, get_key, schema_keys, set_key, to_json, typed, validate, with_key)
+from jaxrl_entropy.config.placeholders import PLACEHOLDER, check_placeholders, placeholders
 from jaxrl_entropy.config.rules import Choice, ConfigError, Range
 from jaxrl_entropy.config.runtime import check_micro_batch, mesh_sizes, model_num_layers, validate_for_runtime
-from jaxrl_entropy.config.sections import (AGGREGATIONS, DATA_KINDS, ArchConfig, Config, DataConfig, EntropyConfig,
+from jaxrl_entropy.config.sections import (AGGREGATIONS, DATA_KINDS, ArchConfig, Config, DataConfig, DryrunConfig,
+                                           EntropyConfig,
                                            EvalConfig, ModelConfig, OptimConfig, ParallelConfig, RLConfig,
                                            RolloutConfig, Section, SyntheticConfig, TrainConfig, WeightsConfig)
 
@@ -28,6 +30,7 @@ def train_layout(cfg: AnyConfig):
 
 __all__ = [
     "AGGREGATIONS", "AnyConfig", "ArchConfig", "Choice", "Config", "ConfigError", "DATA_KINDS", "DataConfig",
+    "DryrunConfig", "PLACEHOLDER", "check_placeholders", "field_of", "free_text_keys", "placeholders",
     "EntropyConfig", "EvalConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "Range",
     "RolloutConfig", "Section", "SyntheticConfig", "TrainConfig", "WeightsConfig", "as_dict", "base_config",
     "check_micro_batch", "flatten", "from_json_file", "from_json_text", "get_key", "mesh_sizes", "model_num_layers",

@@ -37,6 +37,19 @@ def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def field_of(key: str) -> dataclasses.Field:
+    """The dataclass field behind a dotted key (`"rollout.top_p"`): its default, rule and doc."""
+    cls, *parents, leaf = [Config, *key.split(".")]
+    for p in parents:
+        cls = type(_default(next(f for f in dataclasses.fields(cls) if f.name == p)))
+    return next(f for f in dataclasses.fields(cls) if f.name == leaf)
+
+
+def free_text_keys() -> list[str]:
+    """Keys whose value is any string (paths, labels, lists checked where they are read)."""
+    return [k for k, d in schema_keys().items() if isinstance(d, str) and field_of(k).metadata.get("rule") is None]
+
+
 def as_dict(config: AnyConfig) -> dict[str, Any]:
     """The nested plain dict of either form (what `config.json` holds)."""
     if isinstance(config, ml_collections.ConfigDict):

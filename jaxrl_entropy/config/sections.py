@@ -345,6 +345,20 @@ class ParallelConfig(Section):
                               f"got {sizes}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DryrunConfig(Section):
+    """What `jaxrl-entropy dryrun`'s cost estimate assumes about a run (training ignores these)."""
+    PATH: ClassVar[str] = "dryrun"
+    keep_rate: float = setting(
+        1.0, Range("(0, 1]", why="the share of generated groups dynamic sampling keeps (1 = all: one generation "
+                   "batch per step)"),
+        "the share of prompt groups dynamic sampling keeps (it generates about 1/keep_rate batches per step; "
+        "the trainer logs the measured sampling/kept_group_frac)")
+    eval_problems: int = setting(
+        0, Range("[0, inf)", why="problems in eval.benchmarks together (0 = evaluation not counted)"),
+        "the problems of eval.benchmarks together (k samples each, every eval.every steps)")
+
+
 # ---------------------------------------------------------------------------------- the whole
 @dataclasses.dataclass(frozen=True)
 class Config(Section):
@@ -364,6 +378,7 @@ class Config(Section):
     train: TrainConfig = _section(TrainConfig)
     eval: EvalConfig = _section(EvalConfig)
     parallel: ParallelConfig = _section(ParallelConfig)
+    dryrun: DryrunConfig = _section(DryrunConfig)
 
     def check(self) -> None:
         if self.train.sft_steps and self.data.kind != "synthetic":
