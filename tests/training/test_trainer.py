@@ -141,6 +141,19 @@ def test_eval_of_a_run_applies_command_line_overrides_to_its_config(straight_run
     assert "eval.k" in capsys.readouterr().err
 
 
+def test_convert_of_a_run_applies_command_line_overrides_to_its_config(straight_run, tmp_path, capsys, caplog):
+    # the run's config.json with the override on top: applied (logged), and checked like any value
+    hf_dir = tmp_path / "hf"
+    with caplog.at_level("INFO", logger="jaxrl_entropy"):
+        assert cli.main(["jaxrl-entropy", "convert", f"--checkpoint={straight_run}", f"--to_hf={hf_dir}",
+                         "--config.model.logits_chunk=32"]) == 0
+    assert "overrides: model.logits_chunk=32" in caplog.text and (hf_dir / "config.json").exists()
+    capsys.readouterr()
+    assert cli.main(["jaxrl-entropy", "convert", f"--checkpoint={straight_run}", f"--to_hf={tmp_path / 'hf2'}",
+                     "--config.rl.group_size=1"]) != 0
+    assert "rl.group_size" in capsys.readouterr().err and not (tmp_path / "hf2").exists()
+
+
 def test_eval_refuses_an_unwritable_out_before_evaluating(straight_run, tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "dir" / "eval.json"
     assert cli.main(["jaxrl-entropy", "eval", f"--checkpoint={straight_run}", f"--out={missing}"]) == 1
