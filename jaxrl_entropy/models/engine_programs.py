@@ -13,7 +13,7 @@ import jaxrl_entropy.kernels.paged_attention as paged_attn
 from jaxrl_entropy.models import paged_cache
 from jaxrl_entropy.models.engine_spec import EngineSpec
 from jaxrl_entropy.models.paged_cache import PagedKVCache
-from jaxrl_entropy.models.sampler import SamplingParams, sample_token
+from jaxrl_entropy.models.sampler import SamplingParams, filter_logits, sample_token
 
 
 def _kv_spec(mesh) -> P:
@@ -45,6 +45,7 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
     head = model.head_kernel_DxV().astype(model.options.dtype)
     sm_scale = model.config.head_dim ** -0.5
     attend_fn = _attention_fn(spec, mesh, sm_scale)
+    filter_fn = _filter_fn(sp, mesh, head.shape[-1])
 
     def step(carry):
         c, cache, tok, pos, stp, live, out_t, out_lp, out_blp = carry
@@ -61,7 +62,7 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
         # f32 accumulation as in the training forward's `token_logprobs`
         logits = jnp.dot(hidden.astype(head.dtype), head, preferred_element_type=jnp.float32)
         row_keys = jax.vmap(jax.random.fold_in)(keys_S, stp)
-        new, lp, blp = sample_token(logits, row_keys, sp, per_row=True)
+        new, lp, blp = sample_token(logits, row_keys, sp, per_row=True, filter_fn=filter_fn)
         new = jnp.where(live, new, sp.pad_id)
         out_t = out_t.at[:, c].set(new)
         out_lp = out_lp.at[:, c].set(jnp.where(live, lp, 0.0))
@@ -75,6 +76,18 @@ def decode_program(graphdef, spec: EngineSpec, sp: SamplingParams, mesh, params,
     _, cache, _, _, stp, live, out_t, out_lp, out_blp = jax.lax.while_loop(
         lambda carry: (carry[0] < C) & jnp.any(carry[5]), step, init)
     return cache, out_t, out_lp, out_blp, stp, live
+
+
+def _filter_fn(sp: SamplingParams, mesh, vocab: int) -> Callable | None:
+    """Top-k / top-p under tensor parallelism: per vocabulary shard (`shard_map`), so that no device
+    sorts or gathers a split vocabulary (a distributed sort: hundreds of GB of collectives per call
+    at Qwen3's 151,936 tokens); None (the plain filter) otherwise."""
+    n = mesh.shape.get("tensor", 1)
+    if n == 1 or vocab % n or not (sp.top_p < 1.0 or sp.top_k > 0):
+        return None
+    rows_vocab = P(None, "tensor")
+    return jax.shard_map(lambda x: filter_logits(x, top_k=sp.top_k, top_p=sp.top_p, axis_name="tensor"),
+                         mesh=mesh, in_specs=(rows_vocab,), out_specs=rows_vocab, check_vma=False)
 
 
 def _attention_fn(spec: EngineSpec, mesh, sm_scale: float) -> Callable:

@@ -13,7 +13,8 @@ stops early when every row has finished.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,38 +80,67 @@ def _nucleus_threshold(desc_BxK: jax.Array, log_norm_Bx1: jax.Array, top_p: floa
     return jnp.min(kept, axis=-1, keepdims=True), mass_before[:, -1] + probs[:, -1] >= top_p
 
 
-def filter_logits(logits_BxV: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
+def _global_top(values_BxK: jax.Array, k: int, axis_name: str | None) -> jax.Array:
+    """The k largest of a row `[B, k]`, descending: of this array, or, inside a `shard_map` over the
+    vocabulary (`axis_name`), of every shard's own top k gathered (the global top k is among them)."""
+    top = jax.lax.top_k(values_BxK, min(k, values_BxK.shape[-1]))[0]
+    if axis_name is None:
+        return top
+    return jax.lax.top_k(jax.lax.all_gather(top, axis_name, axis=1, tiled=True), k)[0]
+
+
+def _log_partition(logits_BxV: jax.Array, axis_name: str | None) -> jax.Array:
+    """`[B, 1]` log Σ exp over the whole vocabulary (every shard's share summed inside a shard_map)."""
+    if axis_name is None:
+        return jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+    m = jax.lax.pmax(jnp.max(logits_BxV, axis=-1, keepdims=True), axis_name)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits_BxV - m), axis=-1, keepdims=True), axis_name))
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int, top_p: float, axis_name: str | None = None) -> jax.Array:
     """Set logits outside the top-k and then the nucleus (top-p of the top-k's renormalised mass) to
-    -inf. Static switches: off costs nothing; top_k <= 0 (0, or vLLM's -1) is off."""
-    V = logits_BxV.shape[-1]
+    -inf. Static switches: off costs nothing; top_k <= 0 (0, or vLLM's -1) is off.
+
+    `axis_name`: called inside a `shard_map` whose devices each hold a slice of the vocabulary
+    (`[B, V / n]`); the thresholds come from every shard's candidates (`all_gather` of n × k values
+    per row, not the vocabulary) and a `psum` of the partition function, so no device sorts or
+    gathers the split axis. The kept set is the same as unsplit."""
+    V = logits_BxV.shape[-1] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
     top = None
     if 0 < top_k < V:
-        top = jax.lax.top_k(logits_BxV, top_k)[0]          # [B, k], descending
+        top = _global_top(logits_BxV, top_k, axis_name)          # [B, k], descending
         logits_BxV = jnp.where(logits_BxV < top[:, -1:], -jnp.inf, logits_BxV)
     if top_p < 1.0:
-        log_norm = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+        log_norm = _log_partition(logits_BxV, axis_name)
         K = min(NUCLEUS_CANDIDATES, V)
         if top is not None:
             candidates = top[:, :K]
         elif K < V:
-            candidates = jax.lax.top_k(logits_BxV, K)[0]
+            candidates = _global_top(logits_BxV, K, axis_name)
         else:
-            candidates = -jnp.sort(-logits_BxV, axis=-1)
+            candidates = -jnp.sort(-_gathered(logits_BxV, axis_name), axis=-1)
         threshold, reached = _nucleus_threshold(candidates, log_norm, top_p)
         if candidates.shape[-1] < V:
             threshold = jax.lax.cond(
                 jnp.all(reached), lambda: threshold,
-                lambda: _nucleus_threshold(-jnp.sort(-logits_BxV, axis=-1), log_norm, top_p)[0])
+                lambda: _nucleus_threshold(-jnp.sort(-_gathered(logits_BxV, axis_name), axis=-1), log_norm, top_p)[0])
         logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
     return logits_BxV
 
 
-def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams, *, per_row: bool = False):
+def _gathered(logits_BxV: jax.Array, axis_name: str | None) -> jax.Array:
+    return logits_BxV if axis_name is None else jax.lax.all_gather(logits_BxV, axis_name, axis=1, tiled=True)
+
+
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams, *, per_row: bool = False,
+                 filter_fn: Callable | None = None):
     """Next token `[B]`, its log-prob `[B]` under the untruncated softmax(logits / temperature), and
     its log-prob `[B]` under the behaviour policy, the truncated, renormalised distribution it was
     drawn from (0 for greedy: a deterministic choice); the two log-probs are equal when top_k and
     top_p are off (see `SampleOutput`). `rng`: one key, or with `per_row` one key per row `[B]`
-    (row b then draws as a batch of one with its own key, whatever the other rows are)."""
+    (row b then draws as a batch of one with its own key, whatever the other rows are). `filter_fn`
+    (`[B, V] -> [B, V]`): `filter_logits` as the caller runs it (the engine: per vocabulary shard)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if params.temperature == 0.0:
         token = jnp.argmax(logits_BxV, axis=-1)
@@ -121,7 +151,7 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, params: SamplingParams, 
         logp = jax.nn.log_softmax(scaled, axis=-1)
         # the filter runs on the whole batch, outside any vmap: its top-p fallback is a `lax.cond`
         # that a vmap would turn into computing both branches
-        filtered = filter_logits(scaled, top_k=params.top_k, top_p=params.top_p)
+        filtered = (filter_fn or functools.partial(filter_logits, top_k=params.top_k, top_p=params.top_p))(scaled)
         if per_row:
             token = jax.vmap(lambda f, k: jax.random.categorical(k, f[None])[0])(filtered, rng)
         else:

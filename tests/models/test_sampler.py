@@ -203,3 +203,22 @@ def test_bad_sampling_params():
         sampler.SamplingParams(4, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         sampler.SamplingParams(0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.5), (0, 0.95), (3, 0.9), (1500, 0.8), (7, 1.0)])
+def test_filter_per_vocabulary_shard_keeps_what_the_whole_vocabulary_keeps(top_k, top_p):
+    # inside a shard_map over 4 devices, each holding a quarter of the vocabulary: the thresholds
+    # come from the shards' candidates and a psum; peaked rows, flat rows (the fallback) and both
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    V = 4 * sampler.NUCLEUS_CANDIDATES
+    mesh = Mesh(np.array(jax.devices()[:4]), ("tensor",))
+    split = jax.jit(jax.shard_map(lambda x: sampler.filter_logits(x, top_k=top_k, top_p=top_p, axis_name="tensor"),
+                                  mesh=mesh, in_specs=(P(None, "tensor"),), out_specs=P(None, "tensor"),
+                                  check_vma=False))
+    rng = np.random.RandomState(top_k + 1)
+    peaked, flat = rng.randn(3, V).astype(np.float32) * 4.0, rng.randn(2, V).astype(np.float32) * 0.01
+    for logits in (peaked, flat, np.concatenate([peaked, flat])):
+        got = np.isfinite(np.asarray(split(jnp.asarray(logits))))
+        for row, keep in zip(logits, got):
+            assert set(np.flatnonzero(keep).tolist()) == _nucleus_oracle(row, top_k, top_p), (top_k, top_p)

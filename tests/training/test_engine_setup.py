@@ -84,6 +84,17 @@ def test_inference_params_tensor_parallel_and_greedy_tokens(setup):
     ref = sampler.generate(policy.module(), ids, mask, jax.random.key(0), sp)
     np.testing.assert_array_equal(out.tokens, np.asarray(ref.tokens))
     np.testing.assert_allclose(out.logprobs, np.asarray(ref.logprobs), atol=1e-4)
+    # top-k / top-p on the 2-way split vocabulary (filtered per shard) samples what one device does
+    assert policy.arch.vocab_size % 2 == 0   # else the engine filters the whole row, untested here
+    one = eng.Engine(policy.arch, spec, engine_setup.engine_mesh(devices, 1))
+    one_params = engine_setup.inference_params(one, policy.params, policy.mesh)
+    for top_k, top_p in ((0, 0.8), (5, 0.9)):
+        sp = sampler.SamplingParams(max_new_tokens=10, temperature=1.0, top_k=top_k, top_p=top_p,
+                                    eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+        split, whole = (e.generate(p, ids, mask, jax.random.key(3), sp) for e, p in ((engine, params), (one, one_params)))
+        np.testing.assert_array_equal(split.tokens, whole.tokens)
+        np.testing.assert_allclose(split.behaviour_logprobs, whole.behaviour_logprobs, atol=1e-4)
+        assert np.any(split.behaviour_logprobs > split.logprobs + 1e-3)   # the truncation was real
 
 
 def test_policy_sampler_uses_the_engine(setup):
