@@ -522,3 +522,17 @@ def test_a_workdir_that_is_a_file_is_named_as_such(tmp_path, capsys):
                      "--config.train.sft_steps=0"])
     err = capsys.readouterr().err
     assert code == 1 and "is a file, not a directory" in err and str(workdir) in err, err
+
+
+def test_functions_that_take_a_section_still_take_the_whole_config_with_a_warning():
+    from jaxrl_entropy.training import model_setup, sampling
+
+    c = presets.demo()
+    with pytest.warns(DeprecationWarning, match=r"mesh_sizes\(cfg.parallel\)"):
+        assert config_lib.mesh_sizes(c, 8) == config_lib.mesh_sizes(c.parallel, 8)
+    for whole in (c, config_lib.typed(c)):
+        with pytest.warns(DeprecationWarning, match=r"build_mesh\(cfg.parallel\)"):
+            assert dict(model_setup.build_mesh(whole).shape) == dict(model_setup.build_mesh(whole.parallel).shape)
+        with pytest.warns(DeprecationWarning, match="rollout_sampling_params"):
+            assert (sampling.rollout_sampling_params(whole, (1,), 0) ==
+                    sampling.rollout_sampling_params(whole.rollout, (1,), 0))

@@ -12,7 +12,7 @@ rule each field declares, the keys that must fit together), with errors that nam
     runtime.py   the checks that need the devices or the model's depth
 """
 from jaxrl_entropy.config.convert import (AnyConfig, as_dict, base_config, field_of, flatten, free_text_keys,
-                                          from_json_file, from_json_text, get_key, schema_keys, set_key, to_json, typed, validate, with_key)
+                                          from_json_file, from_json_text, get_key, schema_keys, section_of, set_key, to_json, typed, validate, with_key)
 from jaxrl_entropy.config.placeholders import PLACEHOLDER, check_placeholders, placeholders
 from jaxrl_entropy.config.rules import Choice, ConfigError, Range
 from jaxrl_entropy.config.runtime import check_micro_batch, mesh_sizes, model_num_layers, validate_for_runtime
@@ -34,5 +34,5 @@ __all__ = [
     "EntropyConfig", "EvalConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "Range",
     "RolloutConfig", "Section", "SyntheticConfig", "TrainConfig", "WeightsConfig", "as_dict", "base_config",
     "check_micro_batch", "flatten", "from_json_file", "from_json_text", "get_key", "mesh_sizes", "model_num_layers",
-    "schema_keys", "set_key", "to_json", "train_layout", "typed", "validate", "validate_for_runtime", "with_key",
+    "schema_keys", "section_of", "set_key", "to_json", "train_layout", "typed", "validate", "validate_for_runtime", "with_key",
 ]

@@ -169,3 +169,16 @@ def _update_locked(cfg: ml_collections.ConfigDict, data: dict, prefix: str) -> N
             _update_locked(cfg[k], v, f"{prefix}{k}.")
         else:
             cfg[k] = tuple(v) if isinstance(v, list) else v
+
+
+def section_of(value: Any, name: str, caller: str) -> Any:
+    """`value` when it is a section; the `name` section of a whole config (either form), with a
+    DeprecationWarning: `caller` took the whole config before it took the section it reads."""
+    whole = isinstance(value, Config) or (isinstance(value, ml_collections.ConfigDict) and "rl" in value
+                                           and "train" in value)
+    if not whole:
+        return value
+    import warnings
+    warnings.warn(f"{caller}(cfg) is deprecated: pass the section it reads, {caller}(cfg.{name})",
+                  DeprecationWarning, stacklevel=3)
+    return get_key(value, name)

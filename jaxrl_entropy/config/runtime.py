@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-from jaxrl_entropy.config.convert import AnyConfig, typed
+from jaxrl_entropy.config.convert import AnyConfig, section_of, typed
 from jaxrl_entropy.config.rules import ConfigError
 from jaxrl_entropy.config.sections import ModelConfig, ParallelConfig, RLConfig
 
 
 def model_num_layers(model: ModelConfig) -> int:
     """The model's depth: from `model.hf_dir`'s config.json (no weights read) or `model.arch`."""
+    model = section_of(model, "model", "model_num_layers")
     if model.hf_dir:
         from jaxrl_entropy.models.config import read_hf_config
         return read_hf_config(model.hf_dir).num_hidden_layers
@@ -20,6 +21,7 @@ def model_num_layers(model: ModelConfig) -> int:
 def mesh_sizes(parallel: ParallelConfig, num_devices: int) -> dict[str, int]:
     """`parallel.data/fsdp/tensor` with -1 resolved against `num_devices`; ConfigError if they do
     not multiply to the device count."""
+    parallel = section_of(parallel, "parallel", "mesh_sizes")
     sizes = {"data": parallel.data, "fsdp": parallel.fsdp, "tensor": parallel.tensor}
     fill = [k for k, v in sizes.items() if v == -1]
     known = math.prod(v for v in sizes.values() if v != -1)
@@ -38,6 +40,7 @@ def check_micro_batch(rl: RLConfig, sizes: dict[str, int]) -> None:
     """Every micro-batch (and the old-policy forward's chunks) must split evenly over the
     data-parallel devices (`parallel.data` × `parallel.fsdp`, `sizes` = the mesh's axis sizes);
     otherwise a `ConfigError` that says what to set."""
+    rl = section_of(rl, "rl", "check_micro_batch")
     d = sizes.get("data", 1) * sizes.get("fsdp", 1)  # the batch axes of parallel.LOGICAL_RULES
     micro = rl.micro_batch_size
     if micro % d == 0:

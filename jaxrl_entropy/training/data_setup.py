@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.config import ConfigError, DataConfig, EvalConfig, train_layout
 from jaxrl_entropy.data.pipeline import LengthReport, fit_prompt_lengths
 from jaxrl_entropy.data.sources import DataError, deduplicate, load_records
@@ -82,6 +83,7 @@ def datasets(cfg: ml_collections.ConfigDict):
 
 def train_source(data: DataConfig) -> str:
     """Where the training records come from, for messages."""
+    data = config_lib.section_of(data, "data", "train_source")
     if data.kind == "synthetic":
         return "the synthetic task (data.synthetic.*)"
     return f"data.train_files={data.train_files}"
@@ -89,6 +91,7 @@ def train_source(data: DataConfig) -> str:
 
 def eval_source(evaluation: EvalConfig, name: str) -> str:
     """Where evaluation set `name` comes from, for messages."""
+    evaluation = config_lib.section_of(evaluation, "eval", "eval_source")
     path = parse_benchmarks(evaluation.benchmarks).get(name)
     return f"eval.benchmarks {name}={path}" if path else f"the synthetic task's held-out split ({name})"
 
@@ -97,6 +100,7 @@ def fit_prompts(data: DataConfig, tokenizer, records: list[dict],
                 source: str) -> tuple[list[dict], LengthReport]:
     """`records` under `data.truncation` for prompts longer than `data.max_prompt_len` (see
     `pipeline.fit_prompt_lengths`: raises, drops or keeps them, and logs the count)."""
+    data = config_lib.section_of(data, "data", "fit_prompts")
     return fit_prompt_lengths(records, tokenizer, max_prompt_len=data.max_prompt_len,
                               truncation=data.truncation, source=source)
 

@@ -29,6 +29,7 @@ from flax import nnx
 from jaxrl_entropy.training import step_programs
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import chips, parallel
+from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.config import ConfigError, RolloutConfig
 from jaxrl_entropy.training.model_setup import DTYPES, Policy
 from jaxrl_entropy.models import paged_cache, qwen3
@@ -73,6 +74,7 @@ def host_devices(devices) -> list:
 def tensor_parallel(rollout: RolloutConfig, arch: qwen3.Qwen3Config, n_local: int, platform: str) -> int:
     """Engine devices per host: `rollout.tensor_parallel`, or (0) all local accelerators — the
     largest count that divides the heads; 1 on a CPU (its devices share the same cores)."""
+    rollout = config_lib.section_of(rollout, "rollout", "tensor_parallel")
     tp = rollout.tensor_parallel
     if tp:
         if n_local % tp or arch.num_key_value_heads % tp:

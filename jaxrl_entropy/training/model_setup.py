@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from jaxrl_entropy import parallel
+from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.config import ConfigError, ModelConfig, ParallelConfig
 from jaxrl_entropy.models import qwen3, sampler
 from jaxrl_entropy.models.config import DTYPES  # config name → dtype
@@ -39,18 +40,21 @@ class Policy:
 
 def build_mesh(axes: ParallelConfig, devices=None) -> jax.sharding.Mesh:
     """The device mesh of the config's `parallel` section."""
+    axes = config_lib.section_of(axes, "parallel", "build_mesh")
     return parallel.make_mesh(axes.data, axes.fsdp, axes.tensor, devices=devices)
 
 
 def kernel_backend(model: ModelConfig, mesh) -> str | None:
     """`model.kernel_backend`, or the shell for the mesh's platform: the mesh decides, not the host,
     so `dryrun` on a CPU host builds Mosaic kernels for a TPU mesh (None = the kernels' own choice)."""
+    model = config_lib.section_of(model, "model", "kernel_backend")
     if model.kernel_backend:
         return model.kernel_backend
     return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(mesh.devices.flat[0].platform)
 
 
 def runtime_options(model: ModelConfig, mesh) -> qwen3.RuntimeOptions:
+    model = config_lib.section_of(model, "model", "runtime_options")
     m = model
     return qwen3.RuntimeOptions(
         dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], attention=m.attention,
@@ -62,6 +66,7 @@ def runtime_options(model: ModelConfig, mesh) -> qwen3.RuntimeOptions:
 def architecture(model: ModelConfig, tokenizer=None) -> qwen3.Qwen3Config:
     """The model's architecture: `model.hf_dir`'s config.json, or `model.arch` (random init, with the
     vocabulary of `tokenizer` padded to a multiple of 128 as Qwen3's is)."""
+    model = config_lib.section_of(model, "model", "architecture")
     if model.hf_dir:
         return qwen3.Qwen3Config.from_json_file(f"{model.hf_dir.rstrip('/')}/config.json")
     if tokenizer is None:

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxrl_entropy.training import model_setup
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import config, parallel
+from jaxrl_entropy import config as config_lib
 from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig, TrainConfig
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
@@ -46,6 +47,7 @@ UPDATE_KEYS = ("input_ids", "attention_mask", "response", "response_mask", "old_
 
 
 def probe_layers(entropy: EntropyConfig, arch: qwen3.Qwen3Config) -> tuple[int, ...]:
+    entropy = config_lib.section_of(entropy, "entropy", "probe_layers")
     try:
         return qwen3.resolve_probe_layers(entropy.layers, arch.num_hidden_layers)
     except ValueError as e:
@@ -73,6 +75,7 @@ def optimizer_from_config(cfg: ml_collections.ConfigDict) -> optax.GradientTrans
 def optimizer_bytes_per_param(model: ModelConfig) -> int:
     """Bytes of `optimizer_from_config`'s state per parameter (AdamW's two moments, and the master
     copy for bf16 parameters): 8 with float32 parameters, 12 with bf16 ones."""
+    model = config_lib.section_of(model, "model", "optimizer_bytes_per_param")
     return master_weights.optimizer_bytes_per_param(model_setup.DTYPES[model.param_dtype])
 
 
@@ -154,6 +157,7 @@ class GeometryPrograms:
 def geometry_probe_due(train: TrainConfig, step: int) -> bool:
     """Whether RL step `step` runs the gradient-geometry probe: every `train.geometry_every` steps,
     and the step after each with `train.geometry_consecutive`."""
+    train = config_lib.section_of(train, "train", "geometry_probe_due")
     every = train.geometry_every
     return bool(every) and (step % every == 0 or (train.geometry_consecutive and step % every == 1))
 
@@ -161,6 +165,7 @@ def geometry_probe_due(train: TrainConfig, step: int) -> bool:
 def geometry_calls_per_step(train: TrainConfig) -> tuple[float, int]:
     """(probes per RL step on average, subset gradients per probe): what `dryrun` multiplies the
     geometry programs' costs by."""
+    train = config_lib.section_of(train, "train", "geometry_calls_per_step")
     every = train.geometry_every
     probes = (2.0 if train.geometry_consecutive and every > 1 else 1.0) / every
     subsets = 4 + len(tuple(train.geometry_random_fractions))
