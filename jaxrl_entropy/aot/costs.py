@@ -142,11 +142,8 @@ def advice(cfg: ml_collections.ConfigDict, report, num_params: int) -> list[str]
             lines.append(f"a bigger slice: --topology={bigger.name} with --config.rl.micro_batch_size="
                          f"{bigger.num_chips} (about {(rest + state / bigger.num_chips) / GiB:.0f} GiB per chip for "
                          f"{what})")
-        if cfg.model.param_dtype == "float32":
-            smaller = num_params * (3 * 2 + 8) / topo.num_chips
-            lines.append(f"bf16 parameters and Adam moments: --config.model.param_dtype=bfloat16 (training state "
-                         f"{state / topo.num_chips / GiB:.1f} → about {smaller / GiB:.1f} GiB per chip; check it "
-                         "with dryrun, and that training stays stable)")
+        # (not bf16 parameters: AdamW keeps a float32 master copy of them, rl/master_weights.py, so
+        # the state grows from 12 to 14 bytes per parameter instead of shrinking)
         if rest > limit:
             lines.append(f"one sequence's activations alone need about {rest / GiB:.0f} GiB per chip: split "
                          "heads and MLP over neighbouring chips (--config.parallel.tensor=2, halving "
@@ -225,7 +222,7 @@ def plan_cell(model: str, analytic, compiled=None, *, calibration: float = 1.0) 
     if too_big:
         bigger = re.search(r"--topology=(\S+)", advice)
         hints.append(f"{max(too_big, key=lambda p: p.total_bytes).name} too big"
-                     + (f"; ≥ {bigger.group(1)}" if bigger else "") + " or bf16 parameters")
+                     + (f"; ≥ {bigger.group(1)}" if bigger else ""))
     if borderline:
         worst = max(borderline, key=lambda p: p.total_bytes)
         hints.append(f"{worst.name} ≈ {worst.total_bytes / GiB:.0f}–{worst.total_bytes * calibration / GiB:.0f} GiB of "
