@@ -54,7 +54,7 @@ def _tail(path: str, lines: int = 15) -> str:
         return "".join(f.readlines()[-lines:])
 
 
-def _wait(procs, timeout: float = 900, idle: float = 480, straggle: float = 90) -> list[int]:
+def _wait(procs, timeout: float = 900, idle: float = 480, straggle: float = 90, hung=None) -> list[int]:
     """Exit codes of `procs`, or a failure with both processes' last log lines as soon as the pair
     looks hung: no log output from either for `idle` s (an idle collective), one process still
     running `straggle` s after the other exited (its peer will never answer), or `timeout` s in all."""
@@ -82,6 +82,8 @@ def _wait(procs, timeout: float = 900, idle: float = 480, straggle: float = 90) 
                 p.wait()
             tails = "\n".join(f"--- process {i} ({p.log_path}), last lines:\n{_tail(p.log_path)}"
                               for i, p in enumerate(procs))
+            if hung is not None:
+                raise hung(why)
             pytest.fail(f"multi-process run hung: {why}\n{tails}")
         time.sleep(0.25)
 
@@ -94,12 +96,31 @@ def _metrics_steps(workdir: str) -> list[int]:
         return [int(re.search(r'"step": (\d+)', line).group(1)) for line in f if line.endswith("\n")]
 
 
+class _Hung(Exception):
+    pass
+
+
+def _straight_run(workdir: str, logs: str) -> list[int]:
+    """The uninterrupted run, launched a second time if the first pair hangs. A pair of CPU processes
+    sometimes waits forever in its first 8-rank gloo collective (about 1 run in 20 on the 2-core
+    machines, both processes silent right after the engine is built; not understood yet, see
+    docs/testing.md): a hang twice in a row still fails, with both logs."""
+    import shutil
+    for attempt in range(2):
+        try:
+            return _wait(_launch(workdir, STEPS, f"{logs}.{attempt}"), hung=_Hung if attempt == 0 else None)
+        except _Hung as e:
+            print(f"multihost: first attempt hung, launching again: {e}")
+            shutil.rmtree(workdir, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
     straight, stopped = str(base / "straight"), str(base / "stopped")
     out = {"straight": straight, "stopped": stopped, "logs": str(base / "log")}
-    out["straight_codes"] = _wait(_launch(straight, STEPS, f"{out['logs']}.straight"))
+    out["straight_codes"] = _straight_run(straight, f"{out['logs']}.straight")
 
     # SIGTERM to process 1 (not the one that writes metrics) once step 0 is done; a larger
     # train.steps so that the stop, not the end of the run, ends it wherever the signal lands
@@ -166,3 +187,16 @@ def test_the_watchdog_fails_fast_with_both_logs_when_one_process_is_left_waiting
     message = str(failure.value)
     assert "still running" in message and "step 0 done" in message and "waiting in a collective" in message
     assert procs[1].poll() is not None   # killed, not left behind
+
+
+def test_the_watchdog_can_hand_a_hang_to_the_caller_for_a_second_attempt(tmp_path):
+    procs = []
+    for i in range(2):
+        out = open(tmp_path / f"{i}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=out,
+                                stderr=subprocess.STDOUT)
+        proc.log_path = out.name
+        procs.append(proc)
+    with pytest.raises(_Hung, match="no output"):
+        _wait(procs, timeout=120, idle=2, straggle=60, hung=_Hung)
+    assert all(p.poll() is not None for p in procs)   # both killed before the caller retries
