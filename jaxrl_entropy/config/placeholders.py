@@ -2,7 +2,7 @@
 to start while any key still holds one, naming every such key at once."""
 from __future__ import annotations
 
-from jaxrl_entropy.config.convert import AnyConfig, flatten, free_text_keys
+from jaxrl_entropy.config.convert import AnyConfig, as_dict, flatten, free_text_keys
 from jaxrl_entropy.config.rules import ConfigError
 
 PLACEHOLDER = "/path/to/"
@@ -10,7 +10,6 @@ PLACEHOLDER = "/path/to/"
 
 def placeholders(cfg: AnyConfig) -> dict[str, str]:
     """Keys whose value still holds a preset's placeholder path (`PLACEHOLDER`): key -> value."""
-    from jaxrl_entropy.config.convert import as_dict
     given = flatten(as_dict(cfg))
     return {key: given[key] for key in free_text_keys()
             if isinstance(given.get(key), str) and PLACEHOLDER in given[key]}
