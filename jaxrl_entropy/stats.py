@@ -267,6 +267,8 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
       mean_diff: mean of a − b;
       t, p_t: paired t statistic (n − 1 degrees of freedom) and its two-sided p-value
         (`scipy.stats.ttest_rel`);
+      p_greater: the one-sided p-value of the same t-test for "a > b" (a pre-registered
+        directional hypothesis, e.g. "soft beats full"): p_t / 2 when t > 0, 1 − p_t / 2 otherwise;
       p_wilcoxon: two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`) when n ≥ 6
         (with fewer pairs the exact two-sided p is at least 1/16, so it cannot reach conventional
         significance; NaN), NaN also when all differences are 0;
@@ -283,10 +285,12 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     d = a - b
     n = int(d.size)
     nan = float("nan")
-    out = {"mean_diff": float(d.mean()) if n else nan, "t": nan, "p_t": nan, "p_wilcoxon": nan, "n": n}
+    out = {"mean_diff": float(d.mean()) if n else nan, "t": nan, "p_t": nan, "p_greater": nan, "p_wilcoxon": nan,
+           "n": n}
     if n >= 2 and not _is_constant(d):
         res = scipy.stats.ttest_rel(a, b)
         out["t"], out["p_t"] = float(res.statistic), float(res.pvalue)
+        out["p_greater"] = float(res.pvalue / 2 if res.statistic > 0 else 1 - res.pvalue / 2)
     if n >= _MIN_WILCOXON_PAIRS and np.any(d != 0):
         out["p_wilcoxon"] = float(scipy.stats.wilcoxon(d).pvalue)
     return out

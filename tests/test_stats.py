@@ -229,6 +229,10 @@ def test_paired_test_small_and_degenerate():
     # d = (0.1, 0, 0.2): mean 0.1, sd 0.1, t = 0.1 / (0.1 / sqrt 3) = sqrt 3; df = 2: p = 1 − t / sqrt(2 + t²)
     assert res["t"] == pytest.approx(math.sqrt(3)) and res["p_t"] == pytest.approx(1 - math.sqrt(3) / math.sqrt(5))
     assert math.isnan(res["p_wilcoxon"])  # n < 6
+    # one-sided "a > b" with df = 2: P(T > t) = 1/2 − t / (2 sqrt(2 + t²)); the other way round, 1 − that
+    upper = 0.5 - math.sqrt(3) / (2 * math.sqrt(5))
+    assert res["p_greater"] == pytest.approx(upper)
+    assert stats.paired_test([0.4, 0.6, 0.5], [0.5, 0.6, 0.7])["p_greater"] == pytest.approx(1 - upper)
     res = stats.paired_test([1.0, np.nan, 2.0], [0.0, 5.0, 1.5])
     assert res["n"] == 2 and res["mean_diff"] == pytest.approx(0.75)
     same = stats.paired_test([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6])

@@ -8,7 +8,7 @@ from typing import Any
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.layout import BASELINE, TAIL_STEPS, TRAIN_TAIL_METRICS, Layout
 
-_VOLATILITY = ("cos_full_sd_over_steps", "norm_cv_over_steps")
+_VOLATILITY = ("cos_full_sd_over_steps", "norm_cv_over_steps", "cos_prev_1step")
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -70,18 +70,20 @@ def _final_eval(V, lay: Layout) -> list[str]:
     return lines
 
 
-def _test_rows(tests, label, spec: str) -> list[list[str]]:
+def _test_rows(tests, label, spec: str, one_sided: bool = False) -> list[list[str]]:
     return [[*label(p), str(p["n"]), _fmt(p["mean_diff"], spec), _fmt(p["t"], ".3f"), _fmt(p["p_t"], ".4g"),
-             _fmt(p["p_wilcoxon"], ".4g")] for p in tests]
+             *([_fmt(p.get("p_greater"), ".4g")] if one_sided else []), _fmt(p["p_wilcoxon"], ".4g")] for p in tests]
 
 
 def _paired(summary) -> list[str]:
     lines = _section(f"## Paired tests against '{BASELINE}'",
                      "Differences (variant − baseline) of the final eval metrics on seeds both variants ran;",
-                     "paired t-test, and Wilcoxon signed-rank with ≥ 6 pairs.")
+                     "paired t-test (two-sided, and one-sided for variant > baseline), and Wilcoxon "
+                     "signed-rank with ≥ 6 pairs.")
     if summary["paired_tests"]:
-        lines += _table(["variant", "metric", "pairs", "mean diff", "t", "p (t)", "p (Wilcoxon)"],
-                        _test_rows(summary["paired_tests"], lambda p: [p["variant"], p["metric"]], "+.4f"))
+        lines += _table(["variant", "metric", "pairs", "mean diff", "t", "p (t)", "p (t, variant > base)",
+                         "p (Wilcoxon)"],
+                        _test_rows(summary["paired_tests"], lambda p: [p["variant"], p["metric"]], "+.4f", True))
     lines += [f"- {note}" for note in summary["paired_notes"]]
     if not summary["paired_tests"] and not summary["paired_notes"]:
         lines += ["No variant to compare."]

@@ -8,8 +8,10 @@ A variant `NAME@xK` (e.g. `random@x5`) is NAME with K times the prompts per step
 update (`rl.prompts_per_step` and `rl.mini_batch_prompts` × K: as many updates per step, each over K
 times the tokens): a 20 % subset at ×5 sees as many tokens per update as `full` at ×1.
 
-Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`); every variant then starts RL from
-that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in their token weights.
+Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`, `--jobs` seeds at a time); every
+variant then starts RL from that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in
+their token weights. Each run's own output goes to `train.log` in its directory (appended on resume);
+this command prints one line as each run starts and one as it ends, with its wall time.
 Gradient geometry is logged every `--geometry-every` steps. A run that fails (e.g. dynamic sampling
 finds no group with mixed rewards after a collapse) is recorded as such and the others go on.
 A run is finished when its last recorded step is the configured `train.steps`, not when its process
@@ -37,15 +39,44 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "jaxrl_entropy.cli", *args]
 
 
+LOG_FILE = "train.log"
+
+
+def _say(message: str) -> None:
+    """One progress line; written whole, so the lines of runs in parallel threads do not interleave."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _run_logged(args: list[str], workdir: str) -> subprocess.CompletedProcess:
+    """Run a child with its stdout and stderr appended to `<workdir>/train.log`; the returned
+    `stderr` holds the log's last line (what a failure says last)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOG_FILE)
+    with open(path, "a") as log:
+        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args[1:])}\n")
+        log.flush()
+        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
+    with open(path, errors="replace") as f:
+        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    return subprocess.CompletedProcess(args, proc.returncode, "", lines[-1] if lines else "")
+
+
 def warmup(out: str, seed: int, overrides: list[str], config: str | None = None) -> str:
     """The SFT warm-up of one seed, saved as a step-0 checkpoint (run once, reused)."""
     workdir = os.path.join(out, f"warmup_seed{seed}")
     ckpt = os.path.join(workdir, "checkpoints", "0")
     if os.path.isdir(ckpt):
         return ckpt
-    subprocess.run(_cli("train", f"--config={config or _demo_config()}", f"--workdir={workdir}", f"--config.seed={seed}",
-                        "--config.train.progress=False", *overrides,
-                        "--config.train.steps=0", "--config.eval.every=0"), check=True)
+    _say(f"reproduce: warm-up seed {seed} started (log: {os.path.join(workdir, LOG_FILE)})")
+    start = time.time()
+    proc = _run_logged(_cli("train", f"--config={config or _demo_config()}", f"--workdir={workdir}",
+                            f"--config.seed={seed}", "--config.train.progress=False", *overrides,
+                            "--config.train.steps=0", "--config.eval.every=0"), workdir)
+    if proc.returncode or not os.path.isdir(ckpt):
+        raise RuntimeError(f"the warm-up of seed {seed} failed (exit {proc.returncode}): {proc.stderr}; "
+                           f"its log is {os.path.join(workdir, LOG_FILE)}")
+    _say(f"reproduce: warm-up seed {seed} done in {(time.time() - start) / 60:.1f} min")
     return ckpt
 
 
@@ -94,21 +125,21 @@ def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], g
     start = time.time()
     config = config or _demo_config()
     name, scaled = variant_overrides(variant, config)
-    proc = subprocess.run(_cli("train", f"--config={config}:{name}", f"--workdir={workdir}",
-                               f"--config.seed={seed}", "--config.train.progress=False",
-                               f"--config.train.geometry_every={geometry_every}", *scaled, *overrides),
-                          capture_output=True, text=True)
+    _say(f"reproduce: {variant} seed {seed} started (log: {os.path.join(workdir, LOG_FILE)})")
+    proc = _run_logged(_cli("train", f"--config={config}:{name}", f"--workdir={workdir}",
+                            f"--config.seed={seed}", "--config.train.progress=False",
+                            f"--config.train.geometry_every={geometry_every}", *scaled, *overrides), workdir)
     last, configured = progress_of(workdir)
     status = {"variant": variant, "seed": seed, "returncode": proc.returncode,
               "minutes": round((time.time() - start) / 60, 2), "step": last, "steps": configured,
               "finished": proc.returncode == 0 and last is not None and last == configured}
     if proc.returncode:
-        status["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
+        status["error"] = proc.stderr or "?"
     elif not status["finished"]:  # exit 0 part-way: stopped by a signal, saved, resumable
         status["error"] = f"stopped at step {last} of {configured} (a stop request); run the command again to resume"
     with open(status_file, "w") as f:
         json.dump(status, f)
-    print(json.dumps(status), flush=True)
+    _say(json.dumps(status))
     return status
 
 
@@ -141,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             ap.error(str(e))
     os.makedirs(args.out, exist_ok=True)
-    ckpts = {seed: warmup(args.out, seed, args.overrides, config) for seed in args.seeds}
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        try:
+            ckpts = dict(zip(args.seeds, pool.map(lambda s: warmup(args.out, s, args.overrides, config), args.seeds)))
+        except RuntimeError as e:
+            print(f"jaxrl-entropy reproduce: {e}", file=sys.stderr)
+            return 1
         statuses = list(pool.map(lambda vs: rl_run(args.out, vs[0], vs[1], ckpts[vs[1]], args.overrides,
                                                      args.geometry_every, config), jobs))
     with open(os.path.join(args.out, "runs.json"), "w") as f:

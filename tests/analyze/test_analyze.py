@@ -143,6 +143,8 @@ def test_analyze_writes_plots_report_and_summary(runs, tmp_path):
         assert tests[metric]["n"] == 3 and tests[metric]["seeds"] == list(SEEDS)
         assert tests[metric]["t"] == pytest.approx(t, rel=1e-9)
         assert tests[metric]["p_t"] == pytest.approx(p, rel=1e-9)
+        # one-sided "anchor > full": half the two-sided p on the side t points to
+        assert tests[metric]["p_greater"] == pytest.approx(p / 2 if t > 0 else 1 - p / 2, rel=1e-9)
         assert tests[metric]["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
         assert tests[metric]["p_wilcoxon"] is None  # n < 6 → NaN → null in JSON
     assert "## Paired tests against 'full'" in report
@@ -420,3 +422,28 @@ def test_cos_full_against_subset_size_curve(tmp_path):
         assert cos == pytest.approx(np.mean(per_run)) and sd == pytest.approx(np.std(per_run, ddof=1))
     path = plots.token_curve_plot(lay, str(tmp_path / "curve.png"))
     _assert_drawn(open(path, "rb").read())
+
+
+def test_next_step_cos_prev_averages_only_probes_one_step_apart(tmp_path):
+    # probes at 0, 1, 10, 11, 20, 21 (train.geometry_consecutive): 1, 11 and 21 follow their
+    # previous probe by one step, 10 and 20 by nine
+    cos = {0: None, 1: 0.9, 10: 0.1, 11: 0.7, 20: -0.2, 21: 0.5}
+    rows = []
+    for step, c in cos.items():
+        r = {"step": step, "geometry/explorer/cos_full": 0.5}
+        if c is not None:
+            r.update({"geometry/explorer/cos_prev": c, "geometry/steps_since_prev": 1.0 if step % 10 else 9.0})
+        rows.append(r)
+    run = analyze.load_run(_write_rows(tmp_path / "full_seed0", rows))
+    got = _aggregate_module()._run_geometry(run, "explorer", ["cos_full", "cos_prev"])
+    assert got["cos_prev_1step"] == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert got["cos_prev"] == pytest.approx((0.9 + 0.1 + 0.7 - 0.2 + 0.5) / 5)
+    # without consecutive probes there is no such column
+    plain = analyze.load_run(_write_rows(tmp_path / "full_seed1", [
+        {"step": s, "geometry/explorer/cos_prev": 0.3} for s in (10, 20)], seed=1))
+    assert "cos_prev_1step" not in _aggregate_module()._run_geometry(plain, "explorer", ["cos_prev"])
+
+
+def _aggregate_module():
+    import importlib
+    return importlib.import_module("jaxrl_entropy.analyze.aggregate")  # the package exports a function of that name

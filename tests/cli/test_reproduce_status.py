@@ -17,6 +17,7 @@ out = os.path.dirname(workdir)
 with open(os.path.join(out, "calls"), "a") as f:
     f.write(os.path.basename(workdir) + "\n")
 stop_at = int(open(os.path.join(out, "STOP_AT")).read())
+print("fake train of", os.path.basename(workdir), "to step", stop_at, flush=True)
 with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump({"train": {"steps": 3}}, f)
 path = os.path.join(workdir, "metrics.jsonl")
@@ -111,3 +112,27 @@ def test_a_config_file_is_used_for_every_run(out, monkeypatch):
         f"--config={config}:soft", f"--config={config}:random"}
     scaled = next(a for a in seen if "random@x2_seed0" in " ".join(a))
     assert "--config.rl.prompts_per_step=32" in scaled   # multiplication keeps the demo's 16 prompts
+
+
+def test_each_run_logs_to_its_own_file_appending_on_resume(out, capsys):
+    runs, _ = out
+    argv = ["--out", str(runs), "--seeds", "0", "--variants", "full"]
+    (runs / "STOP_AT").write_text("1")
+    reproduce.main(argv)
+    (runs / "STOP_AT").write_text("3")
+    assert reproduce.main(argv) == 0
+    log = (runs / "full_seed0" / reproduce.LOG_FILE).read_text()
+    assert "fake train of full_seed0 to step 1" in log and "fake train of full_seed0 to step 3" in log
+    assert log.index("to step 1") < log.index("to step 3")      # appended, in order
+    printed = capsys.readouterr().out
+    assert "full seed 0 started (log: " in printed and "fake train" not in printed
+
+
+def test_a_failed_warm_up_stops_with_its_last_log_line_and_no_rl_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: [
+        sys.executable, "-c", "import sys; print('compiling'); sys.exit('ValueError: bad data file')"])
+    assert reproduce.main(["--out", str(tmp_path), "--seeds", "0", "1", "--jobs", "2", "--variants", "full"]) == 1
+    err = capsys.readouterr().err
+    assert "warm-up of seed" in err and "ValueError: bad data file" in err and "train.log" in err
+    assert not (tmp_path / "full_seed0").exists()
+    assert "compiling" in (tmp_path / "warmup_seed0" / reproduce.LOG_FILE).read_text()
