@@ -199,7 +199,10 @@ def _paired_against_baseline(lay: Layout, finals: Finals) -> tuple[list[dict[str
 def _subset_contrasts(runs: Sequence[Run], lay: Layout, geometry: Geometry) -> list[dict[str, Any]]:
     """Anchor vs explorer (vs random) within the same runs: one pair per run."""
     out: list[dict[str, Any]] = []
-    for a, b in SUBSET_CONTRASTS:
+    # and anchor vs explorer as each extra probe layer splits them (train.geometry_layers)
+    per_layer = [(s, "explorer@" + s.split("@", 1)[1]) for s in lay.subsets
+                 if s.startswith("anchor@") and "explorer@" + s.split("@", 1)[1] in lay.subsets]
+    for a, b in (*SUBSET_CONTRASTS, *per_layer):
         if a not in lay.subsets or b not in lay.subsets:
             continue
         ga = [geometry[r.path, a] for r in runs]

@@ -115,20 +115,27 @@ def entropy_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
+def _main_subsets(lay: Layout) -> list[str]:
+    """The training split's subsets (anchor, explorer, random, full); `random@f` and `<split>@L<i>`
+    have plots of their own."""
+    return [s for s in lay.subsets if "@" not in s]
+
+
 def geometry_plot(lay: Layout, path: str) -> str | None:
     """Rows: geometry metrics; columns: variants; one line per token subset."""
-    keys = [f"geometry/{s}/{m}" for s in lay.subsets for m in lay.geo_metrics]
+    subsets = _main_subsets(lay)
+    keys = [f"geometry/{s}/{m}" for s in subsets for m in lay.geo_metrics]
     with_data = [v for v in lay.variants if _any_data(lay, v, keys)]
     if not with_data:
         return None
     metrics = lay.geo_metrics
     fig = Figure(figsize=(5.0 * len(with_data), 3.2 * len(metrics)), layout="constrained")
     axes = fig.subplots(len(metrics), len(with_data), squeeze=False, sharex="col")
-    colors = dict(zip(lay.subsets, _colors(len(lay.subsets))))
+    colors = dict(zip(subsets, _colors(len(subsets))))
     for j, v in enumerate(with_data):
         for i, m in enumerate(metrics):
             ax = axes[i, j]
-            for s in lay.subsets:
+            for s in subsets:
                 steps, mean, std = aggregate(lay.groups[v], f"geometry/{s}/{m}")
                 if steps.size:
                     _band(ax, steps, mean, std, s, colors[s])
@@ -148,6 +155,8 @@ def token_curve_points(lay: Layout, variant: str) -> list[tuple[str, float, floa
     std, ddof=1; NaN for one run) across runs. Sorted by tokens."""
     points = []
     for s in lay.subsets:
+        if "@L" in s:  # another layer's split: `layer_plot`
+            continue
         tokens, cos = [], []
         for run in lay.groups[variant]:
             t, c = series(run, f"geometry/{s}/tokens")[1], series(run, f"geometry/{s}/cos_full")[1]
@@ -186,6 +195,49 @@ def token_curve_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
+def layer_points(lay: Layout, variant: str, split: str, metric: str = "cos_full"
+                 ) -> list[tuple[int, float, float]]:
+    """(probe layer, mean, std across runs) of `split@L<i>` (`anchor` or `explorer` as layer i's
+    entropy alone picks them, `train.geometry_layers`): each run's mean over its probes first."""
+    points = []
+    for s in lay.subsets:
+        if not (s.startswith(split + "@L") and s[len(split) + 2:].isdigit()):
+            continue
+        per_run = [float(np.nanmean(v)) for r in lay.groups[variant]
+                   if (v := series(r, f"geometry/{s}/{metric}")[1]).size and np.isfinite(v).any()]
+        if per_run:
+            points.append((int(s[len(split) + 2:]), float(np.mean(per_run)),
+                           float(np.std(per_run, ddof=1)) if len(per_run) > 1 else math.nan))
+    return sorted(points)
+
+
+def layer_plot(lay: Layout, path: str) -> str | None:
+    """cos_full (top) and gradient norm (bottom) of anchors and explorers as each probe layer's
+    entropy splits them, against the layer, one column per variant: does the split depend on the
+    layer it is read from?"""
+    with_data = [v for v in lay.variants if layer_points(lay, v, "anchor")]
+    if not with_data:
+        return None
+    fig = Figure(figsize=(4.6 * len(with_data), 6.0), layout="constrained")
+    axes = fig.subplots(2, len(with_data), squeeze=False, sharex="col")
+    colors = dict(zip(("anchor", "explorer"), _colors(2)))
+    for j, v in enumerate(with_data):
+        for i, metric in enumerate(("cos_full", "norm")):
+            ax = axes[i, j]
+            for split in ("anchor", "explorer"):
+                pts = layer_points(lay, v, split, metric)
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                capsize=3, color=colors[split], label=f"{split} (that layer's entropy)")
+            ax.set_title(f"{v}: {metric}")
+            ax.grid(alpha=0.3)
+            if i == 1:
+                ax.set_xlabel("probe layer")
+            ax.legend(fontsize=8)
+    fig.suptitle("Anchors vs explorers split by each layer's attention entropy (± std across seeds)")
+    return _save(fig, path)
+
+
 def plot_all(lay: Layout, out_dir: str) -> list[str]:
     """Every plot whose metrics exist, written to `out_dir`; returns their paths."""
     specs: list[tuple[str, Callable[[str], str | None]]] = [
@@ -198,5 +250,6 @@ def plot_all(lay: Layout, out_dir: str) -> list[str]:
         ("entropy_thresholds.png", lambda p: entropy_plot(lay, p)),
         ("gradient_geometry.png", lambda p: geometry_plot(lay, p)),
         ("geometry_vs_tokens.png", lambda p: token_curve_plot(lay, p)),
+        ("geometry_by_layer.png", lambda p: layer_plot(lay, p)),
     ]
     return [p for name, make in specs if (p := make(fileio.join(out_dir, name)))]

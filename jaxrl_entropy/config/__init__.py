@@ -19,7 +19,8 @@ from jaxrl_entropy.config.runtime import check_micro_batch, mesh_sizes, model_nu
 from jaxrl_entropy.config.sections import (AGGREGATIONS, DATA_KINDS, ArchConfig, Config, DataConfig, DryrunConfig,
                                            EntropyConfig,
                                            EvalConfig, ModelConfig, OptimConfig, ParallelConfig, RLConfig,
-                                           RolloutConfig, Section, SyntheticConfig, TrainConfig, WeightsConfig)
+                                           RolloutConfig, Section, SyntheticConfig, TrainConfig, WeightsConfig,
+                                           as_tuple)
 
 
 
@@ -32,7 +33,7 @@ __all__ = [
     "AGGREGATIONS", "AnyConfig", "ArchConfig", "Choice", "Config", "ConfigError", "DATA_KINDS", "DataConfig",
     "DryrunConfig", "PLACEHOLDER", "check_placeholders", "field_of", "free_text_keys", "placeholders",
     "EntropyConfig", "EvalConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RLConfig", "Range",
-    "RolloutConfig", "Section", "SyntheticConfig", "TrainConfig", "WeightsConfig", "as_dict", "base_config",
+    "RolloutConfig", "Section", "SyntheticConfig", "TrainConfig", "WeightsConfig", "as_dict", "as_tuple", "base_config",
     "check_micro_batch", "flatten", "from_json_file", "from_json_text", "get_key", "mesh_sizes", "model_num_layers",
     "schema_keys", "section_of", "set_key", "to_json", "train_layout", "typed", "validate", "validate_for_runtime", "with_key",
 ]

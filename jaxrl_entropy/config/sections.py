@@ -241,16 +241,27 @@ class EntropyConfig(Section):
 
     @property
     def probe_layers(self) -> tuple:
-        return tuple(self.layers) if isinstance(self.layers, (tuple, list)) else (self.layers,)
+        return as_tuple(self.layers)
 
     def check(self) -> None:
         if not self.probe_layers:
             raise ConfigError("config.entropy.layers is empty; give at least one probe layer (index or depth fraction)")
-        for item in self.probe_layers:
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                raise ConfigError(f"config.entropy.layers item {item!r} must be an int index or a float depth fraction")
-            if isinstance(item, float) and not 0.0 <= item <= 1.0:
-                raise ConfigError(f"config.entropy.layers item {item} is a depth fraction and must lie in [0, 1]")
+        check_layer_items("config.entropy.layers", self.probe_layers)
+
+
+def as_tuple(value) -> tuple:
+    """A tuple-valued key as a tuple (`--config.KEY=3` gives a bare item)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def check_layer_items(key: str, items: tuple) -> None:
+    """Layer items are int indices (negative from the end) or float depth fractions in [0, 1]
+    (`qwen3.resolve_probe_layers` turns them into indices once the depth is known)."""
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ConfigError(f"{key} item {item!r} must be an int index or a float depth fraction")
+        if isinstance(item, float) and not 0.0 <= item <= 1.0:
+            raise ConfigError(f"{key} item {item} is a depth fraction and must lie in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +307,10 @@ class TrainConfig(Section):
     geometry_random_fractions: tuple = setting(
         (), doc="random subsets of these token fractions besides `random` (geometry/random@f/*: cos_full "
                 "against the subset's size in tokens)")
+    geometry_layers: tuple = setting(
+        (), doc="more probe layers for the geometry probe only (ints or depth fractions, as entropy.layers): "
+                "each one's attention entropy alone splits anchors from explorers (geometry/anchor@L<i>/*, "
+                "geometry/explorer@L<i>/*), while training keeps entropy.layers")
     geometry_halves: bool = setting(
         False, doc="each subset's gradient on two disjoint halves of the rows (geometry/<subset>/cos_halves: "
                    "its variance within one batch; triples the gradients computed)")
@@ -312,8 +327,8 @@ class TrainConfig(Section):
         if self.steps == 0 and self.sft_steps == 0:
             raise ConfigError("config.train.steps=0 is allowed only with config.train.sft_steps > 0 (a warm-up-only "
                               "run that saves a step-0 checkpoint)")
-        fractions = self.geometry_random_fractions
-        for f in (fractions if isinstance(fractions, tuple) else (fractions,)):
+        check_layer_items("config.train.geometry_layers", as_tuple(self.geometry_layers))
+        for f in as_tuple(self.geometry_random_fractions):
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
                 raise ConfigError(f"config.train.geometry_random_fractions item {f!r} must be a token fraction "
                                   "in (0, 1]")

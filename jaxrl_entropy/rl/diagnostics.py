@@ -79,17 +79,24 @@ def random_subset_name(fraction: float) -> str:
 
 def geometry_subsets(mask_BxT: jax.Array, attn_entropy_BxT: jax.Array, *, fraction: float = 0.2,
                      rng: jax.Array, random_fractions: tuple[float, ...] = (),
-                     halves: bool = False) -> dict[str, jax.Array]:
+                     halves: bool = False, layer_entropy: dict[str, jax.Array] | None = None
+                     ) -> dict[str, jax.Array]:
     """The standard subsets: ``full``, ``anchor``, ``explorer`` and ``random`` (same size k), each
     ``[B, T]``; plus a random subset per entry of ``random_fractions`` (``random@f``: cos_full against
-    the number of tokens a subset holds); with ``halves`` each subset's restriction to the first and
-    to the second half of the rows (``<name>#half_a`` / ``#half_b``, see :func:`split_half_metrics`)."""
+    the number of tokens a subset holds); plus, per entry ``name → [B, T]`` of ``layer_entropy`` (one
+    probe layer's Hnorm alone), the anchors and explorers that entropy picks (``anchor@name``,
+    ``explorer@name``); with ``halves`` each subset's restriction to the first and to the second half
+    of the rows (``<name>#half_a`` / ``#half_b``, see :func:`split_half_metrics`)."""
     common = dict(mask_BxT=mask_BxT, attn_entropy_BxT=attn_entropy_BxT, rng=rng)
     subsets = {name: token_weights(name, fraction=fraction, **common)[0]
                for name in ("full", "anchor", "explorer", "random")}
     for i, f in enumerate(random_fractions):
         subsets[random_subset_name(f)] = token_weights(
             "random", fraction=f, **dict(common, rng=jax.random.fold_in(rng, i + 1)))[0]
+    for layer, h_BxT in (layer_entropy or {}).items():
+        for name in ("anchor", "explorer"):
+            subsets[f"{name}@{layer}"] = token_weights(name, fraction=fraction,
+                                                       **dict(common, attn_entropy_BxT=h_BxT))[0]
     if halves:
         subsets.update(split_halves(subsets))
     return subsets

@@ -68,16 +68,32 @@ def policy_forward(model, batch: dict[str, jax.Array], spec: StepSpec, *, probe:
     logp, pred_entropy = model.token_logprobs(out.hidden[:, rows], batch["response"], temperature=spec.temperature)
     if not probe:
         return logp, pred_entropy, None
-    M, T = batch["input_ids"].shape
-    n_visible = kernels.visible_count(batch["attention_mask"], M, T)[:, rows]
+    hnorms = _response_hnorms(out, batch["attention_mask"], layers, rows, spec.aggregation)
+    return logp, pred_entropy, jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
+
+
+def _response_hnorms(out, attention_mask_MxT, layers, rows: slice, aggregation: str) -> list[jax.Array]:
+    """Hnorm `[M, N]` of each probe layer in `layers` at the response positions `rows`."""
+    M, T = attention_mask_MxT.shape
+    n_visible = kernels.visible_count(attention_mask_MxT, M, T)[:, rows]
     hnorms = []
     for layer in layers:
-        if spec.aggregation == "head_mixture":
+        if aggregation == "head_mixture":
             h = out.mixture_entropy[layer][:, rows]
         else:
             h = jnp.mean(out.entropy[layer][:, rows], axis=-1)
         hnorms.append(normalized_entropy(h, n_visible))
-    return logp, pred_entropy, jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
+    return hnorms
+
+
+def layer_hnorms(model, batch: dict[str, jax.Array], spec: StepSpec, layers: tuple[int, ...]) -> jax.Array:
+    """Hnorm of each of `layers` on its own, `[L, M, N]` (the geometry probe's extra splits,
+    `train.geometry_layers`); their mean over L is what `policy_forward` gives with those probe layers."""
+    P, N = spec.prompt_len, spec.response_len
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], probe_layers=layers,
+                mixture=spec.aggregation == "head_mixture", return_logits=False)
+    return jnp.stack(_response_hnorms(out, batch["attention_mask"], layers, slice(P - 1, P + N - 1),
+                                      spec.aggregation))
 
 
 def strided_chunks(x_MxR, chunk: int, mesh=None):

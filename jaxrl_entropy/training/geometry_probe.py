@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from jaxrl_entropy import parallel
-from jaxrl_entropy.config import TrainConfig
+from jaxrl_entropy.config import TrainConfig, as_tuple
 from jaxrl_entropy.rl import diagnostics
 from jaxrl_entropy.training import rng, step_programs
 
@@ -33,11 +33,16 @@ class GeometryProbe:
         `[M, ...]`, `st` the rollout statistics (`hnorm`, `pred_entropy` `[M, N]`)."""
         n = self.rows
         part = jax.device_put(jax.tree.map(lambda x: x[:n], data), programs.batch_sharding)
+        geometry = programs.geometry
+        layer_entropy = None
+        if geometry.layers:  # train.geometry_layers: each layer's own anchors and explorers
+            h_LxBxN = geometry.layer_hnorms(params, part)
+            layer_entropy = {f"L{layer}": h_LxBxN[i] for i, layer in enumerate(geometry.layers)}
         subsets = diagnostics.geometry_subsets(part["response_mask"], st["hnorm"][:n], fraction=self.fraction,
                                                rng=rng.step_key(self.seed, step, rng.GEOMETRY),
-                                               random_fractions=tuple(self.train.geometry_random_fractions),
-                                               halves=self.train.geometry_halves)
-        metrics, sketches, align = programs.geometry(params, part, subsets)
+                                               random_fractions=as_tuple(self.train.geometry_random_fractions),
+                                               halves=self.train.geometry_halves, layer_entropy=layer_entropy)
+        metrics, sketches, align = geometry(params, part, subsets)
         metrics, sketches = diagnostics.split_half_metrics(metrics, sketches)
         out = {f"geometry/{k}": float(v) for k, v in self.tracker.update(metrics, sketches).items()}
         out.update({f"geometry/{name}/tokens": float(np.sum(parallel.to_host(w) > 0))

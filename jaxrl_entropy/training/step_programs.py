@@ -31,7 +31,7 @@ from jaxrl_entropy.training import model_setup
 from jaxrl_entropy.training.program import Program
 from jaxrl_entropy import config, parallel
 from jaxrl_entropy import config as config_lib
-from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig, TrainConfig
+from jaxrl_entropy.config import ConfigError, EntropyConfig, ModelConfig, TrainConfig, as_tuple
 from jaxrl_entropy.training.model_setup import Policy
 from jaxrl_entropy.models import qwen3
 from jaxrl_entropy.rundir.checkpoint import Checkpointer, CheckpointMismatchError
@@ -145,6 +145,8 @@ class GeometryPrograms:
     norm_and_dot: Callable  # (g, g_full) -> (|g|, <g, g_full>)
     projections: Callable   # (params, part, g_full) -> [B, N] each token's gradient along g_full / |g_full|
     sketch: diagnostics.GradientSketch
+    layers: tuple[int, ...] = ()             # train.geometry_layers, resolved to indices
+    layer_hnorms: Callable | None = None     # (params, part) -> [L, B, N] Hnorm of each of `layers`
 
     def __call__(self, params, part, subsets):
         g_full = self.gradient(params, part, subsets["full"])
@@ -168,15 +170,26 @@ def geometry_calls_per_step(train: TrainConfig) -> tuple[float, int]:
     train = config_lib.section_of(train, "train", "geometry_calls_per_step")
     every = train.geometry_every
     probes = (2.0 if train.geometry_consecutive and every > 1 else 1.0) / every
-    subsets = 4 + len(tuple(train.geometry_random_fractions))
+    subsets = 4 + len(as_tuple(train.geometry_random_fractions)) + 2 * len(as_tuple(train.geometry_layers))
     return probes, subsets * (3 if train.geometry_halves else 1)
 
 
+def geometry_layers(train: TrainConfig, arch: qwen3.Qwen3Config) -> tuple[int, ...]:
+    """`train.geometry_layers` as layer indices of this model (duplicates dropped, in order)."""
+    try:
+        return tuple(dict.fromkeys(qwen3.resolve_probe_layers(as_tuple(train.geometry_layers),
+                                                               arch.num_hidden_layers)))
+    except ValueError as e:
+        raise ConfigError(f"config.train.geometry_layers={train.geometry_layers!r}: {e}") from None
+
+
 def geometry_programs(graphdef, spec: ts.StepSpec, sketch: diagnostics.GradientSketch, *, params_sharding,
-                      rows_sharding: NamedSharding, jvp_graphdef=None) -> GeometryPrograms:
+                      rows_sharding: NamedSharding, jvp_graphdef=None, layers: tuple[int, ...] = ()
+                      ) -> GeometryPrograms:
     """`GeometryPrograms` for a policy. `jvp_graphdef`: the module for the forward-mode pass of the
     projections (attention kernels with a custom VJP have no JVP;
-    `model_setup.graphdef_with(policy, attention="blockwise")` does)."""
+    `model_setup.graphdef_with(policy, attention="blockwise")` does). `layers`: probe layers whose
+    entropy alone splits anchors from explorers as well (`train.geometry_layers`)."""
     jvp_graphdef = jvp_graphdef or graphdef
 
     def subset_loss(part):
@@ -199,11 +212,14 @@ def geometry_programs(graphdef, spec: ts.StepSpec, sketch: diagnostics.GradientS
 
         return diagnostics.token_projections(per_token, params, g_full)
 
+    def layer_hnorms(params, part):
+        return ts.layer_hnorms(qwen3.merge_for_compute(graphdef, params), part, spec, layers)
+
     return GeometryPrograms(
         gradient=jax.jit(gradient, out_shardings=params_sharding),
         norm_and_dot=jax.jit(diagnostics.tree_norm_and_dot),
         projections=jax.jit(projections, out_shardings=rows_sharding),
-        sketch=sketch)
+        sketch=sketch, layers=layers, layer_hnorms=jax.jit(layer_hnorms) if layers else None)
 
 
 def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTransformation, *,
@@ -236,7 +252,7 @@ def build(cfg: ml_collections.ConfigDict, policy: Policy, tx: optax.GradientTran
         jvp_graphdef = (graphdef if cfg.model.attention in ("xla", "blockwise") else
                         model_setup.graphdef_with(policy, attention="blockwise"))
         geometry = geometry_programs(graphdef, spec, sketch, params_sharding=params_sh, rows_sharding=batch_sh,
-                                     jvp_graphdef=jvp_graphdef)
+                                     jvp_graphdef=jvp_graphdef, layers=geometry_layers(cfg.train, policy.arch))
     init_opt = jax.jit(tx.init, out_shardings=opt_sh)
     return StepPrograms(spec=spec, tx=tx, opt_shardings=opt_sh, batch_sharding=batch_sh,
                         micro_sharding=micro_sh, rollout_stats=rollout_stats, update=update,

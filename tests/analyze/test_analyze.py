@@ -447,3 +447,42 @@ def test_next_step_cos_prev_averages_only_probes_one_step_apart(tmp_path):
 def _aggregate_module():
     import importlib
     return importlib.import_module("jaxrl_entropy.analyze.aggregate")  # the package exports a function of that name
+
+
+def test_each_probe_layers_split_is_plotted_and_contrasted(tmp_path):
+    # three runs log anchor@L<i> / explorer@L<i> for layers 1 and 3 (train.geometry_layers); the
+    # layer points are the runs' means over probes, then mean and std across runs (by hand), and
+    # anchor@L<i> − explorer@L<i> is a paired contrast over the runs
+    from jaxrl_entropy.analyze import plots
+    from jaxrl_entropy.analyze.layout import layout_of
+
+    vals = {}
+    for seed in (0, 1, 2):
+        rows = []
+        for step in (0, 10):
+            r = {"step": step, "geometry/full/cos_full": 1.0, "geometry/anchor/cos_full": 0.6,
+                 "geometry/explorer/cos_full": 0.2, "geometry/full/tokens": 200, "geometry/anchor/tokens": 40}
+            for layer in (1, 3):
+                for split, base in (("anchor", 0.5), ("explorer", 0.1)):
+                    v = base + 0.1 * layer + 0.01 * seed + 0.001 * step
+                    r[f"geometry/{split}@L{layer}/cos_full"] = v
+                    r[f"geometry/{split}@L{layer}/norm"] = 2 * v
+                    r[f"geometry/{split}@L{layer}/tokens"] = 40
+                    vals.setdefault((split, layer, seed), []).append(v)
+            rows.append(r)
+        _write_rows(tmp_path / f"full_seed{seed}", rows, seed=seed)
+    runs = [analyze.load_run(str(tmp_path / f"full_seed{s}")) for s in (0, 1, 2)]
+    lay = layout_of(runs)
+    for split in ("anchor", "explorer"):
+        pts = plots.layer_points(lay, "full", split)
+        assert [p[0] for p in pts] == [1, 3]
+        for layer, mean, sd in pts:
+            per_run = [np.mean(vals[split, layer, s]) for s in (0, 1, 2)]
+            assert mean == pytest.approx(np.mean(per_run)) and sd == pytest.approx(np.std(per_run, ddof=1))
+    _assert_drawn(open(plots.layer_plot(lay, str(tmp_path / "layers.png")), "rb").read())
+    # the token-size curve leaves other layers' splits out
+    assert [p[0] for p in plots.token_curve_points(lay, "full")] == ["anchor", "full"]
+    summary = _aggregate_module().summarize_runs(runs, lay)
+    got = {(c["a"], c["b"], c["metric"]): c for c in summary["subset_contrasts"]}
+    c = got["anchor@L3", "explorer@L3", "cos_full"]
+    assert c["n"] == 3 and c["mean_diff"] == pytest.approx(0.4)

@@ -89,6 +89,19 @@ def test_gradient_geometry_matches_separate_grads(method):
     assert _np_cos(grads["anchor"], grads["explorer"]) < 0.999
 
 
+def test_layer_entropies_add_their_own_anchors_and_explorers():
+    # hand oracle: on 2 rows × 5 valid tokens with distinct entropies, fraction 0.2 keeps the
+    # 2 lowest (anchors) and the 2 highest (explorers) of the 10 valid tokens of each entropy
+    mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], bool)
+    base = jnp.linspace(0.1, 0.9, 12).reshape(2, 6)
+    other = jnp.array([[0.9, 0.1, 0.5, 0.6, 0.7, 0.0], [0.2, 0.8, 0.55, 0.65, 0.3, 1.0]])
+    subsets = geometry_subsets(mask, base, fraction=0.2, rng=jax.random.key(0), layer_entropy={"L0": other})
+    assert set(subsets) == {"full", "anchor", "explorer", "random", "anchor@L0", "explorer@L0"}
+    np.testing.assert_array_equal(np.argwhere(np.asarray(subsets["anchor@L0"]) > 0), [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(np.argwhere(np.asarray(subsets["explorer@L0"]) > 0), [[0, 0], [1, 1]])
+    np.testing.assert_array_equal(np.argwhere(np.asarray(subsets["anchor"]) > 0), [[0, 0], [0, 1]])
+
+
 def test_missing_full_subset_is_an_error():
     params, logp_fn, old, adv, mask, attn = _toy()
     loss_fn = policy_subset_loss(logp_fn, old_logp=old, adv=adv, mask=mask)

@@ -355,6 +355,24 @@ def test_geometry_at_consecutive_steps_with_halves_and_a_token_count_curve(tmp_p
         assert not any("#half" in k for k in r)
 
 
+def test_geometry_layers_split_anchors_by_each_layer_alone(tmp_path):
+    # the tiny model has 2 layers and trains on layer 1's entropy (entropy.layers = 0.55 → 1):
+    # layer 1's own split must be the training split, layer 0's the same size but other tokens
+    workdir = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(**{"train.steps": 2, "eval.every": 0, "train.geometry_every": 1,
+                                     "train.geometry_layers": (0, 1)}), workdir)
+    trainer.run()
+    trainer.close()
+    rows = [r for r in _rows(workdir) if "geometry/full/cos_full" in r]
+    assert len(rows) == 2
+    for r in rows:
+        for m in ("cos_full", "norm", "tokens"):
+            assert r[f"geometry/anchor@L1/{m}"] == pytest.approx(r[f"geometry/anchor/{m}"], rel=1e-4)
+            assert r[f"geometry/explorer@L1/{m}"] == pytest.approx(r[f"geometry/explorer/{m}"], rel=1e-4)
+        assert r["geometry/anchor@L0/tokens"] == r["geometry/anchor/tokens"]
+        assert r["geometry/anchor@L0/cos_full"] != pytest.approx(r["geometry/anchor/cos_full"], rel=1e-3)
+
+
 def test_a_damaged_config_json_on_resume_is_one_line_naming_it(straight_run, tmp_path, capsys):
     import shutil
     workdir = tmp_path / "copy"
