@@ -355,6 +355,24 @@ def test_geometry_at_consecutive_steps_with_halves_and_a_token_count_curve(tmp_p
         assert not any("#half" in k for k in r)
 
 
+def test_the_geometry_probe_only_measures_training_is_unchanged(tmp_path):
+    # the study runs the probe in some variants only: a run with every probe option must train
+    # exactly as one without (same rollouts, losses and updates)
+    logged = {}
+    for name, extra in (("plain", {"train.geometry_every": 0}),
+                        ("probed", {"train.geometry_every": 1, "train.geometry_consecutive": True,
+                                    "train.geometry_halves": True, "train.geometry_layers": (0,),
+                                    "train.geometry_random_fractions": (0.5,)})):
+        workdir = str(tmp_path / name)
+        trainer = Trainer(tiny_config(**{"train.steps": 2, "eval.every": 2, **extra}), workdir)
+        trainer.run()
+        trainer.close()
+        logged[name] = [{k: v for k, v in r.items() if not k.startswith(("geometry/", "controls/", "time"))}
+                        for r in _rows(workdir)]
+    assert any("geometry/full/cos_full" in r for r in _rows(str(tmp_path / "probed")))
+    assert logged["probed"] == logged["plain"]
+
+
 def test_geometry_layers_split_anchors_by_each_layer_alone(tmp_path):
     # the tiny model has 2 layers and trains on layer 1's entropy (entropy.layers = 0.55 → 1):
     # layer 1's own split must be the training split, layer 0's the same size but other tokens
