@@ -74,6 +74,28 @@ def entropy_dynamics(
       length when given) and `controls/partial_corr_pos` (Hnorm vs position, controlling
       predictive entropy and length). NaN where a statistic is undefined (no valid tokens).
     """
+    hv, pv, sv, lv, n_valid = _valid_token_columns(hnorm_BxT, pred_entropy_BxT, positions_BxT, mask_BxT,
+                                                   fraction=fraction, response_len_B=response_len_B,
+                                                   max_tokens=max_tokens, seed=seed)
+    out: dict[str, float] = {"entropy/num_tokens": float(n_valid)}
+    qs = [q / 100 for q in QUANTILES] + [fraction, 1.0 - fraction]
+    qv = np.quantile(hv, qs) if hv.size else np.full(len(qs), _NAN)
+    for q, v in zip(QUANTILES, qv):
+        out[f"entropy/q{q}"] = float(v)
+    lo, hi = float(qv[-2]), float(qv[-1])
+    out["entropy/mean"] = float(hv.mean()) if hv.size else _NAN
+    out["entropy/std"] = float(hv.std()) if hv.size else _NAN
+    out["entropy/anchor_threshold"] = lo
+    out["entropy/explorer_threshold"] = hi
+    out.update(_split_statistics(hv, pv, sv, lv, anchors=hv <= lo, explorers=hv >= hi))
+    return out
+
+
+def _valid_token_columns(hnorm_BxT, pred_entropy_BxT, positions_BxT, mask_BxT, *, fraction: float,
+                         response_len_B, max_tokens: int, seed: int):
+    """`entropy_dynamics`' inputs checked and flattened to the valid tokens `[N]` (subsampled to at
+    most `max_tokens`): (Hnorm, predictive entropy, position, response length, the number of valid
+    tokens before subsampling); an absent input stays None."""
     fn = "entropy_dynamics"
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"{fn}: fraction must be in (0, 1), got {fraction}")
@@ -94,34 +116,18 @@ def entropy_dynamics(
         length = np.broadcast_to(rl[:, None], h.shape)
 
     valid = (mask > 0) & np.isfinite(h)
-    n_valid = int(valid.sum())
-    hv = h[valid]
-    pv = None if pred is None else pred[valid]
-    sv = None if pos is None else pos[valid]
-    lv = None if length is None else length[valid]
-    idx = _subsample(n_valid, max_tokens, seed)
-    if idx is not None:
-        hv = hv[idx]
-        pv = None if pv is None else pv[idx]
-        sv = None if sv is None else sv[idx]
-        lv = None if lv is None else lv[idx]
+    idx = _subsample(int(valid.sum()), max_tokens, seed)
+    columns = [None if x is None else (x[valid] if idx is None else x[valid][idx]) for x in (h, pred, pos, length)]
+    return (*columns, int(valid.sum()))
 
-    out: dict[str, float] = {"entropy/num_tokens": float(n_valid)}
-    qs = [q / 100 for q in QUANTILES] + [fraction, 1.0 - fraction]
-    qv = np.quantile(hv, qs) if hv.size else np.full(len(qs), _NAN)
-    for q, v in zip(QUANTILES, qv):
-        out[f"entropy/q{q}"] = float(v)
-    lo, hi = float(qv[-2]), float(qv[-1])
-    out["entropy/mean"] = float(hv.mean()) if hv.size else _NAN
-    out["entropy/std"] = float(hv.std()) if hv.size else _NAN
-    out["entropy/anchor_threshold"] = lo
-    out["entropy/explorer_threshold"] = hi
 
-    anchors, explorers = hv <= lo, hv >= hi
-
+def _split_statistics(hv, pv, sv, lv, *, anchors, explorers) -> dict[str, float]:
+    """How attention entropy relates to predictive entropy, position and length over the valid
+    tokens `[N]`, and the anchors' / explorers' means of each (`entropy_dynamics`' Returns)."""
     def subset_mean(v: np.ndarray, sel: np.ndarray) -> float:
         return float(v[sel].mean()) if sel.any() else _NAN
 
+    out: dict[str, float] = {}
     if pv is not None:
         out["entropy/spearman_pred"] = stats.spearman(hv, pv)
         out["entropy/anchor_pred_entropy"] = subset_mean(pv, anchors)
@@ -134,12 +140,8 @@ def entropy_dynamics(
         out["entropy/spearman_len"] = stats.spearman(hv, lv)
     if pv is not None and sv is not None:
         extra = [] if lv is None else [lv]
-        out["controls/partial_corr_pred"] = stats.partial_correlation(
-            hv, pv, np.stack([sv, *extra], axis=1)
-        )
-        out["controls/partial_corr_pos"] = stats.partial_correlation(
-            hv, sv, np.stack([pv, *extra], axis=1)
-        )
+        out["controls/partial_corr_pred"] = stats.partial_correlation(hv, pv, np.stack([sv, *extra], axis=1))
+        out["controls/partial_corr_pos"] = stats.partial_correlation(hv, sv, np.stack([pv, *extra], axis=1))
     return out
 
 
