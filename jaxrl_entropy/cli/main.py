@@ -60,7 +60,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _install_process_hooks() -> None:
     """Process-wide settings belong to the application, not the library: set them here, once."""
-    from jaxrl_entropy.rundir.checkpoint import install_orbax_noise_filters
+    from jaxrl_entropy.rundir.orbax_noise import install_orbax_noise_filters
     install_orbax_noise_filters()
 
 

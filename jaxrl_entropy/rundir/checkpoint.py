@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import hashlib
 import json
 import logging
@@ -33,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrl_entropy.rundir import fileio
+# the orbax noise filters live in their own module; `install_orbax_noise_filters` stays importable here
+from jaxrl_entropy.rundir.orbax_noise import install_orbax_noise_filters, orbax_errors_collected  # noqa: F401
 
 log = logging.getLogger("jaxrl_entropy")
 
@@ -129,7 +130,7 @@ class Checkpointer:
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
         try:
-            with _orbax_errors_collected():
+            with orbax_errors_collected():
                 self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                   meta=ocp.args.JsonSave(meta)), force=True)
                 self._manager.wait_until_finished()
@@ -277,7 +278,7 @@ class Checkpointer:
 
     def _orbax_restore(self, step: int, args) -> Any:
         try:
-            with _orbax_errors_collected():
+            with orbax_errors_collected():
                 return self._manager.restore(step, args=args)
         except ValueError as e:
             if "structures do not match" in str(e) or "shape" in str(e):
@@ -351,7 +352,7 @@ class Checkpointer:
 
     def close(self):
         try:
-            with _orbax_errors_collected():
+            with orbax_errors_collected():
                 self._manager.close()
         except Exception as e:  # noqa: BLE001 — closing after a failed save must not hide that failure
             log.debug("closing the checkpoint manager of %s: %s", self.directory, e)
@@ -410,103 +411,3 @@ def _describe(e: BaseException) -> str:
 def _is_disk_full(e: BaseException) -> bool:
     return any(getattr(c, "errno", None) == errno.ENOSPC or "No space left on device" in str(c)
                or "os_error_code='28'" in str(c) for c in _causes(e))
-
-
-class _DropUnretrieved(logging.Filter):
-    """asyncio's "exception was never retrieved" reports of a failed orbax operation's futures."""
-
-    def __init__(self, leftovers: "_LoopClosedLeftovers"):
-        super().__init__()
-        self.leftovers = leftovers
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.leftovers.sticky and "exception was never retrieved" in record.getMessage())
-
-
-class _LoopClosedLeftovers:
-    """When an orbax operation fails, orbax closes its event loop while tensorstore threads still
-    complete I/O; each then fails to call back into the closed loop and tensorstore prints that
-    `RuntimeError: Event loop is closed` through `sys.excepthook` (dozens of tracebacks, before and
-    after the real error). While an orbax operation runs — and for good once one failed — those
-    are dropped; every other exception goes to the hooks that were there before.
-
-    The library only counts the operations (`active`, `sticky`); replacing `sys.excepthook`,
-    `sys.unraisablehook` and filtering the `asyncio` logger are process-wide, so the application
-    does it once at start-up (`install_orbax_noise_filters`, called by the CLI)."""
-
-    def __init__(self):
-        self.active = 0
-        self.sticky = False
-        self._installed = False
-
-    def _leftover(self, exc) -> bool:
-        return (self.active or self.sticky) and isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
-    def install(self) -> None:
-        if self._installed:
-            return
-        import sys
-        previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-        def excepthook(kind, value, tb):
-            if not self._leftover(value):
-                previous_except(kind, value, tb)
-
-        def unraisablehook(info):
-            if not self._leftover(info.exc_value):
-                previous_unraisable(info)
-
-        sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
-        logging.getLogger("asyncio").addFilter(_DropUnretrieved(self))
-        self._installed = True
-
-
-_LEFTOVERS = _LoopClosedLeftovers()
-
-
-def install_orbax_noise_filters() -> None:
-    """Drop the leftovers of failed orbax operations (tensorstore's `Event loop is closed`
-    tracebacks, asyncio's unretrieved-exception reports) from `sys.excepthook`,
-    `sys.unraisablehook` and the `asyncio` logger. Process-wide: for applications (the CLI calls
-    it at start-up), never called by the library itself. Idempotent."""
-    _LEFTOVERS.install()
-
-
-@contextlib.contextmanager
-def _orbax_errors_collected():
-    """Orbax's writer threads and asyncio tasks each log their own copy of one failure (a full disk
-    gave 75 tracebacks). While a save/restore runs, their ERROR records are held back: replayed if
-    it succeeds, dropped (after a count at DEBUG level) if it fails — the caller raises one error."""
-    held: list[logging.LogRecord] = []
-
-    class _Hold(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if record.levelno >= logging.ERROR:
-                held.append(record)
-                return False
-            return True
-
-    hold = _Hold()
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-    for logger in loggers:
-        logger.addFilter(hold)
-    _LEFTOVERS.active += 1
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        if failed:
-            gc.collect()  # asyncio reports a task's unretrieved exception when the task is collected
-        for logger in loggers:
-            logger.removeFilter(hold)
-        _LEFTOVERS.active -= 1
-        if failed:
-            log.debug("%d error record(s) from orbax's threads held back", len(held))
-            # the failed operation's remaining asyncio futures and tensorstore callbacks report the
-            # same failure again when they finish or are finalized, possibly only at interpreter
-            # exit: drop those reports from now on (where the application installed the filters)
-            _LEFTOVERS.sticky = True
-        else:
-            for record in held:
-                logging.getLogger(record.name).handle(record)

@@ -165,7 +165,7 @@ def test_event_loop_leftovers_of_a_failed_orbax_operation_are_not_printed(capsys
 
     ck.install_orbax_noise_filters()  # the application's part (the CLI calls it at start-up)
     with pytest.raises(ValueError):
-        with ck._orbax_errors_collected():
+        with ck.orbax_errors_collected():
             sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
             raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device")
     sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
@@ -187,7 +187,7 @@ hooks = (sys.excepthook, sys.unraisablehook, list(logging.getLogger("asyncio").f
 c = ck.Checkpointer({str(tmp_path / "ckpt")!r})
 c.save(1, {{"w": jnp.ones(3)}}, {{"step": 1}})
 try:
-    with ck._orbax_errors_collected():
+    with ck.orbax_errors_collected():
         raise ValueError("a failed orbax operation")
 except ValueError:
     pass
