@@ -10,6 +10,12 @@ grouped by variant; seeds give the spread. Outputs, in `out_dir`:
 - `training.png`          response length, gradient norm, clip fraction, loss, train accuracy
 - `entropy_thresholds.png` anchor / explorer thresholds and entropy quantiles over steps
 - `gradient_geometry.png` geometry/<subset>/{cos_full, norm, cos_prev} over steps
+- `geometry_vs_tokens.png` cos_full of each subset against its size in tokens (random subsets draw
+                          the curve chance gives, `train.geometry_random_fractions`)
+- `geometry_by_layer.png` anchors vs explorers as each probe layer's entropy splits them
+                          (`train.geometry_layers`)
+- `geometry_volatility.png` cos_prev_1step and cos_halves per subset (`train.geometry_consecutive`,
+                          `train.geometry_halves`)
 - `report.md`             tables: final eval per variant (mean ± std, runs), paired tests against
                           "full" on matching seeds, training tail, entropy dynamics, gradient geometry
 - `summary.json`          the same numbers, machine-readable (NaN written as null)

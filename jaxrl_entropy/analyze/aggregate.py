@@ -87,11 +87,11 @@ def _run_geometry(run: Run, subset: str, metrics: Sequence[str]) -> dict[str, fl
             out["cos_full_sd_over_steps"] = spread
         if m == "norm":
             out["norm_cv_over_steps"] = spread / abs(out[m]) if out[m] != 0 else float("nan")
-    out.update(_next_step_cos_prev(run, subset))
+    out.update(next_step_cos_prev(run, subset))
     return out
 
 
-def _next_step_cos_prev(run: Run, subset: str) -> dict[str, float]:
+def next_step_cos_prev(run: Run, subset: str) -> dict[str, float]:
     """`cos_prev_1step`: the mean `cos_prev` over the probes taken one optimiser step after the
     previous one (`geometry/steps_since_prev` = 1, from `train.geometry_consecutive`). Mixed with
     the probes `geometry_every` steps apart, a direction's step-to-step persistence would be

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxrl_entropy.rundir import fileio
-from jaxrl_entropy.analyze.aggregate import aggregate, series
+from jaxrl_entropy.analyze.aggregate import aggregate, next_step_cos_prev, series
 from jaxrl_entropy.analyze.layout import ENTROPY_QUANTILES, THRESHOLD_METRICS, TRAINING_PLOT_METRICS, Layout
 
 #: Series with at most this many points get markers, so a sparse eval curve stays visible.
@@ -238,6 +238,60 @@ def layer_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
+VOLATILITY_SUBSETS = ("anchor", "random", "explorer", "full")
+
+
+def volatility_points(lay: Layout, variant: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{measure: {subset: (mean, std across runs)}} of the direction's stability: `cos_prev_1step`
+    (with the subset's own gradient one optimiser step earlier) and `cos_halves` (between two
+    disjoint halves of one batch), each run's mean over its probes first."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for measure in ("cos_prev_1step", "cos_halves"):
+        for s in VOLATILITY_SUBSETS:
+            if s not in lay.subsets:
+                continue
+            per_run = []
+            for r in lay.groups[variant]:
+                if measure == "cos_prev_1step":
+                    v = next_step_cos_prev(r, s).get(measure)
+                else:
+                    x = series(r, f"geometry/{s}/{measure}")[1]
+                    v = float(np.nanmean(x)) if x.size and np.isfinite(x).any() else None
+                if v is not None:
+                    per_run.append(v)
+            if per_run:
+                out.setdefault(measure, {})[s] = (float(np.mean(per_run)),
+                                                  float(np.std(per_run, ddof=1)) if len(per_run) > 1 else math.nan)
+    return out
+
+
+def volatility_plot(lay: Layout, path: str) -> str | None:
+    """Bars per token subset, one panel per variant: how stable a subset's gradient direction is
+    from one optimiser step to the next and between two halves of one batch (the paper's "explorer
+    gradients are more volatile")."""
+    per_variant = {v: pts for v in lay.variants if (pts := volatility_points(lay, v))}
+    if not per_variant:
+        return None
+    fig = Figure(figsize=(5.0 * len(per_variant), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(per_variant), squeeze=False)[0]
+    for ax, (v, pts) in zip(axes, per_variant.items()):
+        measures = list(pts)
+        width = 0.8 / len(measures)
+        for i, (measure, color) in enumerate(zip(measures, _colors(len(measures)))):
+            subsets = list(pts[measure])
+            xs = np.arange(len(subsets)) + (i - (len(measures) - 1) / 2) * width
+            ax.bar(xs, [pts[measure][s][0] for s in subsets], width, yerr=[pts[measure][s][1] for s in subsets],
+                   capsize=3, color=color, label=measure)
+            ax.set_xticks(np.arange(len(subsets)), subsets)
+        ax.axhline(0.0, color="0.3", linewidth=0.8)
+        ax.set_ylabel("cosine")
+        ax.set_title(v)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle("Stability of each subset's gradient direction (mean over probes, ± std across seeds)")
+    return _save(fig, path)
+
+
 def plot_all(lay: Layout, out_dir: str) -> list[str]:
     """Every plot whose metrics exist, written to `out_dir`; returns their paths."""
     specs: list[tuple[str, Callable[[str], str | None]]] = [
@@ -251,5 +305,6 @@ def plot_all(lay: Layout, out_dir: str) -> list[str]:
         ("gradient_geometry.png", lambda p: geometry_plot(lay, p)),
         ("geometry_vs_tokens.png", lambda p: token_curve_plot(lay, p)),
         ("geometry_by_layer.png", lambda p: layer_plot(lay, p)),
+        ("geometry_volatility.png", lambda p: volatility_plot(lay, p)),
     ]
     return [p for name, make in specs if (p := make(fileio.join(out_dir, name)))]

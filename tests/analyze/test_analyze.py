@@ -486,3 +486,32 @@ def test_each_probe_layers_split_is_plotted_and_contrasted(tmp_path):
     got = {(c["a"], c["b"], c["metric"]): c for c in summary["subset_contrasts"]}
     c = got["anchor@L3", "explorer@L3", "cos_full"]
     assert c["n"] == 3 and c["mean_diff"] == pytest.approx(0.4)
+
+
+def test_volatility_bars_are_the_runs_means_of_next_step_and_split_half_cosines(tmp_path):
+    from jaxrl_entropy.analyze import plots
+    from jaxrl_entropy.analyze.layout import layout_of
+
+    want = {}
+    for seed in (0, 1):
+        rows = []
+        for step, gap in ((0, None), (1, 1.0), (10, 9.0), (11, 1.0)):
+            r = {"step": step}
+            for s, base in (("anchor", 0.6), ("explorer", 0.1)):
+                r[f"geometry/{s}/cos_halves"] = base + 0.01 * step + 0.1 * seed
+                want.setdefault(("cos_halves", s, seed), []).append(r[f"geometry/{s}/cos_halves"])
+                if gap is not None:
+                    r[f"geometry/{s}/cos_prev"] = base / 2 + 0.02 * step + 0.1 * seed
+                    if gap == 1.0:
+                        want.setdefault(("cos_prev_1step", s, seed), []).append(r[f"geometry/{s}/cos_prev"])
+            if gap is not None:
+                r["geometry/steps_since_prev"] = gap
+            rows.append(r)
+        _write_rows(tmp_path / f"full_seed{seed}", rows, seed=seed)
+    lay = layout_of([analyze.load_run(str(tmp_path / f"full_seed{s}")) for s in (0, 1)])
+    pts = plots.volatility_points(lay, "full")
+    for measure in ("cos_prev_1step", "cos_halves"):
+        for s in ("anchor", "explorer"):
+            per_run = [np.mean(want[measure, s, seed]) for seed in (0, 1)]
+            assert pts[measure][s] == pytest.approx((np.mean(per_run), np.std(per_run, ddof=1)))
+    _assert_drawn(open(plots.volatility_plot(lay, str(tmp_path / "vol.png")), "rb").read())
