@@ -62,6 +62,12 @@ def _install_process_hooks() -> None:
     """Process-wide settings belong to the application, not the library: set them here, once."""
     from jaxrl_entropy.rundir.orbax_noise import install_orbax_noise_filters
     install_orbax_noise_filters()
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr and the job goes on: where a
+    # job that has gone quiet waits (a collective, I/O), without stopping it
+    import faulthandler
+    import signal
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _prepare_dryrun(args: list[str]) -> None:

@@ -11,3 +11,14 @@ def test_help_into_a_closed_pipe_is_not_an_error():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on():
+    import subprocess
+    import sys
+    code = ("import importlib, os, signal, time; "
+            "importlib.import_module('jaxrl_entropy.cli.main')._install_process_hooks(); "
+            "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.5); print('still running', flush=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "still running" in proc.stdout
+    assert "Current thread" in proc.stderr and 'File "<string>"' in proc.stderr, proc.stderr

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def _launch(workdir: str, steps: int, logs: str) -> list[subprocess.Popen]:
     return procs
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def _tail(path: str, lines: int = 60) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
 
@@ -77,15 +78,26 @@ def _wait(procs, timeout: float = 900, idle: float = 480, straggle: float = 90, 
                if first_exit is not None and now - first_exit > straggle else
                f"not finished after {timeout:.0f} s" if now - start > timeout else None)
         if why:
+            _dump_stacks(procs)
             for p in procs:
                 p.kill()
                 p.wait()
             tails = "\n".join(f"--- process {i} ({p.log_path}), last lines:\n{_tail(p.log_path)}"
                               for i, p in enumerate(procs))
             if hung is not None:
-                raise hung(why)
+                raise hung(f"{why}\n{tails}")
             pytest.fail(f"multi-process run hung: {why}\n{tails}")
         time.sleep(0.25)
+
+
+def _dump_stacks(procs) -> None:
+    """Ask each live process for its Python stacks (the CLI prints them on SIGUSR1) before it is
+    killed, so that a hang's log says where each process waited."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGUSR1)
+    if live:
+        time.sleep(3)
 
 
 def _metrics_steps(workdir: str) -> list[int]:
@@ -109,8 +121,8 @@ def _straight_run(workdir: str, logs: str) -> list[int]:
     for attempt in range(2):
         try:
             return _wait(_launch(workdir, STEPS, f"{logs}.{attempt}"), hung=_Hung if attempt == 0 else None)
-        except _Hung as e:
-            print(f"multihost: first attempt hung, launching again: {e}")
+        except _Hung as e:  # a warning, so that the first attempt's stacks reach the run's summary
+            warnings.warn(f"multihost: the first attempt hung and was launched again: {e}")
             shutil.rmtree(workdir, ignore_errors=True)
     raise AssertionError("unreachable")
 
