@@ -23,6 +23,7 @@ command skips finished runs and resumes the others from their latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -62,12 +63,40 @@ def _run_logged(args: list[str], workdir: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, "", lines[-1] if lines else "")
 
 
+@contextlib.contextmanager
+def _exclusive(path: str, *, wait: bool):
+    """An advisory lock on `path` (fcntl), held while the block runs: two `reproduce` commands on
+    one `--out` never run the same warm-up or RL run at once. Yields whether the lock is held (False
+    only with wait=False, when another process holds it)."""
+    import fcntl
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+LOCK_FILE = ".reproduce.lock"
+
+
 def warmup(out: str, seed: int, overrides: list[str], config: str | None = None) -> str:
-    """The SFT warm-up of one seed, saved as a step-0 checkpoint (run once, reused)."""
+    """The SFT warm-up of one seed, saved as a step-0 checkpoint (run once, reused; a second command
+    on the same `--out` waits for it rather than running it again)."""
     workdir = os.path.join(out, f"warmup_seed{seed}")
     ckpt = os.path.join(workdir, "checkpoints", "0")
-    if os.path.isdir(ckpt):
-        return ckpt
+    with _exclusive(os.path.join(workdir, LOCK_FILE), wait=True):
+        if os.path.isdir(ckpt):
+            return ckpt
+        return _run_warmup(workdir, ckpt, seed, overrides, config)
+
+
+def _run_warmup(workdir: str, ckpt: str, seed: int, overrides: list[str], config: str | None) -> str:
     _say(f"reproduce: warm-up seed {seed} started (log: {os.path.join(workdir, LOG_FILE)})")
     start = time.time()
     proc = _run_logged(_cli("train", f"--config={config or _demo_config()}", f"--workdir={workdir}",
@@ -113,6 +142,16 @@ def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
            config: str | None = None) -> dict:
     workdir = os.path.join(out, f"{variant}_seed{seed}")
+    with _exclusive(os.path.join(workdir, LOCK_FILE), wait=False) as mine:
+        if not mine:  # another reproduce command on this --out runs it now: leave it to that one
+            _say(f"reproduce: {variant} seed {seed} is running in another command; skipped here")
+            return {"variant": variant, "seed": seed, "finished": False,
+                    "error": "running in another reproduce command on the same --out; run this one again after it"}
+        return _rl_run(workdir, variant, seed, ckpt, overrides, geometry_every, config)
+
+
+def _rl_run(workdir: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
+            config: str | None) -> dict:
     status_file = os.path.join(workdir, "status.json")
     if os.path.exists(status_file):  # finished earlier (a restarted reproduction skips it)
         with open(status_file) as f:

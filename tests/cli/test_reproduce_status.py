@@ -136,3 +136,15 @@ def test_a_failed_warm_up_stops_with_its_last_log_line_and_no_rl_run(tmp_path, c
     assert "warm-up of seed" in err and "ValueError: bad data file" in err and "train.log" in err
     assert not (tmp_path / "full_seed0").exists()
     assert "compiling" in (tmp_path / "warmup_seed0" / reproduce.LOG_FILE).read_text()
+
+
+def test_a_run_another_command_holds_is_skipped_not_run_twice(out, capsys):
+    runs, analysed = out
+    (runs / "STOP_AT").write_text("3")
+    lock = os.path.join(runs, "full_seed0", reproduce.LOCK_FILE)
+    with reproduce._exclusive(lock, wait=True):       # as a second command running full seed 0 would
+        code = reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"])
+    assert code == 1 and _calls(runs) == ["anchor_seed0"]
+    assert "running in another reproduce command" in capsys.readouterr().err
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"]) == 0
+    assert _calls(runs) == ["anchor_seed0", "full_seed0"]   # the lock released, it runs; anchor is not re-run
