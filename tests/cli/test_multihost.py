@@ -34,8 +34,11 @@ def _free_port() -> int:
 def _launch(workdir: str, steps: int, logs: str) -> list[subprocess.Popen]:
     # the compilation cache comes with the environment (conftest): the three runs compile the same programs
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+    # XLA:CPU reports a collective whose local devices have waited 60 s in its rendezvous (which of
+    # them arrived), so that a hang's log says what it waited for
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
+               XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4",
+                                           "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60"]))
     port = _free_port()
     procs = []
     for i in range(2):
