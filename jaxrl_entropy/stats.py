@@ -260,6 +260,31 @@ def matched_subsets(
     return np.sort(valid[np.concatenate(low)]), np.sort(valid[np.concatenate(high)])
 
 
+def complement_cosine(norm_s, proj_s, norm_full, tokens_s, tokens_full) -> tuple[np.ndarray, np.ndarray]:
+    """(cos_rest, self_share) of a token subset S's gradient from what the gradient probe logs.
+
+    With per-token gradients ∇ℓ_t, the subset's gradient is g_S = mean over S and the full one
+    g = mean over all N tokens, so N·g = |S|·g_S + |R|·g_R exactly, R the other tokens. Hence
+
+        cos(g_S, g) = self_share + (|R|/N)·(‖g_R‖/‖g‖)·cos_rest,   self_share = (|S|/N)·‖g_S‖/‖g‖,
+
+    where self_share is the subset's own part of the full gradient (a subset of large per-token
+    gradients is "aligned" with a sum it dominates) and cos_rest = cos(g_S, g_R) its alignment with
+    every other token. Inputs (arrays of one shape): ‖g_S‖ (`norm`), the projection of g_S on g's
+    direction (`proj_full`), ‖g‖, |S| and N (`tokens`). NaN where R is empty or a norm is 0."""
+    ns, ps, nf = (np.asarray(x, dtype=np.float64) for x in (norm_s, proj_s, norm_full))
+    s, n = np.asarray(tokens_s, dtype=np.float64), np.asarray(tokens_full, dtype=np.float64)
+    r = n - s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dot_full = ps * nf                                          # <g_S, g>
+        dot_rest = (n * dot_full - s * ns**2) / r                   # <g_S, g_R>
+        norm_rest = np.sqrt(np.maximum(n**2 * nf**2 - 2 * n * s * dot_full + s**2 * ns**2, 0.0)) / r
+        cos_rest = dot_rest / (ns * norm_rest)
+        share = s / n * ns / nf
+    bad = (r <= 0) | (ns <= 0) | ~(norm_rest > 0)
+    return np.where(bad, np.nan, cos_rest), np.where(nf > 0, share, np.nan)
+
+
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Paired comparison of two conditions measured on the same units (e.g. seeds).
 

@@ -342,3 +342,23 @@ def test_control_correlations_separate_confounded_and_real_links():
     assert out["ga/partial_spearman"] == pytest.approx(
         oracles.partial_by_precision(oracles.average_ranks(h), oracles.average_ranks(y), rz), abs=1e-10)
     assert out["ga/partial_corr"] > 0.4
+
+
+def test_complement_cosine_against_the_gradients_themselves():
+    # per-token "gradients" with a shared direction and per-token scales; S = the largest ones
+    rng = np.random.default_rng(3)
+    shared = rng.normal(size=50)
+    g_T = rng.normal(size=(40, 50)) * rng.uniform(0.2, 3.0, size=(40, 1)) + 0.3 * shared
+    sel = np.argsort(-np.linalg.norm(g_T, axis=1))[:8]
+    rest = np.setdiff1d(np.arange(40), sel)
+    g_s, g_r, g = g_T[sel].mean(0), g_T[rest].mean(0), g_T.mean(0)
+    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    proj = float(g_s @ g / np.linalg.norm(g))
+    cos_rest, share = stats.complement_cosine(np.linalg.norm(g_s), proj, np.linalg.norm(g), 8, 40)
+    assert float(cos_rest) == pytest.approx(cos(g_s, g_r), rel=1e-9)
+    assert float(share) == pytest.approx(8 / 40 * np.linalg.norm(g_s) / np.linalg.norm(g), rel=1e-12)
+    # the decomposition of cos_full it states
+    assert cos(g_s, g) == pytest.approx(
+        float(share) + 32 / 40 * np.linalg.norm(g_r) / np.linalg.norm(g) * cos(g_s, g_r), rel=1e-9)
+    # no other tokens: undefined
+    assert np.isnan(stats.complement_cosine(1.0, 1.0, 1.0, 40, 40)[0])

@@ -88,6 +88,30 @@ def _run_geometry(run: Run, subset: str, metrics: Sequence[str]) -> dict[str, fl
         if m == "norm":
             out["norm_cv_over_steps"] = spread / abs(out[m]) if out[m] != 0 else float("nan")
     out.update(next_step_cos_prev(run, subset))
+    out.update(complement_geometry(run, subset))
+    return out
+
+
+def complement_geometry(run: Run, subset: str) -> dict[str, float]:
+    """`cos_rest` (the subset's gradient against the gradient of every other token of the batch)
+    and `self_share` (its own part of cos_full), each probe's value from the logged norm,
+    proj_full and tokens (`stats.complement_cosine`), then the mean over probes. A subset of large
+    per-token gradients dominates the full gradient and so looks aligned with it: cos_rest is
+    the alignment without that self-overlap."""
+    keys = [f"geometry/{subset}/norm", f"geometry/{subset}/proj_full", "geometry/full/norm",
+            f"geometry/{subset}/tokens", "geometry/full/tokens"]
+    if subset == "full" or not all(_logged(run, k) for k in keys):
+        return {}
+    cols = [dict(zip(*(a.tolist() for a in series(run, k)))) for k in keys]
+    steps = sorted(set.intersection(*(set(c) for c in cols)))
+    if not steps:
+        return {}
+    cos_rest, share = stats.complement_cosine(*(np.array([c[st] for st in steps]) for c in cols))
+    out = {}
+    for name, v in (("cos_rest", cos_rest), ("self_share", share)):
+        v = v[np.isfinite(v)]
+        if v.size:
+            out[name] = float(v.mean())
     return out
 
 

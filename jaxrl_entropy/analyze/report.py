@@ -8,7 +8,7 @@ from typing import Any
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.layout import BASELINE, TAIL_STEPS, TRAIN_TAIL_METRICS, Layout
 
-_VOLATILITY = ("cos_full_sd_over_steps", "norm_cv_over_steps", "cos_prev_1step")
+_VOLATILITY = ("cos_rest", "self_share", "cos_full_sd_over_steps", "norm_cv_over_steps", "cos_prev_1step")
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
@@ -121,7 +121,10 @@ def _geometry(summary, lay: Layout) -> list[str]:
         lines += _section("## Gradient geometry",
                           "Per run, the mean over logged steps (and, for volatility, the std of cos_full "
                           "and the coefficient of variation of the norm over steps); cells are mean ± std "
-                          "across runs.")
+                          "across runs. cos_rest: the subset's gradient against that of all the batch's "
+                          "other tokens; self_share: the subset's own part of cos_full "
+                          "(cos_full = self_share + the other tokens' part; `stats.complement_cosine`). "
+                          "cos_prev_1step: against the same subset's gradient one optimiser step earlier.")
         rows = []
         for v in lay.variants:
             for s in lay.subsets:

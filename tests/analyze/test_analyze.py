@@ -515,3 +515,22 @@ def test_volatility_bars_are_the_runs_means_of_next_step_and_split_half_cosines(
             per_run = [np.mean(want[measure, s, seed]) for seed in (0, 1)]
             assert pts[measure][s] == pytest.approx((np.mean(per_run), np.std(per_run, ddof=1)))
     _assert_drawn(open(plots.volatility_plot(lay, str(tmp_path / "vol.png")), "rb").read())
+
+
+def test_cos_rest_per_probe_from_logged_norms_then_mean(tmp_path):
+    # two probes; the hand values: <g_S, g> = proj·‖g‖, <g_S, g_R> = (N<g_S,g> − |S|‖g_S‖²)/|R|,
+    # ‖g_R‖ = ‖N g − |S| g_S‖/|R|
+    probes = {0: (2.0, 0.5, 0.4, 10, 50), 1: (1.0, 0.3, 0.5, 12, 48)}   # norm_S, proj_S, ‖g‖, |S|, N
+    rows, want = [], []
+    for step, (ns, ps, nf, s, n) in probes.items():
+        rows.append({"step": step, "geometry/anchor/norm": ns, "geometry/anchor/proj_full": ps,
+                     "geometry/full/norm": nf, "geometry/anchor/tokens": s, "geometry/full/tokens": n})
+        dot = ps * nf
+        dot_r = (n * dot - s * ns**2) / (n - s)
+        norm_r = np.sqrt(n**2 * nf**2 - 2 * n * s * dot + s**2 * ns**2) / (n - s)
+        want.append((dot_r / (ns * norm_r), s / n * ns / nf))
+    run = analyze.load_run(_write_rows(tmp_path / "full_seed0", rows))
+    got = _aggregate_module().complement_geometry(run, "anchor")
+    assert got["cos_rest"] == pytest.approx(np.mean([w[0] for w in want]))
+    assert got["self_share"] == pytest.approx(np.mean([w[1] for w in want]))
+    assert _aggregate_module().complement_geometry(run, "full") == {}
