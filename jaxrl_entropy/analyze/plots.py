@@ -10,9 +10,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from jaxrl_entropy.rundir import fileio
-from jaxrl_entropy.analyze.aggregate import aggregate, next_step_cos_prev, series
+from jaxrl_entropy.analyze.aggregate import aggregate, complement_geometry, next_step_cos_prev, series
 from jaxrl_entropy.analyze.layout import ENTROPY_QUANTILES, THRESHOLD_METRICS, TRAINING_PLOT_METRICS, Layout
 
 #: Series with at most this many points get markers, so a sparse eval curve stays visible.
@@ -149,49 +150,65 @@ def geometry_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
-def token_curve_points(lay: Layout, variant: str) -> list[tuple[str, float, float, float]]:
-    """(subset, mean tokens, mean cos_full, std of the runs' means) for every subset of `variant`
+def token_curve_points(lay: Layout, variant: str, measure: str = "cos_full"
+                       ) -> list[tuple[str, float, float, float]]:
+    """(subset, mean tokens, mean `measure`, std of the runs' means) for every subset of `variant`
     that logged `geometry/<subset>/tokens`: each run's mean over its probes, then the mean (and the
-    std, ddof=1; NaN for one run) across runs. Sorted by tokens."""
+    std, ddof=1; NaN for one run) across runs. Sorted by tokens. `measure`: "cos_full" or
+    "cos_rest" (against the other tokens only, `aggregate.complement_geometry`)."""
     points = []
     for s in lay.subsets:
         if "@L" in s:  # another layer's split: `layer_plot`
             continue
-        tokens, cos = [], []
+        tokens, vals = [], []
         for run in lay.groups[variant]:
-            t, c = series(run, f"geometry/{s}/tokens")[1], series(run, f"geometry/{s}/cos_full")[1]
-            if t.size and c.size and np.isfinite(c).any():
+            t = series(run, f"geometry/{s}/tokens")[1]
+            if measure == "cos_full":
+                c = series(run, f"geometry/{s}/cos_full")[1]
+                v = float(np.nanmean(c)) if c.size and np.isfinite(c).any() else None
+            else:
+                v = complement_geometry(run, s).get(measure)
+            if t.size and v is not None:
                 tokens.append(float(np.mean(t)))
-                cos.append(float(np.nanmean(c)))
+                vals.append(v)
         if tokens:
-            points.append((s, float(np.mean(tokens)), float(np.mean(cos)),
-                           float(np.std(cos, ddof=1)) if len(cos) > 1 else math.nan))
+            points.append((s, float(np.mean(tokens)), float(np.mean(vals)),
+                           float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan))
     return sorted(points, key=lambda p: p[1])
 
 
 def token_curve_plot(lay: Layout, path: str) -> str | None:
-    """cos_full of each token subset against the tokens it holds (per probed micro-batch), one panel
-    per variant: random subsets of several sizes (`train.geometry_random_fractions`) draw the curve
-    a subset of that size reaches by chance; anchors and explorers sit above or below it."""
+    """Against the tokens each subset holds (per probed micro-batch), one column per variant: top,
+    cos_full (random subsets of several sizes, `train.geometry_random_fractions`, draw the curve a
+    subset of that size reaches by chance; anchors and explorers sit above or below it); bottom,
+    cos_rest, the alignment with the other tokens without the subset's own share of the sum."""
     per_variant = {v: pts for v in lay.variants if len(pts := token_curve_points(lay, v)) > 1}
     if not per_variant:
         return None
-    fig = Figure(figsize=(5.0 * len(per_variant), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(per_variant), squeeze=False)[0]
-    for ax, (v, pts) in zip(axes, per_variant.items()):
-        rand = [p for p in pts if p[0] == "random" or p[0].startswith("random@") or p[0] == "full"]
-        if len(rand) > 1:
-            ax.errorbar([p[1] for p in rand], [p[2] for p in rand], yerr=[p[3] for p in rand],
-                        color="0.4", marker="o", markersize=4, capsize=2, label="random subsets (and full)")
-        for (name, x, y, sd), color in zip([p for p in pts if p not in rand], _colors(len(pts))):
-            ax.errorbar([x], [y], yerr=[sd], color=color, marker="s", markersize=6, capsize=2, label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("tokens in the subset (per probed micro-batch)")
-        ax.set_ylabel("cos with the full gradient")
-        ax.set_title(v)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Alignment against subset size (mean over probes, ± std across seeds)")
+    fig = Figure(figsize=(max(6.5, 5.0 * len(per_variant)), 6.8), layout="constrained")
+    axes = fig.subplots(2, len(per_variant), squeeze=False, sharex="col")
+    for j, v in enumerate(per_variant):
+        for i, measure in enumerate(("cos_full", "cos_rest")):
+            ax = axes[i, j]
+            pts = token_curve_points(lay, v, measure)
+            rand = [p for p in pts if p[0] == "random" or p[0].startswith("random@") or p[0] == "full"]
+            if len(rand) > 1:
+                ax.errorbar([p[1] for p in rand], [p[2] for p in rand], yerr=[p[3] for p in rand],
+                            color="0.4", marker="o", markersize=4, capsize=2, label="random subsets (and full)")
+            others = [p for p in pts if p not in rand]
+            for (name, x, y, sd), color in zip(others, _colors(len(others))):
+                ax.errorbar([x], [y], yerr=[sd], color=color, marker="s", markersize=6, capsize=2, label=name)
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap
+            ax.set_ylabel("cos with the full gradient" if measure == "cos_full"
+                          else "cos with the other tokens' gradient")
+            ax.set_title(f"{v}: {measure}")
+            ax.grid(alpha=0.3)
+            if i == 1:
+                ax.set_xlabel("tokens in the subset (per probed micro-batch)")
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle("Alignment against subset size\n(mean over probes, ± std across seeds)")
     return _save(fig, path)
 
 
@@ -203,12 +220,19 @@ def layer_points(lay: Layout, variant: str, split: str, metric: str = "cos_full"
     for s in lay.subsets:
         if not (s.startswith(split + "@L") and s[len(split) + 2:].isdigit()):
             continue
-        per_run = [float(np.nanmean(v)) for r in lay.groups[variant]
-                   if (v := series(r, f"geometry/{s}/{metric}")[1]).size and np.isfinite(v).any()]
+        per_run = _per_run_means(lay, variant, s, metric)
         if per_run:
             points.append((int(s[len(split) + 2:]), float(np.mean(per_run)),
                            float(np.std(per_run, ddof=1)) if len(per_run) > 1 else math.nan))
     return sorted(points)
+
+
+def _per_run_means(lay: Layout, variant: str, subset: str, metric: str) -> list[float]:
+    """Each run's mean over its probes of one geometry metric of one subset (cos_rest derived)."""
+    if metric == "cos_rest":
+        return [v for r in lay.groups[variant] if (v := complement_geometry(r, subset).get(metric)) is not None]
+    return [float(np.nanmean(v)) for r in lay.groups[variant]
+            if (v := series(r, f"geometry/{subset}/{metric}")[1]).size and np.isfinite(v).any()]
 
 
 def layer_plot(lay: Layout, path: str) -> str | None:
@@ -218,23 +242,30 @@ def layer_plot(lay: Layout, path: str) -> str | None:
     with_data = [v for v in lay.variants if layer_points(lay, v, "anchor")]
     if not with_data:
         return None
-    fig = Figure(figsize=(4.6 * len(with_data), 6.0), layout="constrained")
-    axes = fig.subplots(2, len(with_data), squeeze=False, sharex="col")
+    metrics = ("cos_full", "cos_rest", "norm")
+    fig = Figure(figsize=(max(6.5, 4.6 * len(with_data)), 8.4), layout="constrained")
+    axes = fig.subplots(len(metrics), len(with_data), squeeze=False, sharex="col")
     colors = dict(zip(("anchor", "explorer"), _colors(2)))
     for j, v in enumerate(with_data):
-        for i, metric in enumerate(("cos_full", "norm")):
+        for i, metric in enumerate(metrics):
             ax = axes[i, j]
             for split in ("anchor", "explorer"):
                 pts = layer_points(lay, v, split, metric)
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                                 capsize=3, color=colors[split], label=f"{split} (that layer's entropy)")
+            reference = _per_run_means(lay, v, "random", metric)
+            if reference:  # a random subset of the same size, for scale
+                ax.axhline(float(np.mean(reference)), color="0.5", linestyle="--", linewidth=1,
+                           label="random (same size)")
             ax.set_title(f"{v}: {metric}")
             ax.grid(alpha=0.3)
-            if i == 1:
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            if i == len(metrics) - 1:
                 ax.set_xlabel("probe layer")
-            ax.legend(fontsize=8)
-    fig.suptitle("Anchors vs explorers split by each layer's attention entropy (± std across seeds)")
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle("Anchors vs explorers split by each layer's attention entropy\n(mean over probes, ± std across seeds)")
     return _save(fig, path)
 
 
@@ -272,7 +303,7 @@ def volatility_plot(lay: Layout, path: str) -> str | None:
     per_variant = {v: pts for v in lay.variants if (pts := volatility_points(lay, v))}
     if not per_variant:
         return None
-    fig = Figure(figsize=(5.0 * len(per_variant), 3.8), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 5.0 * len(per_variant)), 4.0), layout="constrained")
     axes = fig.subplots(1, len(per_variant), squeeze=False)[0]
     for ax, (v, pts) in zip(axes, per_variant.items()):
         measures = list(pts)
@@ -288,7 +319,7 @@ def volatility_plot(lay: Layout, path: str) -> str | None:
         ax.set_title(v)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.suptitle("Stability of each subset's gradient direction (mean over probes, ± std across seeds)")
+    fig.suptitle("Stability of each subset's gradient direction\n(mean over probes, ± std across seeds)")
     return _save(fig, path)
 
 
