@@ -116,6 +116,16 @@ def entropy_plot(lay: Layout, path: str) -> str | None:
     return _save(fig, path)
 
 
+def _finish_panel(ax, title: str, xlabel: str | None) -> None:
+    """Title, grid, the x label (bottom row only) and a legend where lines were drawn."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ax.lines:
+        ax.legend(fontsize=8)
+
+
 def _main_subsets(lay: Layout) -> list[str]:
     """The training split's subsets (anchor, explorer, random, full); `random@f` and `<split>@L<i>`
     have plots of their own."""
@@ -140,12 +150,7 @@ def geometry_plot(lay: Layout, path: str) -> str | None:
                 steps, mean, std = aggregate(lay.groups[v], f"geometry/{s}/{m}")
                 if steps.size:
                     _band(ax, steps, mean, std, s, colors[s])
-            ax.set_title(f"{v}: {m}")
-            ax.grid(alpha=0.3)
-            if i == len(metrics) - 1:
-                ax.set_xlabel("step")
-            if ax.lines:
-                ax.legend(fontsize=8)
+            _finish_panel(ax, f"{v}: {m}", "step" if i == len(metrics) - 1 else None)
     fig.suptitle("Gradient geometry per token subset (mean ± std across seeds)")
     return _save(fig, path)
 
@@ -258,13 +263,8 @@ def layer_plot(lay: Layout, path: str) -> str | None:
             if reference:  # a random subset of the same size, for scale
                 ax.axhline(float(np.mean(reference)), color="0.5", linestyle="--", linewidth=1,
                            label="random (same size)")
-            ax.set_title(f"{v}: {metric}")
-            ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
-            if i == len(metrics) - 1:
-                ax.set_xlabel("probe layer")
-            if ax.lines:
-                ax.legend(fontsize=8)
+            _finish_panel(ax, f"{v}: {metric}", "probe layer" if i == len(metrics) - 1 else None)
     fig.suptitle("Anchors vs explorers split by each layer's attention entropy\n(mean over probes, ± std across seeds)")
     return _save(fig, path)
 
