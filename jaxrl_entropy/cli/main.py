@@ -65,9 +65,14 @@ def _install_process_hooks() -> None:
     # `kill -USR1 <pid>` prints every thread's Python stack to stderr and the job goes on: where a
     # job that has gone quiet waits (a collective, I/O), without stopping it
     import faulthandler
+    import io
     import signal
+    import sys
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:  # the process's own stderr: sys.stderr may be replaced by one without a file (a test's capture)
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass  # no stderr file to write stacks to (a detached process): nothing to register
 
 
 def _prepare_dryrun(args: list[str]) -> None:

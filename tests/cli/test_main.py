@@ -22,3 +22,9 @@ def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "still running" in proc.stdout
     assert "Current thread" in proc.stderr and 'File "<string>"' in proc.stderr, proc.stderr
+
+
+def test_process_hooks_install_under_a_captured_stderr(capsys):
+    # the CLI runs in-process under pytest's capture (no fileno): the hooks must not fail there
+    import importlib
+    importlib.import_module("jaxrl_entropy.cli.main")._install_process_hooks()
