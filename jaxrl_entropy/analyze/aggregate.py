@@ -102,7 +102,7 @@ def complement_geometry(run: Run, subset: str) -> dict[str, float]:
             f"geometry/{subset}/tokens", "geometry/full/tokens"]
     if subset == "full" or not all(_logged(run, k) for k in keys):
         return {}
-    cols = [dict(zip(*(a.tolist() for a in series(run, k)))) for k in keys]
+    cols = [_by_step(run, k) for k in keys]
     steps = sorted(set.intersection(*(set(c) for c in cols)))
     if not steps:
         return {}
@@ -120,13 +120,14 @@ def next_step_cos_prev(run: Run, subset: str) -> dict[str, float]:
     previous one (`geometry/steps_since_prev` = 1, from `train.geometry_consecutive`). Mixed with
     the probes `geometry_every` steps apart, a direction's step-to-step persistence would be
     averaged away."""
-    cs, cv = series(run, f"geometry/{subset}/cos_prev")
-    gs, gap = series(run, "geometry/steps_since_prev")
-    if not cs.size or not gs.size:
-        return {}
-    at = dict(zip(gs.tolist(), gap.tolist()))
-    x = np.array([v for s, v in zip(cs.tolist(), cv.tolist()) if at.get(s) == 1.0 and np.isfinite(v)])
+    cos_prev, gap = _by_step(run, f"geometry/{subset}/cos_prev"), _by_step(run, "geometry/steps_since_prev")
+    x = np.array([v for step, v in cos_prev.items() if gap.get(step) == 1.0 and np.isfinite(v)])
     return {"cos_prev_1step": float(x.mean())} if x.size else {}
+
+
+def _by_step(run: Run, key: str) -> dict[float, float]:
+    """{step: value} of one metric (`series` as a mapping, to pair metrics logged at the same steps)."""
+    return dict(zip(*(a.tolist() for a in series(run, key))))
 
 
 def _summary_with_values(values: Sequence[float]) -> dict[str, Any]:
@@ -224,8 +225,7 @@ def _subset_contrasts(runs: Sequence[Run], lay: Layout, geometry: Geometry) -> l
     """Anchor vs explorer (vs random) within the same runs: one pair per run."""
     out: list[dict[str, Any]] = []
     # and anchor vs explorer as each extra probe layer splits them (train.geometry_layers)
-    per_layer = [(s, "explorer@" + s.split("@", 1)[1]) for s in lay.subsets
-                 if s.startswith("anchor@") and "explorer@" + s.split("@", 1)[1] in lay.subsets]
+    per_layer = [(s, "explorer" + s[len("anchor"):]) for s in lay.subsets if s.startswith("anchor@")]
     for a, b in (*SUBSET_CONTRASTS, *per_layer):
         if a not in lay.subsets or b not in lay.subsets:
             continue

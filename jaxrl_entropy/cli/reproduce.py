@@ -41,6 +41,7 @@ def _cli(*args: str) -> list[str]:
 
 
 LOG_FILE = "train.log"
+LOCK_FILE = ".reproduce.lock"
 
 
 def _say(message: str) -> None:
@@ -58,8 +59,9 @@ def _run_logged(args: list[str], workdir: str) -> subprocess.CompletedProcess:
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(args[1:])}\n")
         log.flush()
         proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT)
-    with open(path, errors="replace") as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    with open(path, "rb") as f:  # the last line only: a resumed run's log holds every earlier attempt
+        f.seek(max(0, os.path.getsize(path) - 8192))
+        lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
     return subprocess.CompletedProcess(args, proc.returncode, "", lines[-1] if lines else "")
 
 
@@ -80,9 +82,6 @@ def _exclusive(path: str, *, wait: bool):
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-LOCK_FILE = ".reproduce.lock"
 
 
 def warmup(out: str, seed: int, overrides: list[str], config: str | None = None) -> str:
