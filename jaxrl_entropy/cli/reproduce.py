@@ -6,11 +6,16 @@
 
 A variant `NAME@xK` (e.g. `random@x5`) is NAME with K times the prompts per step and per optimiser
 update (`rl.prompts_per_step` and `rl.mini_batch_prompts` × K: as many updates per step, each over K
-times the tokens): a 20 % subset at ×5 sees as many tokens per update as `full` at ×1.
+times the tokens): a 20 % subset at ×5 sees as many tokens per update as `full` at ×1. K may be a
+fraction that leaves whole numbers of prompts: `full@x0.25` trains on all the tokens of a quarter of
+the prompts, about as many tokens per update as a 20 % subset at ×1 (the same question from the
+other side, at a quarter of the cost).
 
 Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`, `--jobs` seeds at a time); every
 variant then starts RL from that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in
-their token weights. Each run's own output goes to `train.log` in its directory (appended on resume);
+their token weights. With `--warmup-seed S` one warm-up (`<out>/warmup_seed<S>`) serves every seed: the
+seeds then differ only in RL (sampling and prompt order), for a task whose warm-up costs more than
+its RL runs. Each run's own output goes to `train.log` in its directory (appended on resume);
 this command prints one line as each run starts and one as it ends, with its wall time.
 Gradient geometry is logged every `--geometry-every` steps. A run that fails (e.g. dynamic sampling
 finds no group with mixed rewards after a collapse) is recorded as such and the others go on.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fractions
 import json
 import os
 import shutil
@@ -129,13 +135,22 @@ def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
     name, _, scale = variant.partition("@x")
     if not scale:
         return variant, []
-    if not scale.isdigit() or int(scale) < 1:
-        raise ValueError(f"variant {variant!r}: write NAME@xK with K a positive integer (e.g. random@x5)")
+    try:
+        k = fractions.Fraction(scale)
+    except (ValueError, ZeroDivisionError):
+        k = fractions.Fraction(0)
+    if k <= 0:
+        raise ValueError(f"variant {variant!r}: write NAME@xK with K a positive number (e.g. random@x5, "
+                         "full@x0.25)")
     import runpy
     base = runpy.run_path(config_file)["get_config"](name)
-    k = int(scale)
-    return name, [f"--config.rl.prompts_per_step={base.rl.prompts_per_step * k}",
-                  f"--config.rl.mini_batch_prompts={base.rl.mini_batch_prompts * k}", f"--config.name={variant}"]
+    prompts, mini = base.rl.prompts_per_step * k, base.rl.mini_batch_prompts * k
+    if prompts.denominator != 1 or mini.denominator != 1:
+        raise ValueError(f"variant {variant!r}: {base.rl.prompts_per_step} prompts per step in mini-batches "
+                         f"of {base.rl.mini_batch_prompts} times {scale} is not a whole number of prompts; "
+                         "choose K so that both are")
+    return name, [f"--config.rl.prompts_per_step={prompts.numerator}",
+                  f"--config.rl.mini_batch_prompts={mini.numerator}", f"--config.name={variant}"]
 
 
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
@@ -193,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=["full", "random", "anchor", "explorer", "soft"])
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each uses all cores XLA gives it)")
+    ap.add_argument("--warmup-seed", type=int, default=None,
+                    help="one warm-up, of this seed, for every seed's RL runs (default: a warm-up per seed)")
     ap.add_argument("--geometry-every", type=int, default=10)
     ap.add_argument("--report", default=None, help="directory for the analysis (default <out>/analysis)")
     ap.add_argument("--config", default=None, help="a config file with get_config(variant) (default: the built-in "
@@ -213,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         try:
-            ckpts = dict(zip(args.seeds, pool.map(lambda s: warmup(args.out, s, args.overrides, config), args.seeds)))
+            warmup_seeds = args.seeds if args.warmup_seed is None else [args.warmup_seed]
+            done = dict(zip(warmup_seeds, pool.map(lambda s: warmup(args.out, s, args.overrides, config),
+                                                   warmup_seeds)))
+            ckpts = {s: done[s if args.warmup_seed is None else args.warmup_seed] for s in args.seeds}
         except RuntimeError as e:
             print(f"jaxrl-entropy reproduce: {e}", file=sys.stderr)
             return 1

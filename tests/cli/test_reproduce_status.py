@@ -98,6 +98,20 @@ def test_a_bad_scale_is_refused_before_anything_runs(out, capsys):
     assert "NAME@xK" in capsys.readouterr().err and _calls(runs) == []
 
 
+def test_a_fractional_scale_trains_on_fewer_prompts_and_must_leave_whole_prompts(out, monkeypatch, capsys):
+    runs, _ = out
+    (runs / "STOP_AT").write_text("3")
+    seen, fake = [], reproduce._cli
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: seen.append(args) or fake(*args))
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full@x0.25"]) == 0
+    scaled = next(a for a in seen if "full@x0.25_seed0" in " ".join(a))
+    # the demo's 16 prompts per step in updates of 8, times 1/4 (by hand)
+    assert "--config.rl.prompts_per_step=4" in scaled and "--config.rl.mini_batch_prompts=2" in scaled
+    with pytest.raises(SystemExit):   # 16 × 0.3 = 4.8 prompts
+        reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full@x0.3"])
+    assert "not a whole number of prompts" in capsys.readouterr().err
+
+
 def test_a_config_file_is_used_for_every_run(out, monkeypatch):
     from conftest import REPO_ROOT
 
@@ -148,3 +162,20 @@ def test_a_run_another_command_holds_is_skipped_not_run_twice(out, capsys):
     assert "running in another reproduce command" in capsys.readouterr().err
     assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor"]) == 0
     assert _calls(runs) == ["anchor_seed0", "full_seed0"]   # the lock released, it runs; anchor is not re-run
+
+
+def test_one_warm_up_serves_every_seed_with_warmup_seed(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    runs = tmp_path / "runs"
+    weights = runs / "warmup_seed7" / "checkpoints" / "0"
+    os.makedirs(weights)
+    (weights / "params").write_text("seed 7's warm-up")
+    (runs / "STOP_AT").write_text("3")
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: [sys.executable, str(script), *args])
+    monkeypatch.setattr(reproduce.analyze, "main", lambda argv: 0)
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "1", "--variants", "full", "--warmup-seed", "7"]) == 0
+    assert sorted(_calls(runs)) == ["full_seed0", "full_seed1"]       # no warm-up of seeds 0 or 1 ran
+    assert not (runs / "warmup_seed0").exists() and not (runs / "warmup_seed1").exists()
+    for seed in (0, 1):
+        assert (runs / f"full_seed{seed}" / "checkpoints" / "0" / "params").read_text() == "seed 7's warm-up"
