@@ -46,7 +46,7 @@ def _set(c, key, value):
 # ------------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("variant", presets.PAPER_VARIANTS)
 def test_presets_validate(variant):
-    makers = [presets.demo, presets.qwen3_8b_dapo, presets.multiplication]
+    makers = [presets.demo, presets.qwen3_8b_dapo, presets.multiplication, presets.column_addition]
     makers += [lambda v, s=s: presets.qwen3_dapo(s, v) for s in presets.MODELS]
     for make in makers:
         cfg = validate(make(variant))
@@ -152,7 +152,8 @@ def test_config_files_expose_the_presets():
     import importlib.util
 
     files = [("configs/demo.py", presets.demo), ("configs/qwen3_8b_dapo.py", presets.qwen3_8b_dapo),
-             ("configs/multiplication.py", presets.multiplication)]
+             ("configs/multiplication.py", presets.multiplication),
+             ("configs/column_addition.py", presets.column_addition)]
     files += [(f"configs/qwen3_{s}_dapo.py", lambda v, s=s: presets.qwen3_dapo(s, v)) for s in presets.MODELS]
     for name, make in files:
         spec = importlib.util.spec_from_file_location("cfgfile", str(REPO_ROOT / name))
