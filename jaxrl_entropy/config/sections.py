@@ -19,7 +19,7 @@ from jaxrl_entropy.kernels.platform import BACKENDS
 from jaxrl_entropy.models.attention import PLAIN_IMPLS, PROBE_IMPLS
 from jaxrl_entropy.models.config import DTYPES
 from jaxrl_entropy.rl.loss import NORMALIZATIONS
-from jaxrl_entropy.rl.token_weights import MODES, SoftConfig
+from jaxrl_entropy.rl.token_weights import MODES, SFT_WEIGHT_MODES, SoftConfig
 
 DATA_KINDS = ("synthetic", "files")
 AGGREGATIONS = ("head_mixture", "head_mean")  # read by rl/train_step.py (StepSpec.aggregation)
@@ -300,6 +300,11 @@ class TrainConfig(Section):
     sft_grad_clip: float = setting(1.0, Range("(0, inf)", why="the largest global gradient norm of a warm-up step"))
     sft_target_accuracy: float = setting(0.0, Range("[0, 1]", why="0 = run all train.sft_steps"))
     sft_check_every: int = setting(25, POSITIVE_INT)
+    sft_weights: str = setting(
+        "full", Choice(SFT_WEIGHT_MODES),
+        "which response tokens the warm-up's cross-entropy counts: all (full), or weights.fraction of them "
+        "picked as RL picks them: the lowest (anchor) or highest (explorer) attention entropy of "
+        "entropy.layers, or at random; the loss is the mean over the picked tokens")
     progress: bool = setting(True)
     geometry_consecutive: bool = setting(
         False, doc="with geometry_every: also probe at step s + 1 after each probe at s, so that cos_prev "

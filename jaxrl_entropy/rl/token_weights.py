@@ -38,6 +38,9 @@ __all__ = [
 MODES = ("full", "random", "anchor", "explorer", "pred_entropy_low", "pred_entropy_high",
          "position_early", "position_late", "soft")
 HARD_MODES = tuple(m for m in MODES if m != "soft")
+# the paper's subsets, which need nothing but attention entropy: what the supervised warm-up's token
+# loss can be restricted to (`train.sft_weights`)
+SFT_WEIGHT_MODES = ("full", "random", "anchor", "explorer")
 SOFT_SHAPES = ("linear_tilt", "gaussian")
 SCHEDULES = ("linear", "cosine")
 

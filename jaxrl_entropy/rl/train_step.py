@@ -68,11 +68,11 @@ def policy_forward(model, batch: dict[str, jax.Array], spec: StepSpec, *, probe:
     logp, pred_entropy = model.token_logprobs(out.hidden[:, rows], batch["response"], temperature=spec.temperature)
     if not probe:
         return logp, pred_entropy, None
-    hnorms = _response_hnorms(out, batch["attention_mask"], layers, rows, spec.aggregation)
+    hnorms = response_hnorms(out, batch["attention_mask"], layers, rows, spec.aggregation)
     return logp, pred_entropy, jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
 
 
-def _response_hnorms(out, attention_mask_MxT, layers, rows: slice, aggregation: str) -> list[jax.Array]:
+def response_hnorms(out, attention_mask_MxT, layers, rows: slice, aggregation: str) -> list[jax.Array]:
     """Hnorm `[M, N]` of each probe layer in `layers` at the response positions `rows`."""
     M, T = attention_mask_MxT.shape
     n_visible = kernels.visible_count(attention_mask_MxT, M, T)[:, rows]
@@ -92,7 +92,7 @@ def layer_hnorms(model, batch: dict[str, jax.Array], spec: StepSpec, layers: tup
     P, N = spec.prompt_len, spec.response_len
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], probe_layers=layers,
                 mixture=spec.aggregation == "head_mixture", return_logits=False)
-    return jnp.stack(_response_hnorms(out, batch["attention_mask"], layers, slice(P - 1, P + N - 1),
+    return jnp.stack(response_hnorms(out, batch["attention_mask"], layers, slice(P - 1, P + N - 1),
                                       spec.aggregation))
 
 

@@ -7,6 +7,7 @@ import jax
 
 SAMPLE, WEIGHTS, EVAL, GEOMETRY = 1, 2, 3, 4
 SFT_CHECK_OFFSET = 10_000_000  # warm-up accuracy checks use "steps" that RL never reaches
+SFT_WEIGHTS_OFFSET = 20_000_000  # and the warm-up's random token subsets (train.sft_weights=random)
 
 
 def step_key(seed: int, step: int, tag: int | None = None) -> jax.Array:

@@ -207,7 +207,8 @@ class Trainer:
             self.params, self.sft_report, stopped = warmup.sft_warmup(
                 cfg, self.graphdef, self.params, task=self.task, records=self.train_records,
                 tokenizer=self.tokenizer, batch_sharding=self.programs.batch_sharding, accuracy=accuracy,
-                progress=bar, should_stop=self.preemption.should_stop, resume=self._warmup_resume)
+                progress=bar, should_stop=self.preemption.should_stop, resume=self._warmup_resume,
+                tokens=warmup.sft_tokens(cfg, self.policy.arch))
         finally:
             bar.close()
         self._warmup_resume = None

@@ -28,8 +28,8 @@ from jaxrl_entropy.config import ConfigError
 from jaxrl_entropy.data.pipeline import encode_sft_batch, trim_padding
 from jaxrl_entropy.data.truncation import encoder_truncation
 from jaxrl_entropy.models.config import DTYPES
-from jaxrl_entropy.rl import train_step as ts
-from jaxrl_entropy.training import step_programs
+from jaxrl_entropy.rl import token_weights as tw, train_step as ts
+from jaxrl_entropy.training import rng as rng_lib, step_programs
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.rundir.checkpoint import Checkpointer
 
@@ -40,13 +40,42 @@ WARMUP_DIR = "warmup"  # a stopped warm-up's progress (removed once the warm-up 
 CHECK_PROMPTS, CHECK_SAMPLES = 64, 2
 
 
-def sft_loss(graphdef, params, batch: dict[str, jax.Array]) -> jax.Array:
-    """Mean token cross-entropy of the response tokens (`loss_mask`) given the prompt."""
+@dataclasses.dataclass(frozen=True)
+class SftTokens:
+    """Which response tokens the warm-up's loss counts (`train.sft_weights`): a paper subset picked
+    by the attention entropy of `probe_layers` (averaged, as in RL), or all of them."""
+    mode: str = "full"
+    fraction: float = 0.2
+    probe_layers: tuple[int, ...] = ()
+    aggregation: str = "head_mixture"
+
+
+def sft_loss(graphdef, params, batch: dict[str, jax.Array], tokens: SftTokens = SftTokens(),
+             rng: jax.Array | None = None) -> jax.Array:
+    """Mean token cross-entropy of the response tokens (`loss_mask`) given the prompt; with
+    `tokens.mode` other than full, the mean over the subset of them that RL's `token_weights` picks
+    (by each token's attention entropy at the position that predicts it, as RL reads it; `rng` for
+    random)."""
     model = nnx.merge(graphdef, params)
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False)
+    layers = tokens.probe_layers if tokens.mode != "full" else ()
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], probe_layers=layers,
+                mixture=tokens.aggregation == "head_mixture", return_logits=False)
     logp, _ = model.token_logprobs(out.hidden[:, :-1], batch["input_ids"][:, 1:])
     m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if layers:
+        rows = slice(0, batch["input_ids"].shape[1] - 1)   # row t predicts token t + 1
+        hnorm = sum(ts.response_hnorms(out, batch["attention_mask"], layers, rows, tokens.aggregation)) / len(layers)
+        w, _ = tw.token_weights(tokens.mode, mask_BxT=m > 0, attn_entropy_BxT=jax.lax.stop_gradient(hnorm),
+                                fraction=tokens.fraction, rng=rng)
+        m = m * w
     return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def sft_tokens(cfg: ml_collections.ConfigDict, arch) -> SftTokens:
+    """The warm-up's `SftTokens` from the config, with the probe layers resolved for `arch`."""
+    return SftTokens(mode=cfg.train.sft_weights, fraction=float(cfg.weights.fraction),
+                     probe_layers=step_programs.probe_layers(cfg.entropy, arch),
+                     aggregation=cfg.entropy.aggregation)
 
 
 def check_schedule(every: int, target: float, estimates: list[float]) -> int:
@@ -109,9 +138,10 @@ def init_opt_state(cfg: ml_collections.ConfigDict, params) -> Any:
 def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, records, tokenizer,
                batch_sharding, accuracy: Callable[[Any, int], float], progress,
                should_stop: Callable[[], bool] = lambda: False,
-               resume: WarmupProgress | None = None) -> tuple[Any, dict[str, float], WarmupProgress | None]:
+               resume: WarmupProgress | None = None, tokens: SftTokens = SftTokens()) -> tuple[Any, dict[str, float], WarmupProgress | None]:
     """Run the warm-up from `params` (continuing `resume`, a stopped warm-up, when given).
-    `accuracy(params, step)` is the sampled accuracy on training prompts; `should_stop()` is asked
+    `accuracy(params, step)` is the sampled accuracy on training prompts; `tokens` says which
+    response tokens the loss counts (`sft_tokens`); `should_stop()` is asked
     before every step (a collective on several processes). Returns (params, report {sft/steps,
     sft/accuracy}, stopped): `stopped` is None when the warm-up finished, else the progress to save
     and resume from (a stop request ended it early)."""
@@ -124,8 +154,8 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
     P, N = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
 
     @jax.jit
-    def step_fn(p, o, b):
-        loss, g = jax.value_and_grad(lambda p_: sft_loss(graphdef, p_, b))(p)
+    def step_fn(p, o, b, key):
+        loss, g = jax.value_and_grad(lambda p_: sft_loss(graphdef, p_, b, tokens, key))(p)
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
@@ -157,7 +187,7 @@ def sft_warmup(cfg: ml_collections.ConfigDict, graphdef, params, *, task, record
                                             [task.reference_solution(r) for r in recs],
                                             max_prompt_len=P, max_response_len=N))
         enc = {k: parallel.host_to_global(v, batch_sharding) for k, v in enc.items()}
-        params, opt, loss = step_fn(params, opt, enc)
+        params, opt, loss = step_fn(params, opt, enc, rng_lib.step_key(cfg.seed, rng_lib.SFT_WEIGHTS_OFFSET + i))
         progress.update(1)
         progress.set_postfix(loss=f"{float(loss):.3f}")
         report["sft/steps"] = i + 1
