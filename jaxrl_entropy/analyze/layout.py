@@ -109,13 +109,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _default_config() -> dict[str, Any]:
+    from jaxrl_entropy.config import base_config
+    return _flat(base_config().to_dict())
+
+
 def check_comparable(groups: dict[str, list[Run]]) -> None:
     """Runs averaged as the seeds of one variant must be one experiment: refuse (ValueError naming
     the keys and runs) when their `config.json`s differ beyond `PER_RUN_KEYS` (other data, group
     size, learning rate, steps...). Runs without a config.json are not checked."""
     problems = []
+    defaults = _default_config()
     for variant, rs in groups.items():
-        flats = [(r, _flat(r.config)) for r in rs if r.config]
+        # a key an older run's config.json lacks (added to the library since) counts as its default
+        flats = [(r, {**defaults, **_flat(r.config)}) for r in rs if r.config]
         if len(flats) < 2:
             continue
         ref_run, ref = flats[0]

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import fractions
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -149,8 +150,12 @@ def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
         raise ValueError(f"variant {variant!r}: {base.rl.prompts_per_step} prompts per step in mini-batches "
                          f"of {base.rl.mini_batch_prompts} times {scale} is not a whole number of prompts; "
                          "choose K so that both are")
-    return name, [f"--config.rl.prompts_per_step={prompts.numerator}",
-                  f"--config.rl.mini_batch_prompts={mini.numerator}", f"--config.name={variant}"]
+    scaled = [f"--config.rl.prompts_per_step={prompts.numerator}",
+              f"--config.rl.mini_batch_prompts={mini.numerator}", f"--config.name={variant}"]
+    rows = mini.numerator * base.rl.group_size
+    if rows % base.rl.micro_batch_size:  # a smaller update than one micro-batch: the update is one micro-batch
+        scaled.append(f"--config.rl.micro_batch_size={math.gcd(rows, base.rl.micro_batch_size)}")
+    return name, scaled
 
 
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,

@@ -138,8 +138,13 @@ class Trainer:
         self.skipped_streak = int(meta.get("skipped_streak", 0))
         if self.step < self.cfg.train.steps:  # stopped before the first RL line carried the warm-up's report
             self._pending = dict(meta.get("sft_report") or {})
-        if "data" in meta:  # absent in a checkpoint converted from HF weights: the stream's start
+        if "data" in meta and int(meta["data"].get("batches_consumed", 0)) > 0:
             self.batcher.set_state(meta["data"])
+        elif "data" in meta and meta["data"].get("seed") != self.cfg.seed:
+            # A checkpoint that consumed no prompt (a warm-up's step 0) has no position to keep: a run
+            # of another seed starting from it (reproduce --warmup-seed) shuffles the data its own way.
+            log.info("starting the prompt stream from its beginning with seed %d (the step-0 checkpoint was "
+                     "saved by a run of seed %s and consumed none of it)", self.cfg.seed, meta["data"].get("seed"))
         log.info("resumed from step %d (%s)", self.step, self.checkpointer.directory)
 
     # ------------------------------------------------------------------ one RL step

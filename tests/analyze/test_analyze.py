@@ -390,6 +390,28 @@ def test_runs_of_one_variant_that_compute_different_things_are_refused(tmp_path,
     assert "variant 'full'" in err and "rl.group_size (4 in" in err and "16 in" in err and "--config.name" in err
 
 
+def test_a_key_an_older_run_lacks_counts_as_its_default(tmp_path, capsys):
+    # a run recorded before train.sft_weights existed and one after it, at the default: one experiment;
+    # the newer one at another value: another experiment
+    root = tmp_path / "runs"
+    root.mkdir()
+    a, _, _ = _write_run(str(root), "full", 0)
+    b, _, _ = _write_run(str(root), "full", 1)
+    for d, sft in ((a, None), (b, "full")):
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        cfg.setdefault("train", {}).pop("sft_weights", None)
+        if sft:
+            cfg["train"]["sft_weights"] = sft
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    assert analyze.main([a, b, "--out", str(tmp_path / "ok")]) == 0
+    cfg = json.load(open(os.path.join(b, "config.json")))
+    cfg["train"]["sft_weights"] = "anchor"
+    json.dump(cfg, open(os.path.join(b, "config.json"), "w"))
+    capsys.readouterr()
+    assert analyze.main([a, b, "--out", str(tmp_path / "mixed")]) == 1
+    assert "train.sft_weights ('full' in" in capsys.readouterr().err    # the default, filled in for the older run
+
+
 def test_cos_full_against_subset_size_curve(tmp_path):
     # two runs of one variant; each logs tokens and cos_full of random subsets of three sizes and of
     # anchors at two probes: the points are the runs' means over probes, then their mean across runs

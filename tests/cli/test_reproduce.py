@@ -66,3 +66,19 @@ def test_rejects_arguments_that_are_not_config_overrides(tmp_path, capsys):
         cli.main(["jaxrl-entropy", "reproduce", "--out", str(tmp_path), "--config.rl.group_size=4", "--bogus"])
     assert e.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+def test_warmup_seed_starts_another_seeds_rl_from_that_warm_up(repro):
+    # seed 1's RL from seed 0's warm-up: its step-0 checkpoint holds seed 0's (unconsumed) prompt
+    # stream, which a run of seed 1 must start afresh rather than refuse (it did: DataError)
+    out, _, argv = repro
+    i = argv.index("--seeds")
+    again = argv[:i] + ["--seeds", "1", "--warmup-seed", "0"] + argv[i + 2:]
+    again[again.index("--variants") + 1:again.index("--variants") + 3] = ["full"]
+    again[again.index("--report") + 1] = os.path.join(out, "report_seed1")   # the shared report stays as it was
+    assert cli.main(again) == 0
+    assert not os.path.exists(os.path.join(out, "warmup_seed1"))
+    rows = _rows(os.path.join(out, "full_seed1"))
+    assert rows[-1]["step"] == STEPS
+    log = open(os.path.join(out, "full_seed1", "train.log")).read()
+    assert "starting the prompt stream from its beginning with seed 1" in log

@@ -107,6 +107,8 @@ def test_a_fractional_scale_trains_on_fewer_prompts_and_must_leave_whole_prompts
     scaled = next(a for a in seen if "full@x0.25_seed0" in " ".join(a))
     # the demo's 16 prompts per step in updates of 8, times 1/4 (by hand)
     assert "--config.rl.prompts_per_step=4" in scaled and "--config.rl.mini_batch_prompts=2" in scaled
+    # an update of 2 prompts × 8 answers = 16 rows is smaller than the demo's 64-row micro-batch
+    assert "--config.rl.micro_batch_size=16" in scaled
     with pytest.raises(SystemExit):   # 16 × 0.3 = 4.8 prompts
         reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full@x0.3"])
     assert "not a whole number of prompts" in capsys.readouterr().err
