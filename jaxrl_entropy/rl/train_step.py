@@ -68,8 +68,13 @@ def policy_forward(model, batch: dict[str, jax.Array], spec: StepSpec, *, probe:
     logp, pred_entropy = model.token_logprobs(out.hidden[:, rows], batch["response"], temperature=spec.temperature)
     if not probe:
         return logp, pred_entropy, None
-    hnorms = response_hnorms(out, batch["attention_mask"], layers, rows, spec.aggregation)
-    return logp, pred_entropy, jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
+    return logp, pred_entropy, mean_response_hnorm(out, batch["attention_mask"], layers, rows, spec.aggregation)
+
+
+def mean_response_hnorm(out, attention_mask_MxT, layers, rows: slice, aggregation: str) -> jax.Array:
+    """Hnorm `[M, N]` averaged over the probe `layers` (what token weights read), without gradient."""
+    hnorms = response_hnorms(out, attention_mask_MxT, layers, rows, aggregation)
+    return jax.lax.stop_gradient(sum(hnorms) / len(hnorms))
 
 
 def response_hnorms(out, attention_mask_MxT, layers, rows: slice, aggregation: str) -> list[jax.Array]:

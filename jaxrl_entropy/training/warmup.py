@@ -64,9 +64,8 @@ def sft_loss(graphdef, params, batch: dict[str, jax.Array], tokens: SftTokens = 
     m = batch["loss_mask"][:, 1:].astype(jnp.float32)
     if layers:
         rows = slice(0, batch["input_ids"].shape[1] - 1)   # row t predicts token t + 1
-        hnorm = sum(ts.response_hnorms(out, batch["attention_mask"], layers, rows, tokens.aggregation)) / len(layers)
-        w, _ = tw.token_weights(tokens.mode, mask_BxT=m > 0, attn_entropy_BxT=jax.lax.stop_gradient(hnorm),
-                                fraction=tokens.fraction, rng=rng)
+        hnorm = ts.mean_response_hnorm(out, batch["attention_mask"], layers, rows, tokens.aggregation)
+        w, _ = tw.token_weights(tokens.mode, mask_BxT=m > 0, attn_entropy_BxT=hnorm, fraction=tokens.fraction, rng=rng)
         m = m * w
     return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
