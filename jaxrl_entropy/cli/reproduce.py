@@ -12,8 +12,9 @@ the prompts, about as many tokens per update as a 20 % subset at ×1 (the same q
 other side, at a quarter of the cost).
 
 Per seed, the supervised warm-up runs once (`<out>/warmup_seed<s>`, `--jobs` seeds at a time); every
-variant then starts RL from that same checkpoint (`<out>/<variant>_seed<s>`), so variants differ only in
-their token weights. With `--warmup-seed S` one warm-up (`<out>/warmup_seed<S>`) serves every seed: the
+variant then starts RL from that same checkpoint (`<out>/<variant>_seed<s>`, or `<out>/NAME_seed<s>` with
+`--config.name=NAME`, for one variant at other settings beside its plain runs), so variants differ
+only in their token weights. With `--warmup-seed S` one warm-up (`<out>/warmup_seed<S>`) serves every seed: the
 seeds then differ only in RL (sampling and prompt order), for a task whose warm-up costs more than
 its RL runs. Each run's own output goes to `train.log` in its directory (appended on resume);
 this command prints one line as each run starts and one as it ends, with its wall time.
@@ -158,39 +159,57 @@ def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
     return name, scaled
 
 
+def run_name(variant: str, overrides: list[str]) -> str:
+    """The name of a variant's runs (`<out>/<name>_seed<s>`): the variant, or `--config.name`'s value
+    when the overrides set it (e.g. `explorer` at another learning rate beside the plain one)."""
+    names = [a.split("=", 1)[1] for a in overrides if a.startswith("--config.name=")]
+    return names[-1] if names else variant
+
+
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
            config: str | None = None) -> dict:
-    workdir = os.path.join(out, f"{variant}_seed{seed}")
+    name = run_name(variant, overrides)
+    workdir = os.path.join(out, f"{name}_seed{seed}")
     with _exclusive(os.path.join(workdir, LOCK_FILE), wait=False) as mine:
         if not mine:  # another reproduce command on this --out runs it now: leave it to that one
-            _say(f"reproduce: {variant} seed {seed} is running in another command; skipped here")
-            return {"variant": variant, "seed": seed, "finished": False,
+            _say(f"reproduce: {name} seed {seed} is running in another command; skipped here")
+            return {"variant": variant, "name": name, "seed": seed, "finished": False,
                     "error": "running in another reproduce command on the same --out; run this one again after it"}
         return _rl_run(workdir, variant, seed, ckpt, overrides, geometry_every, config)
 
 
 def _rl_run(workdir: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
             config: str | None) -> dict:
+    config = config or _demo_config()
+    preset, scaled = variant_overrides(variant, config)
+    name = run_name(variant, overrides)
+    settings = [f"--config.seed={seed}", "--config.train.progress=False",
+                f"--config.train.geometry_every={geometry_every}", *scaled, *overrides]
+    # what the run trains, as recorded: the config file by name, so a new install or checkout path
+    # does not count as other settings
+    train_args = [f"--config={os.path.basename(config)}:{preset}", *settings]
     status_file = os.path.join(workdir, "status.json")
     if os.path.exists(status_file):  # finished earlier (a restarted reproduction skips it)
         with open(status_file) as f:
             status = json.load(f)
+        if status.get("finished") and status.get("train_args", train_args) != train_args:
+            # skipping it would report a run of other settings under this command's name
+            return {"variant": variant, "name": name, "seed": seed, "finished": False,
+                    "error": f"{workdir} finished earlier with other settings ({' '.join(status['train_args'])}); "
+                             "name this command's runs apart (--config.name=NAME) or use another --out"}
         if status.get("finished"):
             return status
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         os.makedirs(os.path.join(workdir, "checkpoints"))
         shutil.copytree(ckpt, os.path.join(workdir, "checkpoints", "0"))
     start = time.time()
-    config = config or _demo_config()
-    name, scaled = variant_overrides(variant, config)
-    _say(f"reproduce: {variant} seed {seed} started (log: {os.path.join(workdir, LOG_FILE)})")
-    proc = _run_logged(_cli("train", f"--config={config}:{name}", f"--workdir={workdir}",
-                            f"--config.seed={seed}", "--config.train.progress=False",
-                            f"--config.train.geometry_every={geometry_every}", *scaled, *overrides), workdir)
+    _say(f"reproduce: {name} seed {seed} started (log: {os.path.join(workdir, LOG_FILE)})")
+    proc = _run_logged(_cli("train", f"--config={config}:{preset}", f"--workdir={workdir}", *settings), workdir)
     last, configured = progress_of(workdir)
-    status = {"variant": variant, "seed": seed, "returncode": proc.returncode,
+    status = {"variant": variant, "name": name, "seed": seed, "returncode": proc.returncode,
               "minutes": round((time.time() - start) / 60, 2), "step": last, "steps": configured,
-              "finished": proc.returncode == 0 and last is not None and last == configured}
+              "finished": proc.returncode == 0 and last is not None and last == configured,
+              "train_args": train_args}
     if proc.returncode:
         status["error"] = proc.stderr or "?"
     elif not status["finished"]:  # exit 0 part-way: stopped by a signal, saved, resumable
@@ -226,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                  "and to every RL run) may follow the options")
     args.overrides = overrides
     config = os.path.abspath(args.config) if args.config else None
+    if len(args.variants) > 1 and any(a.startswith("--config.name=") for a in overrides):
+        ap.error(f"--config.name names one variant's runs (<out>/NAME_seed<s>); {len(args.variants)} variants "
+                 f"({' '.join(args.variants)}) would share its directories: run one command per variant")
     for v in args.variants:
         try:
             variant_overrides(v, config or _demo_config())
@@ -248,9 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(statuses, f, indent=1)
     unfinished = [st for st in statuses if not st.get("finished")]
     for st in unfinished:
-        print(f"jaxrl-entropy reproduce: {st['variant']} seed {st['seed']} did not finish: "
+        print(f"jaxrl-entropy reproduce: {st.get('name', st['variant'])} seed {st['seed']} did not finish: "
               f"{st.get('error', '?')}", file=sys.stderr)
-    dirs = [os.path.join(args.out, f"{st['variant']}_seed{st['seed']}") for st in statuses if st.get("finished")]
+    dirs = [os.path.join(args.out, f"{st.get('name', st['variant'])}_seed{st['seed']}")
+            for st in statuses if st.get("finished")]
     code = analyze.main(dirs + (["--out", args.report] if args.report else [])) if dirs else 0
     if unfinished:
         print(f"jaxrl-entropy reproduce: {len(unfinished)} of {len(statuses)} runs unfinished; the report covers "

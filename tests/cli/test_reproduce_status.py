@@ -181,3 +181,37 @@ def test_one_warm_up_serves_every_seed_with_warmup_seed(tmp_path, monkeypatch):
     assert not (runs / "warmup_seed0").exists() and not (runs / "warmup_seed1").exists()
     for seed in (0, 1):
         assert (runs / f"full_seed{seed}" / "checkpoints" / "0" / "params").read_text() == "seed 7's warm-up"
+
+
+def test_config_name_runs_a_variant_at_other_settings_beside_its_plain_runs(out, monkeypatch):
+    runs, analysed = out
+    (runs / "STOP_AT").write_text("3")
+    seen, fake = [], reproduce._cli
+    monkeypatch.setattr(reproduce, "_cli", lambda *args: seen.append(args) or fake(*args))
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "explorer"]) == 0
+    argv = ["--out", str(runs), "--seeds", "0", "--variants", "explorer", "--config.optim.lr=3e-5",
+            "--config.name=explorer_lr3e-5"]
+    assert reproduce.main(argv) == 0
+    # a run of its own (it was skipped as the finished plain explorer run, and reported as this one)
+    assert _calls(runs) == ["explorer_seed0", "explorer_lr3e-5_seed0"]
+    assert "--config.optim.lr=3e-5" in seen[-1] and any(a.endswith("presets.py:explorer") for a in seen[-1])
+    assert [os.path.basename(d) for d in analysed[-1]] == ["explorer_lr3e-5_seed0"]
+    assert reproduce.main(argv) == 0 and len(_calls(runs)) == 2     # finished: skipped on a restart
+
+
+def test_a_finished_run_of_other_settings_is_refused_not_reported_as_this_commands(out, capsys):
+    runs, analysed = out
+    (runs / "STOP_AT").write_text("3")
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "explorer"]) == 0
+    assert reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "explorer",
+                           "--config.optim.lr=3e-5"]) == 1
+    err = capsys.readouterr().err
+    assert "finished earlier with other settings" in err and "--config.name=NAME" in err
+    assert _calls(runs) == ["explorer_seed0"] and len(analysed) == 1     # neither re-run nor re-reported
+
+
+def test_one_name_for_several_variants_is_refused(out, capsys):
+    runs, _ = out
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(runs), "--seeds", "0", "--variants", "full", "anchor", "--config.name=x"])
+    assert "would share its directories" in capsys.readouterr().err and _calls(runs) == []
