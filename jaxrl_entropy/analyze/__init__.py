@@ -17,7 +17,8 @@ grouped by variant; seeds give the spread. Outputs, in `out_dir`:
 - `geometry_volatility.png` cos_prev_1step and cos_halves per subset (`train.geometry_consecutive`,
                           `train.geometry_halves`)
 - `report.md`             tables: final eval per variant (mean ± std, runs), paired tests against
-                          "full" on matching seeds, training tail, entropy dynamics, gradient geometry
+                          "full" (or `--baseline NAME`) on matching seeds, training tail, entropy
+                          dynamics, gradient geometry
 - `summary.json`          the same numbers, machine-readable (NaN written as null)
 
 A plot is drawn only when its metrics exist in at least one run. A history that is not one job's

@@ -194,30 +194,30 @@ def _by_seed(rs: Sequence[Run]) -> dict[int, Run]:
     return out
 
 
-def _paired_against_baseline(lay: Layout, finals: Finals) -> tuple[list[dict[str, Any]], list[str]]:
+def _paired_against_baseline(lay: Layout, finals: Finals, baseline: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Each variant's final eval metrics against the baseline's on the seeds both ran."""
     tests: list[dict[str, Any]] = []
     notes: list[str] = []
-    if BASELINE not in lay.groups:
+    if baseline not in lay.groups:
         if len(lay.variants) > 1:
-            notes.append(f"no run is named '{BASELINE}'; paired tests compare each variant "
-                         f"with the '{BASELINE}' baseline on matching seeds")
+            notes.append(f"no run is named '{baseline}'; paired tests compare each variant "
+                         f"with the '{baseline}' baseline on matching seeds (--baseline NAME picks another)")
         return tests, notes
-    base = _by_seed(lay.groups[BASELINE])
+    base = _by_seed(lay.groups[baseline])
     for v in lay.variants:
-        if v == BASELINE:
+        if v == baseline:
             continue
         other = _by_seed(lay.groups[v])
         seeds = sorted(set(base) & set(other))
         if len(seeds) < 2:
-            notes.append(f"{v}: {len(seeds)} seed(s) shared with '{BASELINE}'; a paired test needs at least 2")
+            notes.append(f"{v}: {len(seeds)} seed(s) shared with '{baseline}'; a paired test needs at least 2")
             continue
         for k in lay.main_cols:
             a = [finals[other[s].path][1].get(k, float("nan")) for s in seeds]
             b = [finals[base[s].path][1].get(k, float("nan")) for s in seeds]
             res = stats.paired_test(a, b)
             if res["n"]:
-                tests.append({"variant": v, "baseline": BASELINE, "metric": k, "seeds": seeds, **res})
+                tests.append({"variant": v, "baseline": baseline, "metric": k, "seeds": seeds, **res})
     return tests, notes
 
 
@@ -238,12 +238,14 @@ def _subset_contrasts(runs: Sequence[Run], lay: Layout, geometry: Geometry) -> l
     return out
 
 
-def summarize_runs(runs: Sequence[Run], lay: Layout) -> dict[str, Any]:
-    """The summary: runs, per-variant tables, paired tests against the baseline, subset contrasts."""
+def summarize_runs(runs: Sequence[Run], lay: Layout, baseline: str = BASELINE) -> dict[str, Any]:
+    """The summary: runs, per-variant tables, paired tests against the `baseline` variant, subset
+    contrasts."""
     finals = {r.path: final_eval(r) for r in runs}
     geometry = {(r.path, s): _run_geometry(r, s, lay.geo_metrics) for r in runs for s in lay.subsets}
-    paired, notes = _paired_against_baseline(lay, finals)
+    paired, notes = _paired_against_baseline(lay, finals, baseline)
     return {
+        "baseline": baseline,
         "runs": [
             {"path": r.path, "variant": r.name, "seed": r.seed, "records": len(r.records),
              "last_step": max((float(x["step"]) for x in r.records), default=None),

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxrl_entropy.rundir import fileio
 from jaxrl_entropy.analyze.aggregate import summarize_runs
-from jaxrl_entropy.analyze.layout import layout_of
+from jaxrl_entropy.analyze.layout import BASELINE, layout_of
 from jaxrl_entropy.analyze.plots import plot_all
 from jaxrl_entropy.analyze.report import render_report
 from jaxrl_entropy.analyze.runs import discover, load_run
@@ -33,7 +33,8 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: bool = False) -> dict:
+def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: bool = False,
+                baseline: str = BASELINE) -> dict:
     """Analyses run directories (local or `gs://...`); writes plots, `report.md` and `summary.json`.
 
     Args:
@@ -41,6 +42,7 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: b
       out_dir: output directory; default `<first run's parent>/analysis`.
       keep_last: analyse histories that are not one job's record (a step going backwards, a
         training step recorded twice) with each step's last record, instead of refusing them.
+      baseline: the variant (`config.name`) every other variant is paired with, seed by seed.
 
     Returns:
       The summary written to `summary.json` (NaN as None), with `out_dir` and `files` added.
@@ -53,7 +55,10 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: b
         out_dir = fileio.join(fileio.parent(paths[0]), "analysis")
     fileio.makedirs(out_dir)
     lay = layout_of(runs)
-    summary = summarize_runs(runs, lay)
+    if baseline != BASELINE and baseline not in lay.groups:
+        raise ValueError(f"analyze: --baseline {baseline!r} names no variant of these runs (they are: "
+                         f"{', '.join(lay.variants)}); give one of those, or leave it out for '{BASELINE}'")
+    summary = summarize_runs(runs, lay, baseline)
     files = plot_all(lay, out_dir)
     report_path = fileio.join(out_dir, REPORT_FILE)
     fileio.write_text(report_path, render_report(summary, lay, files))
@@ -65,7 +70,8 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out DIR] [--keep-last]`; argv excludes the subcommand."""
+    """`jaxrl-entropy analyze RUN_DIR [RUN_DIR ...] [--out DIR] [--keep-last] [--baseline NAME]`; argv
+    excludes the subcommand."""
     parser = argparse.ArgumentParser(
         prog="jaxrl-entropy analyze",
         description="Plots and tables (report.md, summary.json) from training run directories "
@@ -79,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="analyse a metrics.jsonl whose steps go backwards or repeat (a run resumed "
                              "before resumes cut the file back) with each step's last record; without "
                              "it such a history is an error")
+    parser.add_argument("--baseline", default=BASELINE, metavar="NAME",
+                        help=f"the variant the paired tests compare every other one with (default "
+                             f"'{BASELINE}'), e.g. explorer to test explorer_lr3e-5 against it")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        summary = run_analyze(args.run_dirs, args.out, keep_last=args.keep_last)
+        summary = run_analyze(args.run_dirs, args.out, keep_last=args.keep_last, baseline=args.baseline)
     except (FileNotFoundError, ValueError) as e:
         print(f"jaxrl-entropy analyze: error: {e}", file=sys.stderr)
         return 1

@@ -76,7 +76,7 @@ def _test_rows(tests, label, spec: str, one_sided: bool = False) -> list[list[st
 
 
 def _paired(summary) -> list[str]:
-    lines = _section(f"## Paired tests against '{BASELINE}'",
+    lines = _section(f"## Paired tests against '{summary.get('baseline', BASELINE)}'",
                      "Differences (variant − baseline) of the final eval metrics on seeds both variants ran;",
                      "paired t-test (two-sided, and one-sided for variant > baseline), and Wilcoxon "
                      "signed-rank with ≥ 6 pairs.")

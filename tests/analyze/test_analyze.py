@@ -240,6 +240,27 @@ def test_main_cli_writes_to_out(runs, tmp_path, capsys):
     assert "1 seed(s) shared" in report  # a single pair: no paired test, and the report says why
 
 
+def test_baseline_picks_the_variant_the_others_are_paired_with(runs, tmp_path, capsys):
+    root, finals, _ = runs
+    dirs = [str(root / f"{v}-{s}") for v in VARIANTS for s in SEEDS]
+    out = tmp_path / "by_anchor"
+    with pytest.warns(UserWarning):
+        assert analyze.main([*dirs, "--out", str(out), "--baseline", "anchor"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    tests = {p["metric"]: p for p in summary["paired_tests"]}
+    assert {p["variant"] for p in summary["paired_tests"]} == {"full"}
+    a = [finals["full", s]["eval/accuracy"] for s in SEEDS]
+    b = [finals["anchor", s]["eval/accuracy"] for s in SEEDS]
+    t, p = oracles.paired_t(a, b)                 # full − anchor, by hand
+    assert tests["eval/accuracy"]["t"] == pytest.approx(t, rel=1e-9)
+    assert tests["eval/accuracy"]["p_t"] == pytest.approx(p, rel=1e-9)
+    assert tests["eval/accuracy"]["baseline"] == "anchor"
+    assert "## Paired tests against 'anchor'" in (out / "report.md").read_text()
+    with pytest.warns(UserWarning):
+        assert analyze.main([*dirs, "--out", str(tmp_path / "x"), "--baseline", "soft"]) == 1
+    assert "--baseline 'soft' names no variant of these runs (they are: full, anchor)" in capsys.readouterr().err
+
+
 def test_series_and_aggregate_across_unequal_step_sets():
     a = analyze.Run("a", "full", 0, [{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}, {"step": 3, "x": 3.0},
                                      {"step": 2, "x": 5.0}])  # step 2 re-logged after a resume
