@@ -16,6 +16,7 @@ out over the mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -429,17 +430,28 @@ def _geometry_aot(cfg, arch, geometry: GeometryPrograms, params, rows_sh, sh: St
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def _mini_batch_program(micro_sharding: NamedSharding, rows: int, micro: int) -> Callable:
+    """`(data, u) -> mini-batch u` of `rows` rows as `[rows // micro, micro, ...]`, micro-batch rows
+    over data × fsdp: one program for all the keys. Eager slices, reshapes and a `device_put` were a
+    dozen programs per update, each a collective across processes, and a 2-process CPU run once
+    hung between two of them (one process in a slice, the other already resharding)."""
+    def take(data, u):
+        return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, u * rows, rows, axis=0).reshape(
+            rows // micro, micro, *x.shape[1:]), data)
+    return jax.jit(take, out_shardings=micro_sharding)
+
+
 def apply_updates(prog: "StepPrograms", params, opt_state, data: dict[str, jax.Array], *, mini_batch_rows: int,
                   micro_batch_size: int) -> tuple[Any, Any, dict[str, float], int, int]:
     """One RL step's optimiser updates: `data` (`[M, ...]` per key) in mini-batches of
     `mini_batch_rows` rows, each run as micro-batches of `micro_batch_size` (gradient accumulation).
     Returns (params, opt_state, the updates' mean metrics, updates skipped as non-finite, updates)."""
     M = next(iter(data.values())).shape[0]
+    take = _mini_batch_program(prog.micro_sharding, mini_batch_rows, micro_batch_size)
     per_update = []
     for u in range(M // mini_batch_rows):
-        part = jax.tree.map(lambda x: x[u * mini_batch_rows:(u + 1) * mini_batch_rows].reshape(
-            mini_batch_rows // micro_batch_size, micro_batch_size, *x.shape[1:]), data)
-        part = jax.device_put(part, prog.micro_sharding)  # micro-batch rows over data × fsdp
+        part = take(data, np.int32(u))
         params, opt_state, m = prog.update(params, opt_state, part)
         per_update.append(m)
     means = {k: float(np.mean([parallel.to_host(m[k]) for m in per_update])) for k in per_update[0]}
