@@ -53,11 +53,11 @@ def run_analyze(run_dirs: list[str], out_dir: str | None = None, *, keep_last: b
     runs = [load_run(p, keep_last=keep_last) for p in paths]
     if out_dir is None:
         out_dir = fileio.join(fileio.parent(paths[0]), "analysis")
-    fileio.makedirs(out_dir)
     lay = layout_of(runs)
-    if baseline != BASELINE and baseline not in lay.groups:
+    if baseline != BASELINE and baseline not in lay.groups:   # before anything is written
         raise ValueError(f"analyze: --baseline {baseline!r} names no variant of these runs (they are: "
                          f"{', '.join(lay.variants)}); give one of those, or leave it out for '{BASELINE}'")
+    fileio.makedirs(out_dir)
     summary = summarize_runs(runs, lay, baseline)
     files = plot_all(lay, out_dir)
     report_path = fileio.join(out_dir, REPORT_FILE)

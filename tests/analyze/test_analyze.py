@@ -259,6 +259,7 @@ def test_baseline_picks_the_variant_the_others_are_paired_with(runs, tmp_path, c
     with pytest.warns(UserWarning):
         assert analyze.main([*dirs, "--out", str(tmp_path / "x"), "--baseline", "soft"]) == 1
     assert "--baseline 'soft' names no variant of these runs (they are: full, anchor)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_series_and_aggregate_across_unequal_step_sets():
