@@ -10,9 +10,9 @@ _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith
 # The 8 devices are 8 threads on 2 cores: on a loaded machine one can miss XLA:CPU's 40 s deadline
 # for joining a collective, and XLA aborts the whole process (SIGABRT in rendezvous.cc, seen with two
 # training runs beside the suite). 10 minutes keeps a starved test slow rather than dead.
-_flags = [f for f in _flags if not f.startswith("--xla_cpu_collective_call_terminate_timeout_seconds")]
-os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8",
-                                             "--xla_cpu_collective_call_terminate_timeout_seconds=600"])
+_deadline = "--xla_cpu_collective_call_terminate_timeout_seconds"
+_flags += [] if any(f.startswith(_deadline) for f in _flags) else [f"{_deadline}=600"]
+os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

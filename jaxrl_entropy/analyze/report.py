@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxrl_entropy.rundir import fileio
-from jaxrl_entropy.analyze.layout import BASELINE, TAIL_STEPS, TRAIN_TAIL_METRICS, Layout
+from jaxrl_entropy.analyze.layout import TAIL_STEPS, TRAIN_TAIL_METRICS, Layout
 
 _VOLATILITY = ("cos_rest", "self_share", "cos_full_sd_over_steps", "norm_cv_over_steps", "cos_prev_1step")
 
@@ -76,7 +76,7 @@ def _test_rows(tests, label, spec: str, one_sided: bool = False) -> list[list[st
 
 
 def _paired(summary) -> list[str]:
-    lines = _section(f"## Paired tests against '{summary.get('baseline', BASELINE)}'",
+    lines = _section(f"## Paired tests against '{summary['baseline']}'",
                      "Differences (variant − baseline) of the final eval metrics on seeds both variants ran;",
                      "paired t-test (two-sided, and one-sided for variant > baseline), and Wilcoxon "
                      "signed-rank with ≥ 6 pairs.")

@@ -162,8 +162,12 @@ def variant_overrides(variant: str, config_file: str) -> tuple[str, list[str]]:
 def run_name(variant: str, overrides: list[str]) -> str:
     """The name of a variant's runs (`<out>/<name>_seed<s>`): the variant, or `--config.name`'s value
     when the overrides set it (e.g. `explorer` at another learning rate beside the plain one)."""
+    return _config_name(overrides) or variant
+
+
+def _config_name(overrides: list[str]) -> str | None:
     names = [a.split("=", 1)[1] for a in overrides if a.startswith("--config.name=")]
-    return names[-1] if names else variant
+    return names[-1] if names else None
 
 
 def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
@@ -175,14 +179,13 @@ def rl_run(out: str, variant: str, seed: int, ckpt: str, overrides: list[str], g
             _say(f"reproduce: {name} seed {seed} is running in another command; skipped here")
             return {"variant": variant, "name": name, "seed": seed, "finished": False,
                     "error": "running in another reproduce command on the same --out; run this one again after it"}
-        return _rl_run(workdir, variant, seed, ckpt, overrides, geometry_every, config)
+        return _rl_run(workdir, variant, name, seed, ckpt, overrides, geometry_every, config)
 
 
-def _rl_run(workdir: str, variant: str, seed: int, ckpt: str, overrides: list[str], geometry_every: int,
-            config: str | None) -> dict:
+def _rl_run(workdir: str, variant: str, name: str, seed: int, ckpt: str, overrides: list[str],
+            geometry_every: int, config: str | None) -> dict:
     config = config or _demo_config()
     preset, scaled = variant_overrides(variant, config)
-    name = run_name(variant, overrides)
     settings = [f"--config.seed={seed}", "--config.train.progress=False",
                 f"--config.train.geometry_every={geometry_every}", *scaled, *overrides]
     # what the run trains, as recorded: the config file by name, so a new install or checkout path
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                  "and to every RL run) may follow the options")
     args.overrides = overrides
     config = os.path.abspath(args.config) if args.config else None
-    if len(args.variants) > 1 and any(a.startswith("--config.name=") for a in overrides):
+    if len(args.variants) > 1 and _config_name(overrides):
         ap.error(f"--config.name names one variant's runs (<out>/NAME_seed<s>); {len(args.variants)} variants "
                  f"({' '.join(args.variants)}) would share its directories: run one command per variant")
     for v in args.variants:
